@@ -1,0 +1,189 @@
+"""One decode loop, for the baseline (no drafter) and for speculative decoding.
+
+The baseline is the same loop with an empty draft at every step, so both are timed
+through one code path and differ only in what the drafter proposes.
+
+Cache discipline: the KV cache always holds ``context[:-1]``; the last context token is
+fed in the next forward together with the draft. Rolling back rejected draft tokens is
+a length change (``cache.crop(-n)``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence, overload
+
+import torch
+
+from pytest_specdec.drafter import (Draft, DraftError, DraftRequest, Drafter,
+                                    TargetSignals, validate_draft)
+from pytest_specdec.metrics import SpecDecodingStats
+from pytest_specdec.sampling import Sampler
+from pytest_specdec.target import Target
+
+#: Width of the "top_k" signal handed to drafters that declare it.
+SIGNAL_TOP_K = 8
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate. group/sample/round only inform the drafter."""
+
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    sampler: Sampler = Sampler()
+    group: str = ""
+    sample: int = 0
+    round: int = 0
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # new tokens, prompt excluded, EOS included if reached
+    stop: str  # "eos" or "budget"
+    stats: SpecDecodingStats
+    # baseline only: top-2 margin of the choice scores at each new token, so that a
+    # divergence in half precision can be judged a near-tie or a real error
+    margins: list[float] = field(default_factory=list)
+
+
+class TokenView(Sequence[int]):
+    """A read-only live view of the context: drafters cannot mutate what they read."""
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self, tokens: list[int]):
+        self._tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[int, ...]: ...
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return tuple(self._tokens[index])
+        return self._tokens[index]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._tokens)
+
+
+@dataclass
+class StepResult:
+    emitted: list[int]  # accepted draft tokens, then the target's bonus token
+    logits: torch.Tensor  # target logits at the emitted positions, [len(emitted), vocab]
+    scores: torch.Tensor  # the sampler's choice scores there (logits at T=0)
+    hidden: torch.Tensor | None
+
+
+def speculative_step(target: Target, sampler: Sampler, cache: Any, context: list[int],
+                     draft: Sequence[int], *, hidden_states: bool = False) -> StepResult:
+    """Verify a chain draft after the context with one target forward.
+
+    Acceptance rule: the forward scores context[-1] and every draft token; c_j, the
+    target's choice for absolute position len(context) + j, comes from the sampler
+    (argmax at T=0; argmax of Gumbel-perturbed logits keyed by (seed, position) at
+    T>0). Draft token d_j is accepted iff d_0..d_{j-1} were and d_j == c_j. At the
+    first disagreement, or past the draft's end, the target's own choice is emitted
+    as the bonus token. So each emitted token is exactly what plain decoding would
+    have chosen at that position: the output cannot depend on the drafter.
+    """
+    logits, hidden = target.forward([context[-1], *draft], cache, hidden_states=hidden_states)
+    positions = torch.arange(len(context), len(context) + len(draft) + 1, device=logits.device)
+    scores = sampler.scores(logits, positions)
+    choices = scores.argmax(dim=-1).tolist()
+    n = 0
+    while n < len(draft) and draft[n] == choices[n]:
+        n += 1
+    # the cache now holds context + draft; keep context + the n accepted tokens
+    rejected = len(draft) - n
+    if rejected:
+        cache.crop(-rejected)
+    return StepResult(emitted=[*draft[:n], choices[n]], logits=logits[: n + 1], scores=scores[: n + 1],
+                      hidden=hidden[: n + 1] if hidden is not None else None)
+
+
+def generate(target: Target, request: GenerationRequest, drafter: Drafter | None = None,
+             *, k: int = 0, drafter_name: str = "drafter") -> Generation:
+    """Decode one sequence; with a drafter, speculatively. Stops at EOS or the budget,
+    exactly where plain decoding stops (a draft never runs past either)."""
+    prompt = list(request.prompt_ids)
+    if not prompt:
+        raise ValueError("the prompt is empty: at least one token is needed")
+    if request.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+    stats = SpecDecodingStats()
+    needs = frozenset(getattr(drafter, "needs", ())) if drafter is not None else frozenset()
+    started = time.perf_counter()
+    cache = target.new_cache()
+    if len(prompt) > 1:
+        target.forward(prompt[:-1], cache, keep_logits=1)
+    context, new, stop, margins = prompt, [], "budget", []
+    view = TokenView(context)
+    guarded = _Guard(drafter, drafter_name)
+    if drafter is not None:
+        guarded.call("begin", DraftRequest(tuple(prompt), request.group, request.sample, request.round))
+    while len(new) < request.max_new_tokens:
+        # each step emits at most len(draft) + 1 tokens: cap the draft by the budget
+        room = min(k, request.max_new_tokens - len(new) - 1)
+        t0 = time.perf_counter()
+        draft = guarded.propose(view, room, target.vocab_size) if drafter is not None and room > 0 else Draft()
+        t1 = time.perf_counter()
+        if not draft.is_chain:
+            raise DraftError(drafter_name, "chain drafts only (tree verification is not built yet)")
+        step = speculative_step(target, request.sampler, cache, context, draft.tokens,
+                                hidden_states="hidden_states" in needs)
+        t2 = time.perf_counter()
+        emitted = step.emitted
+        eos_at = next((i for i, t in enumerate(emitted) if t in target.eos_ids), None)
+        if eos_at is not None:
+            emitted, stop = emitted[: eos_at + 1], "eos"
+        if drafter is None:
+            top2 = step.scores[: len(emitted)].topk(2, dim=-1).values
+            margins.extend((top2[:, 0] - top2[:, 1]).tolist())
+        context.extend(emitted)
+        new.extend(emitted)
+        stats.add_step(drafted=len(draft), accepted=len(step.emitted) - 1, emitted=len(emitted),
+                       propose_s=t1 - t0, target_s=t2 - t1)
+        if drafter is not None:
+            if needs:
+                guarded.call("observe", _signals(step, needs, len(emitted)))
+            guarded.call("accept", tuple(emitted))
+        if stop == "eos":
+            break
+    if drafter is not None:
+        guarded.call("end")
+    stats.wall_s = time.perf_counter() - started
+    return Generation(tokens=new, stop=stop, stats=stats, margins=margins)
+
+
+def _signals(step: StepResult, needs: frozenset[str], n: int) -> TargetSignals:
+    top_k = step.logits[:n].topk(SIGNAL_TOP_K, dim=-1).indices if "top_k" in needs else None
+    hidden = step.hidden[:n] if step.hidden is not None else None
+    return TargetSignals(top_k=top_k, hidden_states=hidden)
+
+
+@dataclass
+class _Guard:
+    """Calls into a drafter; anything it raises becomes a DraftError naming it."""
+
+    drafter: Any
+    name: str
+
+    def call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.drafter, method)(*args)
+        except DraftError:
+            raise
+        except Exception as exc:
+            raise DraftError(self.name, f"{method} does not raise",
+                             f"{type(exc).__name__}: {exc}") from exc
+
+    def propose(self, view: TokenView, k: int, vocab_size: int) -> Draft:
+        return validate_draft(self.call("propose", view, k), drafter=self.name, k=k,
+                              vocab_size=vocab_size)

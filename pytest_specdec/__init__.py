@@ -1,0 +1,1 @@
+"""pytest-specdec: lossless speculative-decoding benchmarks as pytest cases."""

@@ -1,0 +1,161 @@
+"""The ``pytest-specdec`` command: reports from saved runs, and the drafters installed.
+
+    pytest-specdec report .benchmarks/*/0001_*.json --out reports
+    pytest-specdec list
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from pytest_specdec.report import (
+    ReportError,
+    load_records,
+    render_terminal,
+    report_meta,
+    select_records,
+    write_reports,
+)
+
+PROG = "pytest-specdec"
+DEFAULT_OUT = "reports"
+DEFAULT_STEM = "report"
+
+
+def load_registry():
+    """The installed drafters (imported here: the registry pulls in torch, ``report`` need not).
+
+    The registry warns about broken entries; ``list`` prints those itself, so the same
+    warnings are not shown twice. Other warnings pass through.
+    """
+    from pytest_specdec.registry import load_registry as load_installed
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry = load_installed()
+    for warning in caught:
+        if str(warning.message) not in registry.problems:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return registry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Speculative decoding benchmarks: "
+                                     "reports from saved pytest-benchmark runs.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    report = commands.add_parser(
+        "report", help="summary table and md/csv/json reports from pytest-benchmark JSON files",
+        description="Read runs saved by pytest-benchmark (--benchmark-save/--benchmark-json), "
+                    "print the summary table and write NAME.md, NAME.csv and NAME.json. "
+                    "Existing files are never overwritten: NAME-2, NAME-3, ... are used instead.")
+    report.add_argument("runs", nargs="+", metavar="RUN.json", help="pytest-benchmark JSON file(s)")
+    report.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"directory for the report files (default: {DEFAULT_OUT})")
+    report.add_argument("--stem", metavar="NAME",
+                        help="report file name without extension (default: the run file's "
+                             f"name for one run, {DEFAULT_STEM!r} for several)")
+    report.add_argument("--drafter", action="extend", nargs="+", metavar="NAME",
+                        help="only these drafters (labels as in the table, e.g. baseline pld)")
+    report.add_argument("--paradigm", action="extend", nargs="+", metavar="NAME",
+                        help="only these paradigms (e.g. multi_round best_of_n)")
+    report.set_defaults(handler=run_report)
+
+    listing = commands.add_parser("list", help="registered drafters with their options",
+                                  description="Every drafter registered under the entry-point "
+                                              "group pytest_specdec.drafters, with its options.")
+    listing.set_defaults(handler=run_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return args.handler(args)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def run_report(args: argparse.Namespace) -> int:
+    try:
+        records = _selected_records(args)
+        print(render_terminal(records))
+        paths = write_reports(records, Path(args.out), args.stem or _default_stem(args.runs),
+                              meta=report_meta(records))
+    except (ReportError, OSError) as exc:  # OSError: the report directory is not writable
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _selected_records(args: argparse.Namespace) -> list[dict]:
+    records = load_records(args.runs)
+    if not records:
+        raise ReportError(f"no pytest-specdec records in {', '.join(args.runs)} (benchmarks "
+                          "without extra_info['specdec_schema'] are not pytest-specdec cases)")
+    selected = select_records(records, drafters=args.drafter, paradigms=args.paradigm)
+    if not selected:
+        drafters = ", ".join(dict.fromkeys(r["drafter"] for r in records))
+        paradigms = ", ".join(dict.fromkeys(r["paradigm"] for r in records))
+        raise ReportError(f"no records match the filters; the runs hold drafters {drafters} "
+                          f"and paradigms {paradigms}")
+    return selected
+
+
+def _default_stem(runs: Sequence[str]) -> str:
+    return Path(runs[0]).stem if len(runs) == 1 else DEFAULT_STEM
+
+
+# --------------------------------------------------------------------------- list
+
+
+def run_list(args: argparse.Namespace) -> int:
+    registry = load_registry()
+    for problem in registry.problems:
+        print(f"{PROG}: warning: {problem}", file=sys.stderr)
+    if not registry.drafters:
+        print("no drafters registered (entry-point group pytest_specdec.drafters)")
+        return 0
+    for name in sorted(registry.drafters):
+        print(describe_drafter(registry.drafters[name]))
+    return 0
+
+
+def describe_drafter(drafter) -> str:
+    """``name  (origin)`` and one indented line per option: ``key: type = default``."""
+    lines = [f"{drafter.name}  ({drafter.origin})"]
+    options = drafter.parameters()
+    if not options:
+        lines.append("    (no options)")
+    for key, parameter in options.items():
+        lines.append(f"    {key}{_annotation_text(parameter)} = {_default_text(parameter)}")
+    return "\n".join(lines)
+
+
+def _annotation_text(parameter: inspect.Parameter) -> str:
+    annotation = parameter.annotation
+    if annotation is inspect.Parameter.empty:
+        return ""
+    # with `from __future__ import annotations` the annotation is already its source text
+    return f": {annotation if isinstance(annotation, str) else getattr(annotation, '__name__', annotation)}"
+
+
+def _default_text(parameter: inspect.Parameter) -> str:
+    if parameter.default is inspect.Parameter.empty:
+        return "(no default)"
+    return repr(parameter.default)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

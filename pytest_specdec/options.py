@@ -1,0 +1,229 @@
+"""Every --specdec-* option, defined once, each with a validator passed as ``type=``.
+
+Syntax is checked when the command line is parsed; what needs the registry or the
+file system (drafter names and options, model and dataset paths) is checked in
+:func:`resolve` before any case runs. The defaults are sized so the default suite
+finishes in about ten minutes on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from pytest_specdec.paradigms import PARADIGM_NAMES
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    """A drafter as asked for on the command line: NAME or NAME:key=value,key=value."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The drafter's name in ids and reports (options included)."""
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _temperatures(text: str) -> tuple[float, ...]:
+    """Comma-separated temperatures, each >= 0."""
+    values = tuple(_non_negative_float(t.strip()) for t in text.split(",") if t.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected temperatures like 0 or 0,0.6, got {text!r}")
+    return values
+
+
+def _paradigms(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in PARADIGM_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown paradigm {', '.join(unknown) or text!r}; "
+                                         f"available: {', '.join(PARADIGM_NAMES)}")
+    return names
+
+
+_DRAFTER = re.compile(r"^(?P<name>[A-Za-z_][\w.-]*)(?::(?P<opts>.*))?$")
+
+
+def _drafter(text: str) -> DrafterSpec:
+    match = _DRAFTER.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME:key=value,..., got {text!r}")
+    options = []
+    for item in filter(None, (match["opts"] or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"drafter option {item!r} in {text!r} is not key=value")
+        options.append((key.strip(), value.strip()))
+    return DrafterSpec(match["name"], tuple(options))
+
+
+def _device(text: str) -> str:
+    if text in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:<index>, got {text!r}")
+
+
+def _dtype(text: str) -> str:
+    choices = ("auto", "float32", "float16", "bfloat16")
+    if text in choices:
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    dest: str
+    help: str
+    default: Any = None
+    type: Callable[[str], Any] | None = None
+    action: str | None = None
+    metavar: str | None = None
+
+
+OPTIONS = (
+    Option("--specdec-target", "specdec_target", default="embedded", metavar="MODEL",
+           help="target model: 'embedded' (SmolLM2-135M-Instruct, offline), a local model "
+                "folder, a config .json (random weights), or a Hugging Face id"),
+    Option("--specdec-device", "specdec_device", default="auto", type=_device,
+           help="auto (cuda if available), cpu, cuda or cuda:<index>"),
+    Option("--specdec-dtype", "specdec_dtype", default="auto", type=_dtype,
+           help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16"),
+    Option("--specdec-trust-remote-code", "specdec_trust_remote_code", action="store_true",
+           default=False, help="allow model code from the hub (off unless you ask)"),
+    Option("--specdec-drafter", "specdec_drafters", action="append", type=_drafter,
+           metavar="NAME[:k=v,...]",
+           help="drafter to run, with options (repeatable); default: every registered drafter"),
+    Option("--specdec-paradigm", "specdec_paradigms", type=_paradigms, default=PARADIGM_NAMES,
+           metavar="NAMES", help=f"comma-separated paradigms; default: {','.join(PARADIGM_NAMES)}"),
+    Option("--specdec-dataset", "specdec_dataset", default="embedded", metavar="SOURCE",
+           help="'embedded' (our own problems), a .jsonl/.json file, or a Hugging Face "
+                "dataset name (owner/name[:config]; needs `datasets`)"),
+    Option("--specdec-dataset-split", "specdec_dataset_split", default="test", metavar="SPLIT",
+           help="split of a Hugging Face dataset (default: test)"),
+    Option("--specdec-problems", "specdec_problems", default=2, type=_positive_int, metavar="N",
+           help="number of problems per case (default: 2)"),
+    Option("--specdec-max-new-tokens", "specdec_max_new_tokens", default=96, type=_positive_int,
+           metavar="N", help="token budget of each generated sequence (default: 96)"),
+    Option("--specdec-n", "specdec_n", default=4, type=_positive_int, metavar="N",
+           help="samples per problem for best_of_n (default: 4)"),
+    Option("--specdec-rounds", "specdec_rounds", default=2, type=_positive_int, metavar="N",
+           help="rounds for multi_round (default: 2)"),
+    Option("--specdec-temperature", "specdec_temperatures", type=_temperatures, metavar="T[,T]",
+           help="temperatures to run every paradigm at; default: each paradigm's own "
+                "(multi_round 0, best_of_n 0.6)"),
+    Option("--specdec-seed", "specdec_seed", default=0, type=_non_negative_int, metavar="SEED",
+           help="base seed of coupled sampling (default: 0)"),
+    Option("--specdec-k", "specdec_k", default=5, type=_positive_int, metavar="K",
+           help="maximum draft length per step (default: 5)"),
+    Option("--specdec-timed-rounds", "specdec_timed_rounds", default=1, type=_positive_int,
+           metavar="N", help="timed rounds per case after one warm-up; the median is "
+                             "reported (default: 1)"),
+    Option("--specdec-report-dir", "specdec_report_dir", default="reports", metavar="DIR",
+           help="where the session's Markdown/CSV/JSON report goes (default: reports/ "
+                "under the rootdir); never overwrites"),
+    Option("--specdec-no-peer", "specdec_no_peer", action="store_true", default=False,
+           help="skip the Hugging Face generate peer cases"),
+    Option("--specdec-strict", "specdec_strict", action="store_true", default=False,
+           help="fail a case on a half-precision near-tie divergence too"),
+    Option("--specdec-tie-margin", "specdec_tie_margin", default=0.25, type=_non_negative_float,
+           metavar="M", help="in fp16/bf16, a divergence where the baseline's top-2 score "
+                             "margin is <= M is a near-tie (default: 0.25)"),
+)
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("specdec", "speculative decoding benchmarks (pytest-specdec)")
+    for opt in OPTIONS:
+        kwargs: dict[str, Any] = {"dest": opt.dest, "help": opt.help, "default": opt.default}
+        for name in ("type", "action", "metavar"):
+            if getattr(opt, name) is not None:
+                kwargs[name] = getattr(opt, name)
+        group.addoption(opt.flag, **kwargs)
+
+
+@dataclass(frozen=True)
+class SpecdecConfig:
+    """The resolved options of a session."""
+
+    target: str
+    device: str
+    dtype: str
+    trust_remote_code: bool
+    drafters: tuple[DrafterSpec, ...] | None  # None: every registered drafter
+    paradigms: tuple[str, ...]
+    dataset: str
+    dataset_split: str
+    problems: int
+    max_new_tokens: int
+    n: int
+    rounds: int
+    temperatures: tuple[float, ...] | None  # None: each paradigm's default
+    seed: int
+    k: int
+    timed_rounds: int
+    report_dir: Path
+    peer: bool
+    strict: bool
+    tie_margin: float
+
+
+def read_config(config: pytest.Config) -> SpecdecConfig:
+    get = config.getoption
+    report_dir = Path(get("specdec_report_dir")).expanduser()
+    if not report_dir.is_absolute():
+        report_dir = Path(config.rootpath) / report_dir
+    drafters = get("specdec_drafters")
+    return SpecdecConfig(
+        target=get("specdec_target"), device=get("specdec_device"), dtype=get("specdec_dtype"),
+        trust_remote_code=get("specdec_trust_remote_code"),
+        drafters=tuple(dict.fromkeys(drafters)) if drafters else None,
+        paradigms=tuple(dict.fromkeys(get("specdec_paradigms"))),
+        dataset=get("specdec_dataset"), dataset_split=get("specdec_dataset_split"),
+        problems=get("specdec_problems"), max_new_tokens=get("specdec_max_new_tokens"),
+        n=get("specdec_n"), rounds=get("specdec_rounds"),
+        temperatures=get("specdec_temperatures"), seed=get("specdec_seed"), k=get("specdec_k"),
+        timed_rounds=get("specdec_timed_rounds"), report_dir=report_dir,
+        peer=not get("specdec_no_peer"), strict=get("specdec_strict"),
+        tie_margin=get("specdec_tie_margin"),
+    )

@@ -1,0 +1,617 @@
+"""Reports from saved runs: a terminal table, and Markdown, CSV and JSON files.
+
+The source is pytest-benchmark's saved JSON (``--benchmark-save`` / ``--benchmark-json``):
+every pytest-specdec case leaves one flat record in its ``extra_info``. Reports only
+read and format those records; no metric is recomputed here (see ``metrics.py``), so a
+report can never disagree with the run it was made from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from tabulate import tabulate
+
+SCHEMA_VERSION = 1
+
+#: Keys every schema-1 record carries; a record without one of them cannot be reported.
+REQUIRED_KEYS = (
+    "specdec_schema", "role", "drafter", "paradigm", "temperature",
+    "target", "dtype", "device", "k", "problems", "max_new_tokens",
+    "new_tokens", "steps", "drafted", "accepted",
+    "mat", "acceptance_rate", "per_position_acceptance", "draft_share", "tokens_per_s",
+    "wall_s_rounds", "wall_s", "baseline_wall_s", "speedup",
+    "accuracy", "output_sha256", "lossless",
+)
+
+_NUMBER = (int, float)
+_NUMBER_OR_NULL = (int, float, type(None))
+
+#: What the reports compute with must have the right type, or the error would be a crash.
+KEY_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("role", "drafter", "paradigm", "target", "dtype", "device",
+                     "output_sha256", "lossless"), (str,)),
+    **dict.fromkeys(("temperature", "mat", "draft_share", "tokens_per_s", "wall_s",
+                     "accuracy"), _NUMBER),
+    **dict.fromkeys(("acceptance_rate", "baseline_wall_s", "speedup"), _NUMBER_OR_NULL),
+    **dict.fromkeys(("per_position_acceptance", "wall_s_rounds"), (list,)),
+}
+
+ROLES = ("baseline", "speculative", "peer")
+#: Summary columns start with these paradigms, in this order.
+PARADIGM_ORDER = ("multi_round", "best_of_n")
+#: Hugging Face's own decoding, in the order they are shown after our drafters.
+PEER_ORDER = ("hf_generate", "hf_pld")
+#: The like-for-like pair compared in the peer ratios: our prompt lookup vs Hugging Face's.
+OUR_PLD, PEER_PLD, PEER_PLAIN = "pld", "hf_pld", "hf_generate"
+
+#: Meta block of the Markdown report, in this order.
+META_KEYS = ("target", "dtype", "device", "problems", "max_new_tokens", "k", "date", "machine")
+
+REPORT_SUFFIXES = (".md", ".csv", ".json")
+PER_POSITION_SHOWN = 8
+NO_VALUE = "—"
+
+
+class ReportError(ValueError):
+    """A run file or one of its records cannot be reported; the message names the file."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def records_from_benchmark_json(data: Any, *, source: str = "<memory>") -> list[dict]:
+    """The pytest-specdec records of one pytest-benchmark run, in file order.
+
+    Benchmarks without ``extra_info["specdec_schema"]`` (plain pytest-benchmark cases
+    in the same run) are skipped. Each record gets ``case``, ``source``, ``run_date``
+    and ``machine`` unless it already has them.
+    """
+    benchmarks = data.get("benchmarks") if isinstance(data, dict) else None
+    if not isinstance(benchmarks, list):
+        raise ReportError(f"{source}: not a pytest-benchmark JSON file (no \"benchmarks\" list); "
+                          "pass a file written by --benchmark-save or --benchmark-json")
+    provenance = {
+        "source": source,
+        "run_date": str(data.get("datetime") or ""),
+        "machine": describe_machine(data.get("machine_info")),
+    }
+    records = []
+    for index, benchmark in enumerate(benchmarks):
+        record = _specdec_record(benchmark, index, source)
+        if record is not None:
+            for key, value in provenance.items():
+                record.setdefault(key, value)
+            records.append(record)
+    return records
+
+
+def _specdec_record(benchmark: Any, index: int, source: str) -> dict | None:
+    if not isinstance(benchmark, dict):
+        raise ReportError(f"{source}: benchmarks[{index}] is not an object")
+    extra = benchmark.get("extra_info")
+    if not isinstance(extra, dict) or "specdec_schema" not in extra:
+        return None
+    case = str(benchmark.get("fullname") or benchmark.get("name") or f"benchmarks[{index}]")
+    if extra["specdec_schema"] != SCHEMA_VERSION:
+        raise ReportError(f"{source}: case {case!r} has specdec_schema "
+                          f"{extra['specdec_schema']!r}; this version reads {SCHEMA_VERSION}")
+    _check_record(extra, f"{source}: case {case!r}")
+    record = dict(extra)
+    record.setdefault("case", case)
+    return record
+
+
+def _check_record(extra: dict, where: str) -> None:
+    """Every required key present, with a usable type; ``where`` opens the message."""
+    missing = [key for key in REQUIRED_KEYS if key not in extra]
+    if missing:
+        raise ReportError(f"{where} lacks required keys: {', '.join(missing)}")
+    wrong = [f"{key} ({type(extra[key]).__name__})" for key, types in KEY_TYPES.items()
+             if not isinstance(extra[key], types)]
+    wrong += [f"{key} (holds a non-number)" for key in ("per_position_acceptance", "wall_s_rounds")
+              if isinstance(extra[key], list) and not all(isinstance(x, _NUMBER) for x in extra[key])]
+    if wrong:
+        raise ReportError(f"{where} has values of the wrong type: {', '.join(wrong)}")
+    if extra["role"] not in ROLES:
+        raise ReportError(f"{where} has role {extra['role']!r}; expected one of {', '.join(ROLES)}")
+
+
+def describe_machine(machine_info: Any) -> str:
+    """One line from pytest-benchmark's machine_info: host, CPU, OS, Python."""
+    if not isinstance(machine_info, dict):
+        return ""
+    cpu = machine_info.get("cpu")
+    parts = [
+        machine_info.get("node"),
+        cpu.get("brand_raw") if isinstance(cpu, dict) else None,
+        " ".join(filter(None, (machine_info.get("system"), machine_info.get("release")))),
+        f"Python {machine_info['python_version']}" if machine_info.get("python_version") else None,
+    ]
+    return ", ".join(str(part) for part in parts if part)
+
+
+def load_records(paths: Sequence[str | Path]) -> list[dict]:
+    """Records of every file, in the order given; ReportError names the file at fault."""
+    records: list[dict] = []
+    for path in map(Path, paths):
+        records.extend(records_from_benchmark_json(_read_json(path), source=str(path)))
+    return records
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ReportError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                          f"{exc.msg})") from None
+
+
+def select_records(records: Iterable[dict], *, drafters: Sequence[str] | None = None,
+                   paradigms: Sequence[str] | None = None) -> list[dict]:
+    """Records whose drafter and paradigm are among those given (None: any)."""
+    return [r for r in records
+            if (not drafters or r["drafter"] in drafters)
+            and (not paradigms or r["paradigm"] in paradigms)]
+
+
+def report_meta(records: Sequence[dict]) -> dict[str, str]:
+    """The Markdown meta block: each field's distinct values, in order of appearance."""
+    sources = {"date": "run_date"}
+    return {key: _distinct_text(records, sources.get(key, key)) for key in META_KEYS}
+
+
+def _distinct_text(records: Sequence[dict], key: str) -> str:
+    values = dict.fromkeys(str(r[key]) for r in records if r.get(key) not in (None, ""))
+    return ", ".join(values) or NO_VALUE
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Column:
+    """One summary column: a paradigm at one temperature."""
+
+    paradigm: str
+    temperature: float
+
+    def header(self, *, with_temperature: bool) -> str:
+        if not with_temperature:
+            return self.paradigm
+        return f"{self.paradigm} T={_temperature_text(self.temperature)}"
+
+
+def _column_of(record: dict) -> Column:
+    return Column(record["paradigm"], float(record["temperature"]))
+
+
+def _columns(records: Sequence[dict]) -> list[Column]:
+    """Known paradigms first, then others in order of appearance; temperatures rising.
+
+    A fixed order keeps tables of different runs (or of files given in another order)
+    comparable at a glance.
+    """
+    paradigms = list(dict.fromkeys([*PARADIGM_ORDER, *(r["paradigm"] for r in records)]))
+    columns = set(map(_column_of, records))
+    return sorted(columns, key=lambda c: (paradigms.index(c.paradigm), c.temperature))
+
+
+def _shows_temperature(records: Sequence[dict]) -> bool:
+    # Label every column with T as soon as temperatures differ anywhere, so that no
+    # column leaves its temperature to be guessed.
+    return len({float(r["temperature"]) for r in records}) > 1
+
+
+def _row_key(record: dict) -> tuple[str, str]:
+    return record["role"], record["drafter"]
+
+
+def _row_order(row: tuple[str, str]) -> tuple:
+    """Baseline first, then our drafters alphabetically, then the peers."""
+    role, drafter = row
+    peer_rank = PEER_ORDER.index(drafter) if drafter in PEER_ORDER else len(PEER_ORDER)
+    return ROLES.index(role), peer_rank if role == "peer" else 0, drafter
+
+
+def _rows(records: Sequence[dict]) -> list[tuple[str, str]]:
+    return sorted(set(map(_row_key, records)), key=_row_order)
+
+
+def _target_label(record: dict) -> str:
+    return f"{record['target']} ({record['dtype']})"
+
+
+def _group_by_target(records: Sequence[dict]) -> dict[str, list[dict]]:
+    """Records per target and dtype, in order of first appearance."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(_target_label(record), []).append(record)
+    return groups
+
+
+def _report_order(records: Sequence[dict]) -> list[dict]:
+    """Records as the report lists them: by target, column, then row."""
+    targets = list(_group_by_target(records))
+    columns = _columns(records)
+    return sorted(records, key=lambda r: (targets.index(_target_label(r)),
+                                          columns.index(_column_of(r)),
+                                          _row_order(_row_key(r))))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _temperature_text(temperature: float) -> str:
+    return f"{float(temperature):g}"
+
+
+def _number(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return NO_VALUE if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _percent(value: float | None, digits: int = 1) -> str:
+    return NO_VALUE if value is None else f"{value * 100:.{digits}f}%"
+
+
+def _speedup_text(value: float | None) -> str:
+    return _number(value, 2, "x")
+
+
+def _summary_cell(record: dict | None) -> str:
+    if record is None:
+        return NO_VALUE
+    return f"{_speedup_text(record['speedup'])} · MAT {_number(record['mat'])}"
+
+
+def _wall_text(record: dict) -> str:
+    rounds = record["wall_s_rounds"]
+    median = _number(record["wall_s"])
+    if len(rounds) < 2:
+        return median
+    return f"{median} ({min(rounds):.2f}–{max(rounds):.2f})"
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summary_table(records: Sequence[dict], *,
+                  mark_best: Callable[[str], str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: one row per drafter, one column per paradigm (and temperature).
+
+    Cells read ``1.42x · MAT 2.31``; ``—`` where no record. With several targets or
+    dtypes, a leading ``target`` column tells the groups apart. ``mark_best`` rewrites
+    the cell(s) with the best speedup per column among speculative rows. Where several
+    records fall on one cell (runs merged), the last one read is shown.
+    """
+    groups = _group_by_target(records)
+    several_targets = len(groups) > 1
+    columns = _columns(records)
+    with_temperature = _shows_temperature(records)
+    headers = (["target"] if several_targets else []) + ["drafter"]
+    headers += [column.header(with_temperature=with_temperature) for column in columns]
+    rows = []
+    for label, group in groups.items():
+        for row in _summary_rows(group, columns, mark_best):
+            rows.append(([label] if several_targets else []) + row)
+    return headers, rows
+
+
+def _summary_rows(records: Sequence[dict], columns: Sequence[Column],
+                  mark_best: Callable[[str], str] | None) -> list[list[str]]:
+    by_cell = {(_row_key(r), _column_of(r)): r for r in records}
+    best = _best_speedups(by_cell)
+    rows = []
+    for row in _rows(records):
+        cells = [row[1]]
+        for column in columns:
+            record = by_cell.get((row, column))
+            text = _summary_cell(record)
+            if mark_best and record is not None and _is_best(record, best):
+                text = mark_best(text)
+            cells.append(text)
+        rows.append(cells)
+    return rows
+
+
+def _best_speedups(by_cell: Mapping[tuple, dict]) -> dict[Column, float]:
+    """Per column, the highest speedup among speculative records (not baseline, not peers)."""
+    best: dict[Column, float] = {}
+    for (row, column), record in by_cell.items():
+        if row[0] == "speculative" and record["speedup"] is not None:
+            best[column] = max(best.get(column, record["speedup"]), record["speedup"])
+    return best
+
+
+def _is_best(record: dict, best: Mapping[Column, float]) -> bool:
+    # a peer may tie the best speculative speedup, so the role is checked as well
+    return (record["role"] == "speculative" and record["speedup"] is not None
+            and record["speedup"] == best.get(_column_of(record)))
+
+
+def render_terminal(records: Sequence[dict]) -> str:
+    """The summary table(s) for a terminal; ``*`` marks the best speculative speedup."""
+    parts = []
+    groups = _group_by_target(records)
+    for label, group in groups.items():
+        headers, rows = summary_table(group, mark_best=lambda text: f"{text}*")
+        table = tabulate(rows, headers, tablefmt="simple", disable_numparse=True)
+        parts.append(f"{label}\n{table}" if len(groups) > 1 else table)
+    parts.append("cells: speedup over the baseline · MAT;  * best speedup among speculative drafters")
+    return "\n\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def render_markdown(records: Sequence[dict], *, title: str, meta: Mapping[str, str]) -> str:
+    """The full Markdown report: meta, summary, details, per-position acceptance, peers."""
+    sections = [f"# {title}", _markdown_meta(meta), _markdown_summary(records),
+                _markdown_details(records)]
+    per_position = _markdown_per_position(records)
+    if per_position:
+        sections.append(per_position)
+    peers = peer_ratio_lines(records)
+    if peers:
+        sections.append("## Compared with Hugging Face generate\n\n" + "\n".join(peers))
+    sections.append(HOW_TO_READ)
+    return "\n\n".join(sections) + "\n"
+
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
+
+
+def _markdown_meta(meta: Mapping[str, str]) -> str:
+    return "\n".join(f"- **{key}**: {value}" for key, value in meta.items())
+
+
+def _markdown_summary(records: Sequence[dict]) -> str:
+    lines = ["## Summary", "",
+             "Cells: speedup over the baseline · MAT. **Bold**: best speedup among "
+             "speculative drafters in the column."]
+    groups = _group_by_target(records)
+    for label, group in groups.items():
+        headers, rows = summary_table(group, mark_best=lambda text: f"**{text}**")
+        if len(groups) > 1:
+            lines += ["", f"### {label}"]
+        lines += ["", _markdown_table(headers, rows)]
+    return "\n".join(lines)
+
+
+DETAIL_HEADERS = ["drafter", "paradigm", "T", "speedup", "MAT", "acceptance", "draft share",
+                  "tokens/s", "wall s median (min–max)", "accuracy", "lossless", "output"]
+
+
+def _detail_row(record: dict) -> list[str]:
+    return [
+        record["drafter"], record["paradigm"], _temperature_text(record["temperature"]),
+        _speedup_text(record["speedup"]), _number(record["mat"]),
+        _percent(record["acceptance_rate"]), _percent(record["draft_share"]),
+        _number(record["tokens_per_s"], 1), _wall_text(record), _percent(record["accuracy"]),
+        record["lossless"], f"`{record['output_sha256']}`",
+    ]
+
+
+def _markdown_details(records: Sequence[dict]) -> str:
+    several_targets = len(_group_by_target(records)) > 1
+    headers = (["target"] if several_targets else []) + DETAIL_HEADERS
+    rows = [([_target_label(r)] if several_targets else []) + _detail_row(r)
+            for r in _report_order(records)]
+    return "## Details\n\n" + _markdown_table(headers, rows)
+
+
+def _per_position_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """Acceptance at the first draft positions, in percent, per speculative record."""
+    speculative = [r for r in _report_order(records) if r["role"] == "speculative"]
+    shown = min(PER_POSITION_SHOWN,
+                max((len(r["per_position_acceptance"]) for r in speculative), default=0))
+    if not shown:
+        return [], []
+    several_targets = len(_group_by_target(records)) > 1
+    headers = (["target"] if several_targets else []) + ["drafter", "paradigm", "T"]
+    headers += [f"pos {i + 1}" for i in range(shown)]
+    rows = []
+    for record in speculative:
+        rates = record["per_position_acceptance"][:shown]
+        cells = [_percent(rate, 0) for rate in rates] + [NO_VALUE] * (shown - len(rates))
+        row = [record["drafter"], record["paradigm"], _temperature_text(record["temperature"])]
+        rows.append(([_target_label(record)] if several_targets else []) + row + cells)
+    return headers, rows
+
+
+def _markdown_per_position(records: Sequence[dict]) -> str:
+    headers, rows = _per_position_table(records)
+    if not rows:
+        return ""
+    return ("## Per-position acceptance\n\n"
+            f"Share of draft tokens accepted at each of the first {PER_POSITION_SHOWN} draft "
+            "positions, among forwards whose draft reached that position.\n\n"
+            + _markdown_table(headers, rows))
+
+
+def peer_ratio_lines(records: Sequence[dict]) -> list[str]:
+    """Per column where both sides exist, how we compare with Hugging Face's generate.
+
+    ``our baseline tok/s ÷ hf_generate tok/s`` compares plain decoding loops;
+    ``our pld speedup ÷ hf_pld speedup`` compares the same method (prompt lookup), each
+    against its own plain decoding. Only the drafter named exactly ``pld`` is compared.
+    """
+    lines = []
+    groups = _group_by_target(records)
+    for label, group in groups.items():
+        with_temperature = _shows_temperature(group)
+        by_cell = {(r["drafter"], _column_of(r)): r for r in group}
+        for column in _columns(group):
+            ratios = _peer_ratios(by_cell, column)
+            if ratios:
+                name = column.header(with_temperature=with_temperature)
+                prefix = f"{label}, {name}" if len(groups) > 1 else name
+                lines.append(f"- {prefix}: " + "; ".join(ratios))
+    return lines
+
+
+def _peer_ratios(by_cell: Mapping[tuple[str, Column], dict], column: Column) -> list[str]:
+    ours_plain, peer_plain = by_cell.get(("baseline", column)), by_cell.get((PEER_PLAIN, column))
+    ours_pld, peer_pld = by_cell.get((OUR_PLD, column)), by_cell.get((PEER_PLD, column))
+    ratios = []
+    if ours_plain and peer_plain and peer_plain["tokens_per_s"]:
+        ours, theirs = ours_plain["tokens_per_s"], peer_plain["tokens_per_s"]
+        ratios.append(f"our baseline tok/s ÷ {PEER_PLAIN} tok/s = {ours / theirs:.2f} "
+                      f"({ours:.1f} ÷ {theirs:.1f})")
+    if ours_pld and peer_pld and ours_pld["speedup"] is not None and peer_pld["speedup"]:
+        ours, theirs = ours_pld["speedup"], peer_pld["speedup"]
+        ratios.append(f"our {OUR_PLD} speedup ÷ {PEER_PLD} speedup = {ours / theirs:.2f} "
+                      f"({ours:.2f}x ÷ {theirs:.2f}x)")
+    return ratios
+
+
+HOW_TO_READ = """\
+## How to read
+
+**Speedup** is the ratio of total wall times for the same work: the baseline's wall time
+divided by the drafter's, each the median of its timed rounds, both measured side by side
+in one session on one machine (hf_pld is measured against hf_generate the same way).
+**MAT** (mean accepted tokens) is the number of tokens one target forward yields on
+average, the bonus token included: 1.00 without speculation. A higher MAT means fewer
+target forwards; the speedup is what remains after paying for drafting (see draft share).
+Acceptance is accepted draft tokens ÷ drafted tokens. Lossless says whether the output was
+identical to the baseline's (exact), differed only where the target's top choices were
+nearly tied (near_tie), or was not checked."""
+
+
+# --------------------------------------------------------------------------- data files
+
+
+#: CSV columns in this order first; any other keys follow alphabetically.
+CSV_FIELDS = (
+    "case", "role", "drafter", "paradigm", "temperature", "target", "dtype", "device",
+    "k", "problems", "max_new_tokens", "new_tokens", "steps", "drafted", "accepted",
+    "mat", "acceptance_rate", "per_position_acceptance", "draft_share", "tokens_per_s",
+    "wall_s", "wall_s_rounds", "baseline_wall_s", "speedup", "accuracy", "lossless",
+    "output_sha256", "specdec_schema", "source", "run_date", "machine",
+)
+
+
+def render_csv(records: Sequence[dict]) -> str:
+    """One row per record, in the order given; lists are joined with ';', None is empty."""
+    present = dict.fromkeys(key for record in records for key in record)
+    fields = [key for key in CSV_FIELDS if key in present]
+    fields += sorted(key for key in present if key not in CSV_FIELDS)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(fields)
+    for record in records:
+        writer.writerow([_csv_value(record.get(key)) for key in fields])
+    return buffer.getvalue()
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ";".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def render_json(records: Sequence[dict], *, meta: Mapping[str, str]) -> str:
+    """``{"meta": ..., "records": [...]}``, records unchanged and in the order given."""
+    return json.dumps({"meta": dict(meta), "records": list(records)},
+                      indent=2, ensure_ascii=False) + "\n"
+
+
+def write_reports(records: Sequence[dict], directory: str | Path, stem: str, *,
+                  meta: Mapping[str, str], title: str | None = None) -> list[Path]:
+    """Write ``<stem>.md``, ``.csv`` and ``.json`` into ``directory``; return their paths.
+
+    Each file appears whole or not at all (temp file, fsync, rename). Existing files are
+    never overwritten: if any of the three names is taken, all three get the first free
+    suffix ``-2``, ``-3``, ...
+    """
+    _check_stem(stem)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    free_stem = _free_stem(directory, stem)
+    contents = {
+        ".md": render_markdown(records, title=title or f"pytest-specdec report: {stem}", meta=meta),
+        ".csv": render_csv(records),
+        ".json": render_json(records, meta=meta),
+    }
+    paths = []
+    for suffix in REPORT_SUFFIXES:
+        path = directory / f"{free_stem}{suffix}"
+        _write_atomically(path, contents[suffix])
+        paths.append(path)
+    _fsync_directory(directory)
+    return paths
+
+
+def _check_stem(stem: str) -> None:
+    if stem in ("", ".", "..") or Path(stem).name != stem:
+        raise ReportError(f"report name {stem!r} must be a plain file name without directories")
+
+
+def _free_stem(directory: Path, stem: str) -> str:
+    # lexists: a dangling symlink is taken too, and os.replace would clobber the link.
+    # Another writer could take a name between this check and the rename; reports of one
+    # directory are written by one process at a time, so that race is left open.
+    candidate, number = stem, 1
+    while any(os.path.lexists(directory / f"{candidate}{suffix}") for suffix in REPORT_SUFFIXES):
+        number += 1
+        candidate = f"{stem}-{number}"
+    return candidate
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp_name, 0o666 & ~_umask())  # mkstemp makes 0600; reports are shared files
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames durable; not possible everywhere (Windows), so best effort."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,95 @@
+"""Running one paradigm over a problem set with one decoding method.
+
+A *method* turns (prompt ids, group, sample, round) into a Generation: the engine
+with or without a drafter, or a peer implementation. The runner builds the generate
+function a paradigm sees, and collects every output and its statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from pytest_specdec.drafter import Drafter
+from pytest_specdec.engine import Generation, GenerationRequest, generate
+from pytest_specdec.metrics import SpecDecodingStats, accuracy, output_digest
+from pytest_specdec.paradigms import Completion, MultiRound, BestOfN, Outcome
+from pytest_specdec.problems import Problem
+from pytest_specdec.sampling import Sampler
+from pytest_specdec.target import Target
+
+#: (problem key, sample, round): one generated sequence of a paradigm run
+SequenceKey = tuple[str, int, int]
+
+
+def sequence_seed(base_seed: int, group: str, sample: int, round: int) -> int:
+    """The coupled-sampling seed of one sequence: a pure function of its identity, so
+    every method (and every process) samples sequence (group, sample, round) alike."""
+    digest = hashlib.sha256(f"{base_seed}|{group}|{sample}|{round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    temperature: float
+    seed: int
+    max_new_tokens: int
+    k: int = 0
+
+    def request(self, prompt_ids: Sequence[int], group: str, sample: int, round: int) -> GenerationRequest:
+        sampler = Sampler(self.temperature, sequence_seed(self.seed, group, sample, round))
+        return GenerationRequest(tuple(prompt_ids), self.max_new_tokens, sampler,
+                                 group=group, sample=sample, round=round)
+
+
+#: decodes one request; the runner times nothing itself but the whole run
+Method = Callable[[GenerationRequest], Generation]
+
+
+def engine_method(target: Target, drafter: Drafter | None, *, k: int, drafter_name: str) -> Method:
+    """Our engine; one drafter instance serves every sequence of the run, so it can
+    share what it learns across the samples and rounds of a problem."""
+    return lambda request: generate(target, request, drafter, k=k, drafter_name=drafter_name)
+
+
+@dataclass
+class RunResult:
+    outputs: dict[SequenceKey, Generation] = field(default_factory=dict)
+    outcomes: list[Outcome] = field(default_factory=list)
+    stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
+    wall_s: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return accuracy(o.correct for o in self.outcomes)
+
+    @property
+    def digest(self) -> str:
+        return output_digest(g.tokens for g in self.outputs.values())
+
+
+def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Sequence[Problem],
+                 method: Method, settings: DecodeSettings,
+                 progress: Callable[[str], None] | None = None) -> RunResult:
+    """Run the paradigm on every problem; wall_s covers the whole run end to end."""
+    result = RunResult()
+
+    def generate_fn(prompt: str, *, group: str, sample: int, round: int) -> Completion:
+        request = settings.request(target.encode_prompt(prompt), group, sample, round)
+        generation = method(request)
+        result.outputs[(group, sample, round)] = generation
+        result.stats.merge(generation.stats)
+        return Completion(target.decode(generation.tokens), tuple(generation.tokens))
+
+    started = time.perf_counter()
+    for i, problem in enumerate(problems):
+        if progress is not None:
+            progress(f"{paradigm.name}: problem {i + 1}/{len(problems)} ({problem.key})")
+        result.outcomes.append(paradigm.run(problem, generate_fn))
+    result.wall_s = time.perf_counter() - started
+    # per-sequence wall times add up to less than the run (prompt encoding, decoding
+    # text): the run's own clock is the figure that counts
+    result.stats.wall_s = result.wall_s
+    return result

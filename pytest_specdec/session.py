@@ -1,0 +1,209 @@
+"""A benchmark session: the loaded target and problems, the baselines measured so far,
+and the records of finished cases. The suites call into it; plugin.py wires it up.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pytest_specdec.lossless import check_lossless
+from pytest_specdec.metrics import median_round, speedup
+from pytest_specdec.options import DrafterSpec, SpecdecConfig
+from pytest_specdec.paradigms import make_paradigm
+from pytest_specdec.peer import hf_method
+from pytest_specdec.problems import Problem
+from pytest_specdec.registry import Registry
+from pytest_specdec.runner import DecodeSettings, Method, RunResult, engine_method, run_paradigm
+from pytest_specdec.target import Target
+
+log = logging.getLogger("pytest_specdec")
+
+SCHEMA_VERSION = 1
+PEERS = ("hf_generate", "hf_pld")
+
+
+@dataclass(frozen=True)
+class ParadigmCase:
+    paradigm: str
+    temperature: float
+    explicit_temperature: bool = False
+
+    @property
+    def id(self) -> str:
+        if not self.explicit_temperature:
+            return self.paradigm
+        return f"{self.paradigm}-T{self.temperature:g}"
+
+
+def paradigm_cases(cfg: SpecdecConfig) -> list[ParadigmCase]:
+    """Each paradigm at the asked temperatures, or at its own default temperature."""
+    out = []
+    for name in cfg.paradigms:
+        temps = cfg.temperatures or (make_paradigm(name).default_temperature,)
+        out += [ParadigmCase(name, t, cfg.temperatures is not None) for t in temps]
+    return out
+
+
+@dataclass
+class Measured:
+    """The timed rounds of one method on one paradigm case."""
+
+    runs: list[RunResult]
+
+    @property
+    def wall_s(self) -> float:
+        return median_round([r.wall_s for r in self.runs])
+
+    @property
+    def last(self) -> RunResult:
+        return self.runs[-1]
+
+
+@dataclass
+class SpecdecSession:
+    config: SpecdecConfig
+    registry: Registry
+    problems: list[Problem]
+    load_target: Callable[[], Target]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    _target: Target | None = None
+    _baselines: dict[ParadigmCase, Measured] = field(default_factory=dict)
+    _peer_plain: dict[ParadigmCase, Measured] = field(default_factory=dict)
+
+    @property
+    def target(self) -> Target:
+        if self._target is None:
+            self._target = self.load_target()
+        return self._target
+
+    def settings(self, case: ParadigmCase, k: int = 0) -> DecodeSettings:
+        return DecodeSettings(case.temperature, self.config.seed, self.config.max_new_tokens, k)
+
+    # -- measuring ---------------------------------------------------------------
+
+    def measure(self, case: ParadigmCase, make_method: Callable[[], Method], *,
+                benchmark: Any = None, k: int = 0) -> Measured:
+        """One warm-up on the first problem, then the timed rounds over all problems.
+
+        make_method is called per round, so a drafter starts every round afresh and
+        nothing it learnt in one round speeds up the next.
+        """
+        cfg = self.config
+        paradigm = make_paradigm(case.paradigm, rounds=cfg.rounds, n=cfg.n)
+        settings = self.settings(case, k)
+        run_paradigm(self.target, paradigm, self.problems[:1], make_method(), settings)
+        runs: list[RunResult] = []
+
+        def one_round() -> None:
+            runs.append(run_paradigm(self.target, paradigm, self.problems, make_method(),
+                                     settings, progress=log.info))
+
+        if benchmark is None:
+            for _ in range(cfg.timed_rounds):
+                one_round()
+        else:
+            benchmark.pedantic(one_round, rounds=cfg.timed_rounds, iterations=1, warmup_rounds=0)
+        return Measured(runs)
+
+    def baseline(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
+        """Plain decoding on our engine; measured once per session and paradigm case."""
+        if case not in self._baselines or benchmark is not None:
+            target = self.target
+            self._baselines[case] = self.measure(
+                case, lambda: engine_method(target, None, k=0, drafter_name="baseline"),
+                benchmark=benchmark)
+        return self._baselines[case]
+
+    def peer_plain(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
+        if case not in self._peer_plain or benchmark is not None:
+            target = self.target
+            self._peer_plain[case] = self.measure(case, lambda: hf_method(target), benchmark=benchmark)
+        return self._peer_plain[case]
+
+    # -- the three kinds of case -------------------------------------------------
+
+    def run_baseline_case(self, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
+        measured = self.baseline(case, benchmark)
+        return self._record("baseline", "baseline", case, measured, measured, lossless="exact")
+
+    def run_speculative_case(self, spec: DrafterSpec, case: ParadigmCase,
+                             benchmark: Any) -> dict[str, Any]:
+        base = self.baseline(case)
+        registered = self.registry.get(spec.name)
+        options = registered.convert_options(dict(spec.options))
+        target, k = self.target, self.config.k
+        measured = self.measure(
+            case, lambda: engine_method(target, registered.create(**options), k=k,
+                                        drafter_name=spec.label),
+            benchmark=benchmark, k=k)
+        label = "exact"
+        for run in measured.runs:  # every timed round must be lossless, not just one
+            verdict = check_lossless(
+                base.last.outputs, {key: g.tokens for key, g in run.outputs.items()},
+                dtype=target.dtype, tie_margin=self.config.tie_margin,
+                strict=self.config.strict, decode=target.decode)
+            if verdict.near_ties:
+                label = "near_tie"
+                for d in verdict.near_ties:
+                    log.warning("near-tie divergence (%s): %s", spec.label, d.describe())
+        return self._record("speculative", spec.label, case, measured, base, lossless=label,
+                            drafter_options=dict(spec.options), k=k)
+
+    def run_peer_case(self, peer: str, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
+        target, k = self.target, self.config.k
+        if peer == "hf_generate":
+            measured = reference = self.peer_plain(case, benchmark)
+        else:
+            reference = self.peer_plain(case)
+            measured = self.measure(
+                case, lambda: hf_method(target, prompt_lookup_tokens=k), benchmark=benchmark, k=k)
+        # HF samples with its own generator: only greedy output is comparable to ours
+        if case.temperature == 0:
+            ours = self.baseline(case).last.outputs
+            same = all(ours[key].tokens == g.tokens for key, g in measured.last.outputs.items())
+            lossless = "exact" if same else "differs"
+        else:
+            lossless = "not_checked"
+        return self._record("peer", peer, case, measured, reference, lossless=lossless,
+                            k=k if peer == "hf_pld" else 0)
+
+    def _record(self, role: str, drafter: str, case: ParadigmCase, measured: Measured,
+                reference: Measured, *, lossless: str, drafter_options: dict[str, str] | None = None,
+                k: int = 0) -> dict[str, Any]:
+        cfg, target, run = self.config, self.target, measured.last
+        stats = run.stats
+        record = {
+            "specdec_schema": SCHEMA_VERSION,
+            "role": role,
+            "drafter": drafter,
+            "drafter_options": drafter_options or {},
+            "paradigm": case.paradigm,
+            "temperature": case.temperature,
+            "target": target.name,
+            "dtype": str(target.dtype).removeprefix("torch."),
+            "device": str(target.device),
+            "k": k,
+            "problems": len(self.problems),
+            "max_new_tokens": cfg.max_new_tokens,
+            "sequences": len(run.outputs),
+            "new_tokens": stats.new_tokens,
+            "steps": stats.steps,
+            "drafted": stats.drafted,
+            "accepted": stats.accepted,
+            "mat": round(stats.mat, 4),
+            "acceptance_rate": None if stats.acceptance_rate is None else round(stats.acceptance_rate, 4),
+            "per_position_acceptance": [round(p, 4) for p in stats.per_position_acceptance],
+            "draft_share": round(stats.draft_share, 4),
+            "tokens_per_s": round(stats.new_tokens / measured.wall_s, 3),
+            "wall_s_rounds": [round(r.wall_s, 4) for r in measured.runs],
+            "wall_s": round(measured.wall_s, 4),
+            "baseline_wall_s": round(reference.wall_s, 4),
+            "speedup": round(speedup(reference.wall_s, measured.wall_s), 4),
+            "accuracy": round(run.accuracy, 4),
+            "output_sha256": run.digest,
+            "lossless": lossless,
+        }
+        self.records.append(record)
+        return record

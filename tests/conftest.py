@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random models built in memory, a tiny model folder on disk
+for plugin runs, and the embedded default target (converted once, then cached)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest_plugins = ["pytester"]
+
+
+def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0):
+    """A 2-layer random causal LM; a decode step costs a few milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=1024, eos_token_id=vocab_size - 1,
+                  bos_token_id=0, pad_token_id=0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_target():
+    from pytest_specdec.target import wrap_model
+
+    return wrap_model(tiny_model("llama"), name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def embedded_folder() -> Path:
+    from pytest_specdec.target import embedded_folder as folder
+
+    return folder()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_folder) -> Path:
+    """A tiny random Llama saved with the embedded tokenizer: a real model folder that
+    loads through --specdec-target in a second or so."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_folder)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def default_target(embedded_folder):
+    from pytest_specdec.target import load_target
+
+    return load_target("embedded", device="cpu", dtype="float32")

@@ -3,9 +3,11 @@
 The baseline is the same loop with an empty draft at every step, so both are timed
 through one code path and differ only in what the drafter proposes.
 
-Cache discipline: the KV cache always holds ``context[:-1]``; the last context token is
-fed in the next forward together with the draft. Rolling back rejected draft tokens is
-a length change (``cache.crop(-n)``).
+Cache discipline: positions are explicit. ``cached`` counts the context tokens whose
+keys and values the cache holds; each forward feeds ``context[cached:]`` (the whole
+prompt at the first step, so prefill and the first verification share one forward;
+then the one token emitted last) followed by the draft. Rolling back rejected draft
+tokens is a length change (``cache.crop(-n)``).
 """
 
 from __future__ import annotations
@@ -82,18 +84,20 @@ class StepResult:
 
 
 def speculative_step(target: Target, sampler: Sampler, cache: Any, context: list[int],
-                     draft: Sequence[int], *, hidden_states: bool = False) -> StepResult:
+                     cached: int, draft: Sequence[int], *, hidden_states: bool = False) -> StepResult:
     """Verify a chain draft after the context with one target forward.
 
-    Acceptance rule: the forward scores context[-1] and every draft token; c_j, the
-    target's choice for absolute position len(context) + j, comes from the sampler
-    (argmax at T=0; argmax of Gumbel-perturbed logits keyed by (seed, position) at
-    T>0). Draft token d_j is accepted iff d_0..d_{j-1} were and d_j == c_j. At the
-    first disagreement, or past the draft's end, the target's own choice is emitted
-    as the bonus token. So each emitted token is exactly what plain decoding would
-    have chosen at that position: the output cannot depend on the drafter.
+    Acceptance rule: the forward scores the uncached context and every draft token;
+    c_j, the target's choice for absolute position len(context) + j, comes from the
+    sampler (argmax at T=0; argmax of Gumbel-perturbed logits keyed by (seed, position)
+    at T>0). Draft token d_j is accepted iff d_0..d_{j-1} were and d_j == c_j. At the
+    first disagreement, or past the draft's end, the target's own choice is emitted as
+    the bonus token. So each emitted token is exactly what plain decoding would have
+    chosen at that position: the output cannot depend on the drafter.
     """
-    logits, hidden = target.forward([context[-1], *draft], cache, hidden_states=hidden_states)
+    fed = [*context[cached:], *draft]
+    logits, hidden = target.forward(fed, cache, keep_logits=len(draft) + 1,
+                                    hidden_states=hidden_states)
     positions = torch.arange(len(context), len(context) + len(draft) + 1, device=logits.device)
     scores = sampler.scores(logits, positions)
     choices = scores.argmax(dim=-1).tolist()
@@ -104,8 +108,10 @@ def speculative_step(target: Target, sampler: Sampler, cache: Any, context: list
     rejected = len(draft) - n
     if rejected:
         cache.crop(-rejected)
-    return StepResult(emitted=[*draft[:n], choices[n]], logits=logits[: n + 1], scores=scores[: n + 1],
-                      hidden=hidden[: n + 1] if hidden is not None else None)
+    if hidden is not None:
+        hidden = hidden[-(len(draft) + 1):][: n + 1]
+    return StepResult(emitted=[*draft[:n], choices[n]], logits=logits[: n + 1],
+                      scores=scores[: n + 1], hidden=hidden)
 
 
 def generate(target: Target, request: GenerationRequest, drafter: Drafter | None = None,
@@ -121,9 +127,8 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     needs = frozenset(getattr(drafter, "needs", ())) if drafter is not None else frozenset()
     started = time.perf_counter()
     cache = target.new_cache()
-    if len(prompt) > 1:
-        target.forward(prompt[:-1], cache, keep_logits=1)
     context, new, stop, margins = prompt, [], "budget", []
+    cached = 0  # context tokens the cache holds
     view = TokenView(context)
     guarded = _Guard(drafter, drafter_name)
     if drafter is not None:
@@ -136,8 +141,9 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
         t1 = time.perf_counter()
         if not draft.is_chain:
             raise DraftError(drafter_name, "chain drafts only (tree verification is not built yet)")
-        step = speculative_step(target, request.sampler, cache, context, draft.tokens,
+        step = speculative_step(target, request.sampler, cache, context, cached, draft.tokens,
                                 hidden_states="hidden_states" in needs)
+        cached = len(context) + len(step.emitted) - 1  # all but the bonus token
         t2 = time.perf_counter()
         emitted = step.emitted
         eos_at = next((i for i, t in enumerate(emitted) if t in target.eos_ids), None)

@@ -17,7 +17,8 @@ from typing import Iterable, Sequence
 class SpecDecodingStats:
     # generated tokens, prompt excluded
     new_tokens: int = 0
-    # target forwards after prefill (each verifies one draft, possibly empty)
+    # target forwards, each verifying one draft (possibly empty) and emitting its
+    # accepted tokens plus one; the first forward also prefills the prompt
     steps: int = 0
     # draft tokens sent to verification
     drafted: int = 0

@@ -42,12 +42,6 @@ class NgramIndex:
         end = self.latest.get(ngram)
         return () if end is None else tuple(self.tokens[end:end + k])
 
-    def finish(self) -> None:
-        """Index the final n-grams too (nothing follows them in this text)."""
-        end = len(self.tokens)
-        for n in range(self.lo, min(self.hi, end) + 1):
-            self.latest[tuple(self.tokens[end - n:end])] = end
-
 
 class PromptLookup(DrafterBase):
     """Prompt lookup decoding with an incremental n-gram index.
@@ -86,5 +80,4 @@ class PromptLookup(DrafterBase):
 
     def end(self) -> None:
         if self.share_group:
-            self._current.finish()
             self._groups.setdefault(self._group_key, []).append(self._current)

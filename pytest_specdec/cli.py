@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -28,20 +27,10 @@ DEFAULT_STEM = "report"
 
 
 def load_registry():
-    """The installed drafters (imported here: the registry pulls in torch, ``report`` need not).
-
-    The registry warns about broken entries; ``list`` prints those itself, so the same
-    warnings are not shown twice. Other warnings pass through.
-    """
+    """The installed drafters (imported here: the registry pulls in torch, ``report`` need not)."""
     from pytest_specdec.registry import load_registry as load_installed
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        registry = load_installed()
-    for warning in caught:
-        if str(warning.message) not in registry.problems:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return registry
+    return load_installed()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,6 +114,7 @@ def speculative_step(target: Target, sampler: Sampler, cache: Any, context: list
                       scores=scores[: n + 1], hidden=hidden)
 
 
+@torch.inference_mode()
 def generate(target: Target, request: GenerationRequest, drafter: Drafter | None = None,
              *, k: int = 0, drafter_name: str = "drafter") -> Generation:
     """Decode one sequence; with a drafter, speculatively. Stops at EOS or the budget,
@@ -154,7 +155,9 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
             margins.extend((top2[:, 0] - top2[:, 1]).tolist())
         context.extend(emitted)
         new.extend(emitted)
-        stats.add_step(drafted=len(draft), accepted=len(step.emitted) - 1, emitted=len(emitted),
+        # draft tokens past an EOS are agreed with but never output: not counted
+        accepted = min(len(step.emitted) - 1, len(emitted))
+        stats.add_step(drafted=len(draft), accepted=accepted, emitted=len(emitted),
                        propose_s=t1 - t0, target_s=t2 - t1)
         if drafter is not None:
             if needs:

@@ -62,7 +62,10 @@ def first_divergence(key: SequenceKey, baseline: Generation, speculative: Sequen
     if position is None:
         return None
     lo = max(0, position - CONTEXT_TOKENS)
-    margin = baseline.margins[position] if position < len(baseline.margins) else None
+    # a rounding flip changes a token; one output ending inside the other is an engine
+    # error, so it carries no margin and can never pass as a near-tie
+    truncated = position >= min(len(ref), len(speculative))
+    margin = None if truncated or position >= len(baseline.margins) else baseline.margins[position]
     return Divergence(key, position, tuple(ref[lo:position + 2]),
                       tuple(speculative[lo:position + 2]), margin)
 

@@ -31,6 +31,8 @@ def pytest_configure(config: pytest.Config) -> None:
     cfg = read_config(config)
     config.stash[CONFIG_KEY] = cfg
     config.stash[REGISTRY_KEY] = registry = load_registry()
+    for problem in registry.problems:
+        config.issue_config_time_warning(pytest.PytestConfigWarning(problem), stacklevel=2)
     _check_cheap(cfg, registry)
 
 
@@ -66,8 +68,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         specs = cfg.drafters or tuple(DrafterSpec(name) for name in sorted(registry.drafters))
         metafunc.parametrize("specdec_drafter", specs, ids=[s.label for s in specs])
     if "specdec_peer" in metafunc.fixturenames:
-        peers = PEERS if cfg.peer else ()
-        metafunc.parametrize("specdec_peer", peers, ids=list(peers))
+        metafunc.parametrize("specdec_peer", PEERS, ids=list(PEERS))
     if "specdec_paradigm_case" in metafunc.fixturenames:
         cases = paradigm_cases(cfg)
         metafunc.parametrize("specdec_paradigm_case", cases, ids=[c.id for c in cases])
@@ -75,6 +76,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
+    cfg = config.stash[CONFIG_KEY]
+    if not cfg.peer:
+        peers = [i for i in items if "specdec_peer" in getattr(i, "fixturenames", ())]
+        if peers:
+            config.hook.pytest_deselected(items=peers)
+            items[:] = [i for i in items if i not in peers]
     cases = [i for i in items if _is_case(i)]
     if not cases:
         return
@@ -85,7 +92,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     rank = {"specdec_drafter": 1, "specdec_peer": 2}
     items.sort(key=lambda i: max((rank.get(f, 0) for f in getattr(i, "fixturenames", ())),
                                  default=0))
-    cfg = config.stash[CONFIG_KEY]
     try:
         problems = load_problems(cfg.dataset, limit=cfg.problems, split=cfg.dataset_split)
     except ProblemSetError as exc:

@@ -10,7 +10,6 @@ annotation (int, float, bool or str) says how a command-line value is converted.
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping
@@ -104,7 +103,8 @@ class Registry:
 
 
 def load_registry() -> Registry:
-    """Every drafter registered through entry points; broken ones become warnings."""
+    """Every drafter registered through entry points; a broken one is skipped and
+    described in ``registry.problems``, for the caller to warn about."""
     registry = Registry()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
@@ -116,6 +116,4 @@ def load_registry() -> Registry:
                                      f"{type(exc).__name__}: {exc}")
             continue
         registry.add(ep.name, factory, origin)
-    for problem in registry.problems:
-        warnings.warn(problem, stacklevel=2)
     return registry

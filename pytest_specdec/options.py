@@ -34,34 +34,25 @@ class DrafterSpec:
         return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _at_least(convert: Callable[[str], Any], minimum: float, what: str) -> Callable[[str], Any]:
+    """A validator: parse with `convert`, then require value >= minimum (NaN fails)."""
+
+    def validate(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum:g}, got {text}")
+        return value
+
+    validate.__name__ = what.replace(" ", "_")
+    return validate
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+_positive_int = _at_least(int, 1, "a positive integer")
+_non_negative_int = _at_least(int, 0, "an integer >= 0")
+_non_negative_float = _at_least(float, 0, "a number >= 0")
 
 
 def _temperatures(text: str) -> tuple[float, ...]:

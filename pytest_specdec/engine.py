@@ -20,7 +20,7 @@ import torch
 
 from pytest_specdec.drafter import (Draft, DraftError, DraftRequest, Drafter,
                                     TargetSignals, validate_draft)
-from pytest_specdec.metrics import SpecDecodingStats
+from pytest_specdec.metrics import SpecDecodingStats, StepRecord
 from pytest_specdec.sampling import Sampler
 from pytest_specdec.target import Target
 
@@ -48,6 +48,7 @@ class Generation:
     # baseline only: top-2 margin of the choice scores at each new token, so that a
     # divergence in half precision can be judged a near-tie or a real error
     margins: list[float] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)  # one per target forward
 
 
 class TokenView(Sequence[int]):
@@ -130,6 +131,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     cache = target.new_cache()
     context, new, stop, margins = prompt, [], "budget", []
     cached = 0  # context tokens the cache holds
+    steps: list[StepRecord] = []
     view = TokenView(context)
     guarded = _Guard(drafter, drafter_name)
     if drafter is not None:
@@ -157,8 +159,10 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
         new.extend(emitted)
         # draft tokens past an EOS are agreed with but never output: not counted
         accepted = min(len(step.emitted) - 1, len(emitted))
-        stats.add_step(drafted=len(draft), accepted=accepted, emitted=len(emitted),
-                       propose_s=t1 - t0, target_s=t2 - t1)
+        record = StepRecord(drafted=len(draft), accepted=accepted, emitted=len(emitted),
+                            propose_s=t1 - t0, target_s=t2 - t1)
+        steps.append(record)
+        stats.add_step(record)
         if drafter is not None:
             if needs:
                 guarded.call("observe", _signals(step, needs, len(emitted)))
@@ -168,7 +172,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     if drafter is not None:
         guarded.call("end")
     stats.wall_s = time.perf_counter() - started
-    return Generation(tokens=new, stop=stop, stats=stats, margins=margins)
+    return Generation(tokens=new, stop=stop, stats=stats, margins=margins, steps=steps)
 
 
 def _signals(step: StepResult, needs: frozenset[str], n: int) -> TargetSignals:

@@ -13,6 +13,17 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One target forward of one sequence."""
+
+    drafted: int  # draft tokens verified
+    accepted: int  # of those, the ones that reached the output
+    emitted: int  # tokens appended (accepted + the bonus, unless an EOS came first)
+    propose_s: float  # seconds in drafter.propose
+    target_s: float  # seconds in the forward and the choice of tokens
+
+
 @dataclass
 class SpecDecodingStats:
     # generated tokens, prompt excluded
@@ -33,16 +44,15 @@ class SpecDecodingStats:
     target_s: float = 0.0
     wall_s: float = 0.0
 
-    def add_step(self, *, drafted: int, accepted: int, emitted: int,
-                 propose_s: float, target_s: float) -> None:
+    def add_step(self, step: StepRecord) -> None:
         self.steps += 1
-        self.drafted += drafted
-        self.accepted += accepted
-        self.new_tokens += emitted
-        self.propose_s += propose_s
-        self.target_s += target_s
-        _bump(self.drafted_at, drafted)
-        _bump(self.accepted_at, accepted)
+        self.drafted += step.drafted
+        self.accepted += step.accepted
+        self.new_tokens += step.emitted
+        self.propose_s += step.propose_s
+        self.target_s += step.target_s
+        _bump(self.drafted_at, step.drafted)
+        _bump(self.accepted_at, step.accepted)
 
     def merge(self, other: SpecDecodingStats) -> None:
         for name in ("new_tokens", "steps", "drafted", "accepted",

@@ -161,6 +161,10 @@ def test_half_right_drafter_is_lossless_with_exact_stats(target, temperature):
     assert s.drafted_at == [4, 4, 3, 3]
     assert s.accepted_at == [4, 4]
     assert s.mat == 3.0
+    # the per-step records, one per target forward, in order
+    assert [(r.drafted, r.accepted, r.emitted) for r in out.steps] == [
+        (4, 2, 3), (4, 2, 3), (4, 2, 3), (2, 2, 3)]
+    assert all(r.propose_s >= 0 and r.target_s > 0 for r in out.steps)
 
 
 def test_sampled_output_does_not_depend_on_the_drafter(llama):

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pytest_specdec.options import SpecdecConfig, add_options, read_config
+from pytest_specdec.options import DrafterSpec, SpecdecConfig, add_options, read_config
 from pytest_specdec.problems import ProblemSetError, load_problems
 from pytest_specdec.registry import Registry, load_registry
 from pytest_specdec.session import PEERS, SpecdecSession, paradigm_cases
@@ -63,8 +63,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     cfg, registry = config.stash[CONFIG_KEY], config.stash[REGISTRY_KEY]
     # drafter first, then paradigm: ids read [pld-multi_round]
     if "specdec_drafter" in metafunc.fixturenames:
-        from pytest_specdec.options import DrafterSpec
-
         specs = cfg.drafters or tuple(DrafterSpec(name) for name in sorted(registry.drafters))
         metafunc.parametrize("specdec_drafter", specs, ids=[s.label for s in specs])
     if "specdec_peer" in metafunc.fixturenames:
@@ -78,10 +76,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                                   items: list[pytest.Item]) -> None:
     cfg = config.stash[CONFIG_KEY]
     if not cfg.peer:
-        peers = [i for i in items if "specdec_peer" in getattr(i, "fixturenames", ())]
-        if peers:
-            config.hook.pytest_deselected(items=peers)
-            items[:] = [i for i in items if i not in peers]
+        is_peer = ["specdec_peer" in getattr(i, "fixturenames", ()) for i in items]
+        if any(is_peer):
+            config.hook.pytest_deselected(items=[i for i, p in zip(items, is_peer) if p])
+            items[:] = [i for i, p in zip(items, is_peer) if not p]
     cases = [i for i in items if _is_case(i)]
     if not cases:
         return

@@ -15,13 +15,14 @@ from pytest_specdec.paradigms import make_paradigm
 from pytest_specdec.peer import hf_method
 from pytest_specdec.problems import Problem
 from pytest_specdec.registry import Registry
+from pytest_specdec.report import PEER_ORDER, SCHEMA_VERSION
 from pytest_specdec.runner import DecodeSettings, Method, RunResult, engine_method, run_paradigm
 from pytest_specdec.target import Target
 
 log = logging.getLogger("pytest_specdec")
 
-SCHEMA_VERSION = 1
-PEERS = ("hf_generate", "hf_pld")
+#: Hugging Face's own decoding, run as peer cases
+PEERS = PEER_ORDER
 
 
 @dataclass(frozen=True)

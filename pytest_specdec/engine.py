@@ -135,12 +135,15 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     view = TokenView(context)
     guarded = _Guard(drafter, drafter_name)
     if drafter is not None:
-        guarded.call("begin", DraftRequest(tuple(prompt), request.group, request.sample, request.round))
+        guarded.call("begin", DraftRequest(tuple(prompt), request.group, request.sample,
+                                           request.round))
     while len(new) < request.max_new_tokens:
         # each step emits at most len(draft) + 1 tokens: cap the draft by the budget
         room = min(k, request.max_new_tokens - len(new) - 1)
         t0 = time.perf_counter()
-        draft = guarded.propose(view, room, target.vocab_size) if drafter is not None and room > 0 else Draft()
+        draft = Draft()
+        if drafter is not None and room > 0:
+            draft = guarded.propose(view, room, target.vocab_size)
         t1 = time.perf_counter()
         if not draft.is_chain:
             raise DraftError(drafter_name, "chain drafts only (tree verification is not built yet)")

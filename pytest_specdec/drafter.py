@@ -29,11 +29,9 @@ from typing import ClassVar, Protocol, Sequence, runtime_checkable
 
 import torch
 
-#: What a drafter may ask the engine for, by name, in ``Drafter.needs``.
-#: ``"top_k"``: the target's top-k token ids at each newly accepted position, shape
-#: ``[n, k]`` (Token Recycling); ``"hidden_states"``: the last layer's hidden states at
-#: those positions, shape ``[n, hidden]`` (EAGLE-style heads).
-TARGET_SIGNALS = frozenset({"top_k", "hidden_states"})
+#: What a drafter may ask the engine for, by name, in ``Drafter.needs``; the fields of
+#: :class:`TargetSignals` say what each holds.
+TARGET_SIGNALS = frozenset({"top_k", "hidden_states", "probe_choices"})
 
 
 @dataclass(frozen=True)
@@ -56,12 +54,22 @@ class Draft:
 
     A chain is ``tokens`` alone. A tree gives ``parents[i]``, the index in ``tokens``
     of token i's parent, or -1 for a child of the last accepted token; parents come
-    before their children. An empty draft (``Draft()``) is how a drafter says it has
-    nothing to propose.
+    before their children. A node's position is its depth, so siblings are
+    alternatives for the same position. An empty draft (``Draft()``) is how a drafter
+    says it has nothing to propose.
+
+    Probes (Lookahead decoding's lookahead branch) are extra nodes the target scores in
+    the same forward but that are never accepted: ``probe_tokens`` with
+    ``probe_parents`` (-1 = the last accepted token, else an index into
+    ``probe_tokens``), a tree of its own beside the draft. A drafter that declares
+    ``"probe_choices"`` in ``needs`` gets the target's choice after each probe node.
+    Probes do not count against k (at most :data:`MAX_PROBES`).
     """
 
     tokens: tuple[int, ...] = ()
     parents: tuple[int, ...] | None = None
+    probe_tokens: tuple[int, ...] = ()
+    probe_parents: tuple[int, ...] = ()
 
     @property
     def is_chain(self) -> bool:
@@ -70,16 +78,43 @@ class Draft:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def depth(self) -> int:
+        """The longest root path: the most draft tokens one step can accept."""
+        if self.parents is None:
+            return len(self.tokens)
+        depths: list[int] = []
+        for p in self.parents:
+            depths.append(1 + (depths[p] if 0 <= p < len(depths) else 0))
+        return max(depths, default=0)
+
+
+#: Most nodes one draft may carry (a tree's width is not bounded by k, only its depth).
+MAX_DRAFT_NODES = 256
+#: Most probe nodes one draft may carry.
+MAX_PROBES = 512
+
 
 @dataclass(frozen=True)
 class TargetSignals:
-    """What the last target forward produced at the newly accepted positions.
+    """What the last target forward produced; handed to ``observe`` before ``accept``.
 
     Only the fields a drafter declared in ``needs`` are filled; the others are None.
+
+    - ``top_k`` [m, K] int64: the target's K most likely next tokens after each scored
+      token; ``top_k_after`` (m ids) names those tokens: the last accepted token
+      first, then every draft node in draft order, accepted or not (Token Recycling's
+      adjacency update).
+    - ``hidden_states`` [n, hidden]: the last layer's hidden states at the n newly
+      accepted positions (EAGLE-style heads).
+    - ``probe_choices``: the target's greedy choice after each probe node, in
+      ``probe_tokens`` order (Lookahead decoding's Jacobi update).
     """
 
     top_k: torch.Tensor | None = None
+    top_k_after: tuple[int, ...] | None = None
     hidden_states: torch.Tensor | None = None
+    probe_choices: tuple[int, ...] | None = None
 
 
 @runtime_checkable
@@ -95,7 +130,10 @@ class Drafter(Protocol):
 
     def begin(self, request: DraftRequest) -> None: ...
 
-    def propose(self, context: Sequence[int], k: int) -> Draft: ...
+    def propose(self, context: Sequence[int], k: int) -> Draft:
+        """At most k tokens deep (a chain of at most k; a tree of any width up to
+        MAX_DRAFT_NODES nodes whose root paths are at most k long)."""
+        ...
 
     def accept(self, tokens: Sequence[int]) -> None: ...
 
@@ -143,8 +181,9 @@ def validate_draft(draft: object, *, drafter: str, k: int, vocab_size: int) -> D
     tokens = draft.tokens
     if not isinstance(tokens, tuple):
         raise DraftError(drafter, "Draft.tokens is a tuple of ints", f"got {type(tokens).__name__}")
-    if len(tokens) > k:
-        raise DraftError(drafter, "at most k tokens", f"proposed {len(tokens)} with k={k}")
+    if len(tokens) > MAX_DRAFT_NODES:
+        raise DraftError(drafter, f"at most {MAX_DRAFT_NODES} draft nodes",
+                         f"proposed {len(tokens)}")
     for i, t in enumerate(tokens):
         if isinstance(t, bool) or not isinstance(t, int):
             raise DraftError(drafter, "token ids are ints", f"token {i} is {t!r}")
@@ -159,4 +198,22 @@ def validate_draft(draft: object, *, drafter: str, k: int, vocab_size: int) -> D
             if isinstance(p, bool) or not isinstance(p, int) or not -1 <= p < i:
                 raise DraftError(drafter, "parents come before children (-1 = root)",
                                  f"parents[{i}] = {p!r}")
+    if draft.depth > k:
+        raise DraftError(drafter, "at most k tokens deep", f"proposed depth {draft.depth} with k={k}")
+    probes, probe_parents = draft.probe_tokens, draft.probe_parents
+    if not isinstance(probes, tuple) or not isinstance(probe_parents, tuple):
+        raise DraftError(drafter, "probe_tokens and probe_parents are tuples of ints")
+    if len(probes) > MAX_PROBES:
+        raise DraftError(drafter, f"at most {MAX_PROBES} probe nodes", f"proposed {len(probes)}")
+    if len(probe_parents) != len(probes):
+        raise DraftError(drafter, "one probe parent per probe token",
+                         f"{len(probe_parents)} parents for {len(probes)} probe tokens")
+    for i, t in enumerate(probes):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise DraftError(drafter, f"probe token ids are ints in [0, {vocab_size})",
+                             f"probe token {i} is {t!r}")
+    for i, p in enumerate(probe_parents):
+        if isinstance(p, bool) or not isinstance(p, int) or not -1 <= p < i:
+            raise DraftError(drafter, "probe parents come before children (-1 = root)",
+                             f"probe_parents[{i}] = {p!r}")
     return draft

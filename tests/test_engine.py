@@ -246,7 +246,7 @@ def test_a_draft_past_the_budget_is_a_protocol_error(llama):
 
     with pytest.raises(DraftError, match="at most k tokens") as info:
         run(llama, IgnoresK(), k=8, max_new_tokens=5, name="greedy-drafter")
-    assert "proposed 8 with k=4" in str(info.value)
+    assert "proposed depth 8 with k=4" in str(info.value)
 
 
 def _eos_case(target: Target, temperature: float) -> tuple[Target, list[int], int]:
@@ -431,7 +431,7 @@ HOSTILE = [
     ("float", _propose(lambda k: Draft((1.0,))), "token ids are ints", "token 0 is 1.0"),
     ("bool", _propose(lambda k: Draft((True,))), "token ids are ints", "token 0 is True"),
     ("tensor", _propose(lambda k: Draft((torch.tensor(3),))), "token ids are ints", "token 0 is"),
-    ("too-long", _propose(lambda k: Draft((1,) * (k + 1))), "at most k tokens", "proposed 4 with k=3"),
+    ("too-long", _propose(lambda k: Draft((1,) * (k + 1))), "at most k tokens deep", "proposed depth 4 with k=3"),
     ("tree", _propose(lambda k: Draft((1, 2), parents=(-1, -1))), "chain drafts only", ""),
     ("parents-len", _propose(lambda k: Draft((1, 2), parents=(-1,))), "one parent per token",
      "1 parents for 2 tokens"),

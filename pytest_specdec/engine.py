@@ -82,11 +82,16 @@ class StepResult:
     logits: torch.Tensor  # target logits at the emitted positions, [len(emitted), vocab]
     scores: torch.Tensor  # the sampler's choice scores there (logits at T=0)
     hidden: torch.Tensor | None
+    # top-k next tokens after the last context token, then after each draft node
+    top_k: torch.Tensor | None = None
+    probe_choices: tuple[int, ...] = ()  # greedy choice after each probe node
 
 
 def speculative_step(target: Target, sampler: Sampler, cache: Any, context: list[int],
-                     cached: int, draft: Sequence[int], *, hidden_states: bool = False) -> StepResult:
-    """Verify a chain draft after the context with one target forward.
+                     cached: int, draft: Draft, *, hidden_states: bool = False,
+                     top_k: int = 0) -> StepResult:
+    """Verify a draft after the context with one target forward; trees and probes
+    go through :func:`verify_tree`, chains (the common case) take this fast path.
 
     Acceptance rule: the forward scores the uncached context and every draft token;
     c_j, the target's choice for absolute position len(context) + j, comes from the
@@ -96,23 +101,99 @@ def speculative_step(target: Target, sampler: Sampler, cache: Any, context: list
     the bonus token. So each emitted token is exactly what plain decoding would have
     chosen at that position: the output cannot depend on the drafter.
     """
-    fed = [*context[cached:], *draft]
-    logits, hidden = target.forward(fed, cache, keep_logits=len(draft) + 1,
+    if not draft.is_chain or draft.probe_tokens:
+        return verify_tree(target, sampler, cache, context, cached, draft,
+                           hidden_states=hidden_states, top_k=top_k)
+    tokens = draft.tokens
+    fed = [*context[cached:], *tokens]
+    logits, hidden = target.forward(fed, cache, keep_logits=len(tokens) + 1,
                                     hidden_states=hidden_states)
-    positions = torch.arange(len(context), len(context) + len(draft) + 1, device=logits.device)
+    positions = torch.arange(len(context), len(context) + len(tokens) + 1, device=logits.device)
     scores = sampler.scores(logits, positions)
     choices = scores.argmax(dim=-1).tolist()
     n = 0
-    while n < len(draft) and draft[n] == choices[n]:
+    while n < len(tokens) and tokens[n] == choices[n]:
         n += 1
     # the cache now holds context + draft; keep context + the n accepted tokens
-    rejected = len(draft) - n
+    rejected = len(tokens) - n
     if rejected:
         cache.crop(-rejected)
     if hidden is not None:
-        hidden = hidden[-(len(draft) + 1):][: n + 1]
-    return StepResult(emitted=[*draft[:n], choices[n]], logits=logits[: n + 1],
-                      scores=scores[: n + 1], hidden=hidden)
+        hidden = hidden[-(len(tokens) + 1):][: n + 1]
+    return StepResult(emitted=[*tokens[:n], choices[n]], logits=logits[: n + 1],
+                      scores=scores[: n + 1], hidden=hidden,
+                      top_k=logits.topk(top_k, dim=-1).indices if top_k else None)
+
+
+def verify_tree(target: Target, sampler: Sampler, cache: Any, context: list[int],
+                cached: int, draft: Draft, *, hidden_states: bool = False,
+                top_k: int = 0) -> StepResult:
+    """Verify a tree draft, and score its probes, with one target forward.
+
+    Acceptance rule: each node sits at position len(context) - 1 + depth and attends
+    to the context and its own ancestors only, so its logits are those its root path
+    would give as a chain. From the root (the last context token) the walk moves to
+    the first child, in draft order, whose token equals the target's choice for the
+    next position, and stops where none does; the choice there is the bonus token.
+    A choice depends only on (logits, seed, position), as in plain decoding, so the
+    output cannot depend on the tree. The cache keeps the context and that path only.
+    """
+    n_draft = len(draft.tokens)
+    nodes = (*draft.tokens, *draft.probe_tokens)
+    parents = [*(draft.parents if draft.parents is not None else range(-1, n_draft - 1)),
+               *(p if p < 0 else p + n_draft for p in draft.probe_parents)]
+    depth: list[int] = []
+    for p in parents:
+        depth.append(1 + (depth[p] if p >= 0 else 0))
+    last, uncached = len(context) - 1, len(context) - cached
+    # who may attend to whom: the context causally, each node to the context and its ancestors
+    attend = torch.ones(uncached + len(nodes), len(context) + len(nodes), dtype=torch.bool)
+    attend[:uncached] = attend[:uncached].tril(diagonal=cached)
+    tree = attend[uncached:, len(context):]
+    tree.zero_()
+    for i, p in enumerate(parents):
+        if p >= 0:
+            tree[i] = tree[p]
+        tree[i, i] = True
+    logits, hidden = target.forward(
+        [*context[cached:], *nodes], cache, keep_logits=len(nodes) + 1,
+        hidden_states=hidden_states, positions=[*range(cached, len(context)), *(last + d for d in depth)],
+        attend=attend)
+    # row 0: after the last context token; row 1 + i: after node i
+    positions = torch.tensor([last + 1, *(last + 1 + d for d in depth[:n_draft])], device=logits.device)
+    scores = sampler.scores(logits[: n_draft + 1], positions)
+    choices = scores.argmax(dim=-1).tolist()
+    path: list[int] = []
+    here = -1
+    while True:
+        wanted = choices[here + 1]
+        here = next((i for i in range(here + 1, n_draft)
+                     if parents[i] == here and draft.tokens[i] == wanted), -1)
+        if here < 0:
+            break
+        path.append(here)
+    keep_path(cache, len(context), path, len(nodes))
+    rows = [0, *(1 + i for i in path)]
+    if hidden is not None:
+        hidden = hidden[-(len(nodes) + 1):][rows]
+    return StepResult(
+        emitted=[*(draft.tokens[i] for i in path), choices[rows[-1]]], logits=logits[rows],
+        scores=scores[rows], hidden=hidden,
+        top_k=logits[: n_draft + 1].topk(top_k, dim=-1).indices if top_k else None,
+        probe_choices=tuple(logits[n_draft + 1:].argmax(dim=-1).tolist()))
+
+
+def keep_path(cache: Any, base: int, path: list[int], fed: int) -> None:
+    """The cache holds `base` context positions then `fed` tree nodes: keep the nodes of
+    `path` (increasing indices), moved to base, base + 1, ..., and drop the rest."""
+    if path != list(range(len(path))):
+        source = torch.tensor([base + i for i in path])
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                states = getattr(layer, name)
+                states[..., base:base + len(path), :] = states[..., source.to(states.device), :]
+    if fed > len(path):
+        cache.crop(-(fed - len(path)))
 
 
 @torch.inference_mode()
@@ -145,10 +226,12 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
         if drafter is not None and room > 0:
             draft = guarded.propose(view, room, target.vocab_size)
         t1 = time.perf_counter()
-        if not draft.is_chain:
-            raise DraftError(drafter_name, "chain drafts only (tree verification is not built yet)")
-        step = speculative_step(target, request.sampler, cache, context, cached, draft.tokens,
-                                hidden_states="hidden_states" in needs)
+        if (not draft.is_chain or draft.probe_tokens) and (why := target.tree_support()):
+            raise DraftError(drafter_name, "tree drafts need a target that can verify them",
+                             f"target {target.name!r} cannot: {why}")
+        step = speculative_step(target, request.sampler, cache, context, cached, draft,
+                                hidden_states="hidden_states" in needs,
+                                top_k=SIGNAL_TOP_K if "top_k" in needs else 0)
         cached = len(context) + len(step.emitted) - 1  # all but the bonus token
         t2 = time.perf_counter()
         emitted = step.emitted
@@ -162,13 +245,14 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
         new.extend(emitted)
         # draft tokens past an EOS are agreed with but never output: not counted
         accepted = min(len(step.emitted) - 1, len(emitted))
-        record = StepRecord(drafted=len(draft), accepted=accepted, emitted=len(emitted),
+        record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted, emitted=len(emitted),
                             propose_s=t1 - t0, target_s=t2 - t1)
         steps.append(record)
         stats.add_step(record)
         if drafter is not None:
             if needs:
-                guarded.call("observe", _signals(step, needs, len(emitted)))
+                guarded.call("observe", _signals(step, needs, context[-len(emitted) - 1], draft,
+                                                 len(emitted)))
             guarded.call("accept", tuple(emitted))
         if stop == "eos":
             break
@@ -178,10 +262,18 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     return Generation(tokens=new, stop=stop, stats=stats, margins=margins, steps=steps)
 
 
-def _signals(step: StepResult, needs: frozenset[str], n: int) -> TargetSignals:
-    top_k = step.logits[:n].topk(SIGNAL_TOP_K, dim=-1).indices if "top_k" in needs else None
+def _signals(step: StepResult, needs: frozenset[str], root: int, draft: Draft,
+             n: int) -> TargetSignals:
+    """What the drafter declared it needs from this step; `root` is the last context
+    token before the step, `n` the number of tokens the step appended."""
+    top_k = after = probes = None
+    if "top_k" in needs:
+        top_k, after = step.top_k, (root, *draft.tokens)
+    if "probe_choices" in needs:
+        probes = step.probe_choices
     hidden = step.hidden[:n] if step.hidden is not None else None
-    return TargetSignals(top_k=top_k, hidden_states=hidden)
+    return TargetSignals(top_k=top_k, top_k_after=after, hidden_states=hidden,
+                         probe_choices=probes)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from typing import Iterable, Sequence
 class StepRecord:
     """One target forward of one sequence."""
 
-    drafted: int  # draft tokens verified
+    drafted: int  # draft tokens verified (a tree's nodes)
+    depth: int  # draft positions: the chain's length, the tree's longest root path
     accepted: int  # of those, the ones that reached the output
     emitted: int  # tokens appended (accepted + the bonus, unless an EOS came first)
     propose_s: float  # seconds in drafter.propose
@@ -31,11 +32,11 @@ class SpecDecodingStats:
     # target forwards, each verifying one draft (possibly empty) and emitting its
     # accepted tokens plus one; the first forward also prefills the prompt
     steps: int = 0
-    # draft tokens sent to verification
+    # draft tokens sent to verification (every node of a tree)
     drafted: int = 0
     # draft tokens the target agreed with (the bonus token is not counted)
     accepted: int = 0
-    # drafted_at[i]: forwards whose draft had a token at position i
+    # drafted_at[i]: forwards whose draft had a token at position i (tree: depth i+1)
     drafted_at: list[int] = field(default_factory=list)
     # accepted_at[i]: forwards that accepted the draft token at position i
     accepted_at: list[int] = field(default_factory=list)
@@ -51,7 +52,7 @@ class SpecDecodingStats:
         self.new_tokens += step.emitted
         self.propose_s += step.propose_s
         self.target_s += step.target_s
-        _bump(self.drafted_at, step.drafted)
+        _bump(self.drafted_at, step.depth)
         _bump(self.accepted_at, step.accepted)
 
     def merge(self, other: SpecDecodingStats) -> None:

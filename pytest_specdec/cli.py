@@ -1,7 +1,9 @@
-"""The ``pytest-specdec`` command: reports from saved runs, and the drafters installed.
+"""The ``pytest-specdec`` command: reports from saved runs, the drafters installed, and
+datastores for retrieval drafters (REST).
 
     pytest-specdec report .benchmarks/*/0001_*.json --out reports
     pytest-specdec list
+    pytest-specdec datastore build corpus.jsonl --target embedded --output corpus.rest
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pytest_specdec.report import (
 PROG = "pytest-specdec"
 DEFAULT_OUT = "reports"
 DEFAULT_STEM = "report"
+DEFAULT_PROGRESS_EVERY = 10_000
 
 
 def load_registry():
@@ -31,6 +34,14 @@ def load_registry():
     from pytest_specdec.registry import load_registry as load_installed
 
     return load_installed()
+
+
+def load_tokenizer(spec: str):
+    """The target's tokenizer, its name and vocab size (loads the target on the CPU)."""
+    from pytest_specdec.target import load_target
+
+    target = load_target(spec, device="cpu")
+    return target.tokenizer, target.name, target.vocab_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +70,37 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Every drafter registered under the entry-point "
                                               "group pytest_specdec.drafters, with its options.")
     listing.set_defaults(handler=run_list)
+
+    datastore = commands.add_parser("datastore", help="datastores for retrieval drafters (REST)",
+                                    description="Datastores: token ids of a corpus with their "
+                                                "suffix array, searched by the rest drafter.")
+    actions = datastore.add_subparsers(dest="action", metavar="ACTION")
+    datastore.set_defaults(handler=lambda args: _usage(datastore))
+    build = actions.add_parser(
+        "build", help="tokenize corpus files into a datastore file",
+        description="Tokenize the documents of each CORPUS with the target's tokenizer (no "
+                    "special tokens added) and write their suffix array as safetensors. A .txt "
+                    "corpus holds one document per paragraph (paragraphs are separated by "
+                    "blank lines); a .jsonl corpus one JSON object per line. The file is "
+                    "written atomically and never overwritten without --force.")
+    build.add_argument("corpora", nargs="+", metavar="CORPUS", help=".txt or .jsonl file(s)")
+    build.add_argument("--target", default="embedded", metavar="SPEC",
+                       help="model whose tokenizer to use, as --specdec-target takes it "
+                            "(default: embedded)")
+    build.add_argument("--output", required=True, metavar="FILE", help="datastore file to write")
+    build.add_argument("--text-field", default="text", metavar="NAME",
+                       help="the field holding the text in .jsonl corpora (default: text)")
+    build.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    build.add_argument("--progress-every", type=int, default=DEFAULT_PROGRESS_EVERY, metavar="N",
+                       help="report progress to stderr every N documents "
+                            f"(default: {DEFAULT_PROGRESS_EVERY})")
+    build.set_defaults(handler=run_datastore_build)
     return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,6 +185,46 @@ def _default_text(parameter: inspect.Parameter) -> str:
     if parameter.default is inspect.Parameter.empty:
         return "(no default)"
     return repr(parameter.default)
+
+
+# --------------------------------------------------------------------------- datastore
+
+
+def run_datastore_build(args: argparse.Namespace) -> int:
+    from pytest_specdec.datastore import DatastoreError, build_datastore, read_documents
+
+    output = Path(args.output)
+    try:
+        # everything that can fail cheaply fails before the tokenizer loads
+        if args.progress_every < 1:
+            raise DatastoreError(f"--progress-every must be >= 1, got {args.progress_every}")
+        if output.exists() and not args.force:
+            raise DatastoreError(f"{output} already exists; pass --force to replace it")
+        if not output.parent.is_dir():
+            raise DatastoreError(f"the folder of --output {output} does not exist")
+        corpora = [read_documents(path, args.text_field) for path in args.corpora]
+        tokenizer, name, vocab_size = load_tokenizer(args.target)
+        docs: list[list[int]] = []
+        tokens = 0
+        for documents in corpora:
+            for text in documents:
+                docs.append(tokenizer.encode(text, add_special_tokens=False))
+                tokens += len(docs[-1])
+                if len(docs) % args.progress_every == 0:
+                    print(f"{PROG}: tokenized {len(docs)} documents ({tokens} tokens)",
+                          file=sys.stderr)
+        if tokens == 0:
+            raise DatastoreError(f"no text in {', '.join(args.corpora)}: the corpus is empty")
+        print(f"{PROG}: building the suffix array of {len(docs)} documents ({tokens} tokens)",
+              file=sys.stderr)
+        store = build_datastore(docs, tokenizer=name, vocab_size=vocab_size)
+        store.save(output, overwrite=args.force)
+    except (ValueError, OSError) as exc:  # DatastoreError and TargetError are ValueErrors
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {output} ({store.documents} documents, {len(store)} tokens, "
+          f"tokenizer {name})")
+    return 0
 
 
 if __name__ == "__main__":

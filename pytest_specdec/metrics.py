@@ -97,6 +97,15 @@ def _bump(counts: list[int], upto: int) -> None:
         counts[i] += 1
 
 
+def mat_by_index(sequences: Iterable[tuple[int, SpecDecodingStats]]) -> list[float]:
+    """MAT of the i-th sequence of every problem pooled (i = round or sample index):
+    where sharing state across the sequences of a problem pays off, later ones rise."""
+    pooled: dict[int, SpecDecodingStats] = {}
+    for index, stats in sequences:
+        pooled.setdefault(index, SpecDecodingStats()).merge(stats)
+    return [pooled[i].mat for i in sorted(pooled)]
+
+
 def speedup(baseline_wall_s: float, speculative_wall_s: float) -> float:
     """Baseline wall time / speculative wall time for the same work (ratio of totals)."""
     return baseline_wall_s / speculative_wall_s

@@ -364,9 +364,9 @@ def render_markdown(records: Sequence[dict], *, title: str, meta: Mapping[str, s
     """The full Markdown report: meta, summary, details, per-position acceptance, peers."""
     sections = [f"# {title}", _markdown_meta(meta), _markdown_summary(records),
                 _markdown_details(records)]
-    per_position = _markdown_per_position(records)
-    if per_position:
-        sections.append(per_position)
+    for section in (_markdown_per_position(records), _markdown_mat_by_sequence(records)):
+        if section:
+            sections.append(section)
     peers = peer_ratio_lines(records)
     if peers:
         sections.append("## Compared with Hugging Face generate\n\n" + "\n".join(peers))
@@ -443,6 +443,38 @@ def _markdown_per_position(records: Sequence[dict]) -> str:
     return ("## Per-position acceptance\n\n"
             f"Share of draft tokens accepted at each of the first {PER_POSITION_SHOWN} draft "
             "positions, among forwards whose draft reached that position.\n\n"
+            + _markdown_table(headers, rows))
+
+
+def _mat_by_sequence_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """MAT of the i-th round (multi-round) or sample (best-of-N) per speculative record."""
+    speculative = [r for r in _report_order(records) if r["role"] == "speculative"]
+    series = {id(r): r.get("mat_by_round") if len(r.get("mat_by_round") or ()) > 1
+              else r.get("mat_by_sample") or [] for r in speculative}
+    shown = max((len(s) for s in series.values()), default=0)
+    if shown < 2:
+        return [], []
+    several_targets = len(_group_by_target(records)) > 1
+    headers = (["target"] if several_targets else []) + ["drafter", "paradigm", "T"]
+    headers += [f"seq {i + 1}" for i in range(shown)]
+    rows = []
+    for record in speculative:
+        mats = series[id(record)]
+        cells = [_number(m) for m in mats] + [NO_VALUE] * (shown - len(mats))
+        row = [record["drafter"], record["paradigm"], _temperature_text(record["temperature"])]
+        rows.append(([_target_label(record)] if several_targets else []) + row + cells)
+    return headers, rows
+
+
+def _markdown_mat_by_sequence(records: Sequence[dict]) -> str:
+    headers, rows = _mat_by_sequence_table(records)
+    if not rows:
+        return ""
+    return ("## MAT by round and sample\n\n"
+            "MAT of the i-th sequence of every problem: round i for multi_round, sample i "
+            "for best_of_n. A drafter that shares state across the sequences of a problem "
+            "(group sharing) should rise after seq 1; compare it with the same drafter "
+            "run with sharing off.\n\n"
             + _markdown_table(headers, rows))
 
 

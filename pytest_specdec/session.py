@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pytest_specdec.lossless import check_lossless
-from pytest_specdec.metrics import median_round, speedup
+from pytest_specdec.metrics import mat_by_index, median_round, speedup
 from pytest_specdec.options import DrafterSpec, SpecdecConfig
 from pytest_specdec.paradigms import make_paradigm
 from pytest_specdec.peer import hf_method
@@ -195,6 +195,10 @@ class SpecdecSession:
             "drafted": stats.drafted,
             "accepted": stats.accepted,
             "mat": round(stats.mat, 4),
+            "mat_by_round": [round(m, 4) for m in mat_by_index(
+                (key[2], g.stats) for key, g in run.outputs.items())],
+            "mat_by_sample": [round(m, 4) for m in mat_by_index(
+                (key[1], g.stats) for key, g in run.outputs.items())],
             "acceptance_rate": None if stats.acceptance_rate is None else round(stats.acceptance_rate, 4),
             "per_position_acceptance": [round(p, 4) for p in stats.per_position_acceptance],
             "draft_share": round(stats.draft_share, 4),

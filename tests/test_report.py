@@ -448,3 +448,24 @@ def test_cli_list(monkeypatch, capsys):
         "    mode: str = 'fast'",
     ]
     assert "drafter 'broken' from x failed to load" in captured.err
+
+
+def test_markdown_mat_by_round_and_sample(records):
+    """The group-sharing ablation: MAT of each round / sample, per speculative record."""
+    for record in records:
+        if record["role"] == "speculative":
+            if record["paradigm"] == "multi_round":
+                record["mat_by_round"], record["mat_by_sample"] = [1.5, 3.25], [2.29]
+            else:
+                record["mat_by_round"], record["mat_by_sample"] = [1.6], [1.2, 1.5, 1.8, 1.9]
+    text = render_markdown(records, title="t", meta=report_meta(records))
+    section = text.split("## MAT by round and sample")[1].split("\n## ")[0]
+    assert markdown_rows(section) == [
+        ["drafter", "paradigm", "T", "seq 1", "seq 2", "seq 3", "seq 4"],
+        ["pld", "multi_round", "0", "1.50", "3.25", "—", "—"],
+        ["pld", "best_of_n", "0.6", "1.20", "1.50", "1.80", "1.90"],
+    ]
+
+
+def test_markdown_without_per_sequence_mat_has_no_such_section(markdown):
+    assert "## MAT by round and sample" not in markdown

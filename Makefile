@@ -11,7 +11,7 @@ NAME ?= default
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test setup clean-venv
+.PHONY: bench test cost setup clean-venv
 
 setup: $(STAMP)
 
@@ -32,3 +32,7 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# per-step drafting cost at 1k..128k tokens of context (benchmarks/)
+cost: $(STAMP)
+	$(BIN)/python -m pytest benchmarks/ --benchmark-save=cost-$(NAME) $(ARGS)

@@ -4,6 +4,7 @@ and the records of finished cases. The suites call into it; plugin.py wires it u
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,6 +24,8 @@ log = logging.getLogger("pytest_specdec")
 
 #: Hugging Face's own decoding, run as peer cases
 PEERS = PEER_ORDER
+#: Token budget of the warm-up sequences that precede a case's timed rounds.
+WARMUP_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -86,15 +89,18 @@ class SpecdecSession:
 
     def measure(self, case: ParadigmCase, make_method: Callable[[], Method], *,
                 benchmark: Any = None, k: int = 0) -> Measured:
-        """One warm-up on the first problem, then the timed rounds over all problems.
+        """A short warm-up on the first problem, then the timed rounds over all problems.
 
         make_method is called per round, so a drafter starts every round afresh and
-        nothing it learnt in one round speeds up the next.
+        nothing it learnt in one round (or in the warm-up) speeds up the next.
         """
         cfg = self.config
         paradigm = make_paradigm(case.paradigm, rounds=cfg.rounds, n=cfg.n)
         settings = self.settings(case, k)
-        run_paradigm(self.target, paradigm, self.problems[:1], make_method(), settings)
+        # the warm-up runs every code path of the case (prefill, drafting, verification,
+        # the paradigm's later rounds) at a small budget: first-call costs, not the work
+        warmup = dataclasses.replace(settings, max_new_tokens=min(WARMUP_TOKENS, cfg.max_new_tokens))
+        run_paradigm(self.target, paradigm, self.problems[:1], make_method(), warmup)
         runs: list[RunResult] = []
 
         def one_round() -> None:

@@ -141,9 +141,15 @@ class Drafter(Protocol):
 
 
 class DrafterBase:
-    """Convenience base with no-op hooks; subclasses override what they use."""
+    """Convenience base with no-op hooks; subclasses override what they use.
+
+    ``ablations``: option sets (as command-line strings) that the default suite runs
+    beside the drafter's defaults, to show what an option is worth, e.g.
+    ``({"share_group": "false"},)``.
+    """
 
     needs: ClassVar[frozenset[str]] = frozenset()
+    ablations: ClassVar[tuple[dict[str, str], ...]] = ()
 
     def begin(self, request: DraftRequest) -> None:
         pass

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pytest_specdec.options import DrafterSpec, SpecdecConfig, add_options, read_config
+from pytest_specdec.options import SpecdecConfig, add_options, read_config
 from pytest_specdec.problems import ProblemSetError, load_problems
 from pytest_specdec.registry import Registry, load_registry
 from pytest_specdec.session import PEERS, SpecdecSession, paradigm_cases
@@ -63,7 +63,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     cfg, registry = config.stash[CONFIG_KEY], config.stash[REGISTRY_KEY]
     # drafter first, then paradigm: ids read [pld-multi_round]
     if "specdec_drafter" in metafunc.fixturenames:
-        specs = cfg.drafters or tuple(DrafterSpec(name) for name in sorted(registry.drafters))
+        specs = cfg.drafters or registry.default_specs()
         metafunc.parametrize("specdec_drafter", specs, ids=[s.label for s in specs])
     if "specdec_peer" in metafunc.fixturenames:
         metafunc.parametrize("specdec_peer", PEERS, ids=list(PEERS))

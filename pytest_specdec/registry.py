@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping
 
 from pytest_specdec.drafter import TARGET_SIGNALS, Drafter
+from pytest_specdec.options import DrafterSpec
 
 ENTRY_POINT_GROUP = "pytest_specdec.drafters"
 
@@ -93,6 +94,16 @@ class Registry:
             self.problems.append(f"drafter {name!r} from {origin} shadows the one from "
                                  f"{self.drafters[name].origin}")
         self.drafters[name] = RegisteredDrafter(name, factory, origin)
+
+    def default_specs(self) -> tuple[DrafterSpec, ...]:
+        """What runs when no --specdec-drafter is given: every drafter with its
+        defaults, each followed by the variants it declares in ``ablations``."""
+        specs = []
+        for name in sorted(self.drafters):
+            specs.append(DrafterSpec(name))
+            for variant in getattr(self.drafters[name].factory, "ablations", ()):
+                specs.append(DrafterSpec(name, tuple(sorted(variant.items()))))
+        return tuple(specs)
 
     def get(self, name: str) -> RegisteredDrafter:
         try:

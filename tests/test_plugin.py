@@ -93,7 +93,8 @@ def test_default_collection_ids_and_order(suite, small):
     result = run(suite, *small, "--collect-only", "-q")
     assert result.ret == pytest.ExitCode.OK
     ids = collected_ids(result)
-    drafters = sorted(load_registry().drafters)  # default: every registered drafter
+    # default: every registered drafter, each followed by its declared ablations
+    drafters = [spec.label for spec in load_registry().default_specs()]
     assert "pld" in drafters
     assert len(ids) == len(set(ids)) == 2 + 2 * len(drafters) + 4
     assert set(ids) == case_ids(drafters, ["multi_round", "best_of_n"])
@@ -105,6 +106,23 @@ def test_default_collection_ids_and_order(suite, small):
     assert [kind_rank(i) for i in ids] == sorted(kind_rank(i) for i in ids)
     assert ids[:2] == ["test_baseline[multi_round]", "test_baseline[best_of_n]"]
     result.stdout.fnmatch_lines([f"{len(ids)} tests collected*"])
+
+
+def test_default_specs_add_declared_ablations_after_each_drafter():
+    from pytest_specdec.drafter import DrafterBase
+    from pytest_specdec.registry import Registry
+
+    class Shares(DrafterBase):
+        ablations = ({"share_group": "false"}, {"b": "2", "a": "1"})
+
+        def __init__(self, share_group: bool = True, a: int = 0, b: int = 0):
+            pass
+
+    registry = Registry()
+    registry.add("zeta", DrafterBase, "test")
+    registry.add("alpha", Shares, "test")
+    assert [s.label for s in registry.default_specs()] == [
+        "alpha", "alpha:share_group=false", "alpha:a=1,b=2", "zeta"]
 
 
 def test_baselines_come_first_whatever_the_definition_order(suite, small):

@@ -21,6 +21,7 @@ from pytest_specdec.drafter import Draft, DraftRequest, DrafterBase
 from pytest_specdec.engine import TokenView
 
 VOCAB = 32000
+PREVIOUS_SAMPLE = 2048  # tokens of the earlier sample every measured sequence follows
 
 
 def synthetic_stream(length: int, *, seed: int = 0, copy_share: float = 0.35) -> list[int]:
@@ -69,8 +70,14 @@ class SteadyState:
     accepted: int = 0
 
     def begin(self) -> None:
+        """An earlier sample of the same problem (the stream's first tokens, as drafters
+        that share a group's state would have seen it), then the measured sequence."""
+        earlier = self.stream[:PREVIOUS_SAMPLE]
+        self.drafter.begin(DraftRequest(tuple(earlier[:64]), group="cost", sample=0, round=0))
+        self.drafter.accept(tuple(earlier[64:]))
+        self.drafter.end()
         self.context = list(self.stream[: self.prompt_len])
-        self.drafter.begin(DraftRequest(tuple(self.context), group="cost", sample=0, round=0))
+        self.drafter.begin(DraftRequest(tuple(self.context), group="cost", sample=1, round=0))
 
     def steps(self, n: int) -> None:
         view = TokenView(self.context)

@@ -154,6 +154,9 @@ class SamDecoding(DrafterBase):
     share_group: also match against the earlier samples and rounds of the same problem.
     """
 
+    # the default suite also runs SAM without the group automaton: what sharing is worth
+    ablations = ({"share_group": "false"},)
+
     def __init__(self, min_match: int = 1, share_group: bool = True):
         if isinstance(min_match, bool) or not isinstance(min_match, int) or min_match < 1:
             raise ValueError(f"min_match must be an integer >= 1, got {min_match!r}")

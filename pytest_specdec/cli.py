@@ -37,11 +37,15 @@ def load_registry():
 
 
 def load_tokenizer(spec: str):
-    """The target's tokenizer, its name and vocab size (loads the target on the CPU)."""
-    from pytest_specdec.target import load_target
+    """The target's tokenizer, its name and vocab size (the weights are not loaded)."""
+    from pathlib import Path
 
-    target = load_target(spec, device="cpu")
-    return target.tokenizer, target.name, target.vocab_size
+    from pytest_specdec.target import EMBEDDED, EMBEDDED_NAME, load_tokenizer as load
+
+    tokenizer = load(spec)
+    name = EMBEDDED_NAME if spec == EMBEDDED else (
+        Path(spec).expanduser().name if Path(spec).expanduser().exists() else spec)
+    return tokenizer, name, len(tokenizer)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -221,6 +221,35 @@ def embedded_folder() -> Path:
     return folder
 
 
+def tokenizer_location(spec: str) -> str | Path:
+    """Where a target spec's tokenizer lives (a folder or a hub id), without its weights.
+
+    A config .json uses the tokenizer beside it, else the embedded model's.
+    """
+    path = Path(spec).expanduser()
+    if spec == EMBEDDED:
+        return embedded_folder()
+    if path.is_file() and path.suffix == ".json":
+        return path.parent if (path.parent / "tokenizer.json").exists() else embedded_folder()
+    if path.is_dir():
+        return path
+    if path.exists() or spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise TargetError(f"target {spec!r} does not exist; expected a model folder, a config "
+                          f".json, a Hugging Face id (owner/name) or 'embedded'")
+    return spec
+
+
+def load_tokenizer(spec: str = EMBEDDED, *, trust_remote_code: bool = False) -> Any:
+    """A target's tokenizer alone (building a datastore needs no weights)."""
+    from transformers import AutoTokenizer
+
+    location = tokenizer_location(spec)
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise TargetError(f"could not load the tokenizer of {spec!r}: {exc}") from exc
+
+
 def load_target(spec: str = EMBEDDED, *, device: str = "auto", dtype: str = "auto",
                 trust_remote_code: bool = False, seed: int = 0) -> Target:
     """Load a target.
@@ -241,8 +270,7 @@ def load_target(spec: str = EMBEDDED, *, device: str = "auto", dtype: str = "aut
         tokenizer = AutoTokenizer.from_pretrained(folder)
     elif path.is_file() and path.suffix == ".json":
         config = AutoConfig.from_pretrained(path, **common)
-        tok_folder = path.parent if (path.parent / "tokenizer.json").exists() else embedded_folder()
-        tokenizer = AutoTokenizer.from_pretrained(tok_folder)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_location(spec))
         if config.vocab_size < len(tokenizer):
             raise TargetError(f"config {path}: vocab_size {config.vocab_size} is smaller than "
                               f"the tokenizer's {len(tokenizer)} tokens")

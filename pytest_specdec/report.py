@@ -417,23 +417,31 @@ def _markdown_details(records: Sequence[dict]) -> str:
     return "## Details\n\n" + _markdown_table(headers, rows)
 
 
-def _per_position_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
-    """Acceptance at the first draft positions, in percent, per speculative record."""
+def _series_table(records: Sequence[dict], series: Callable[[dict], Sequence[float]],
+                  label: str, cell: Callable[[float], str], *, longest: int = 10**9,
+                  at_least: int = 1) -> tuple[list[str], list[list[str]]]:
+    """One row per speculative record: a series of numbers in columns ``label 1..n``
+    (n: the longest series, at most `longest`); no table when n < at_least."""
     speculative = [r for r in _report_order(records) if r["role"] == "speculative"]
-    shown = min(PER_POSITION_SHOWN,
-                max((len(r["per_position_acceptance"]) for r in speculative), default=0))
-    if not shown:
+    shown = min(longest, max((len(series(r)) for r in speculative), default=0))
+    if shown < at_least:
         return [], []
     several_targets = len(_group_by_target(records)) > 1
     headers = (["target"] if several_targets else []) + ["drafter", "paradigm", "T"]
-    headers += [f"pos {i + 1}" for i in range(shown)]
+    headers += [f"{label} {i + 1}" for i in range(shown)]
     rows = []
     for record in speculative:
-        rates = record["per_position_acceptance"][:shown]
-        cells = [_percent(rate, 0) for rate in rates] + [NO_VALUE] * (shown - len(rates))
+        values = list(series(record))[:shown]
+        cells = [cell(v) for v in values] + [NO_VALUE] * (shown - len(values))
         row = [record["drafter"], record["paradigm"], _temperature_text(record["temperature"])]
         rows.append(([_target_label(record)] if several_targets else []) + row + cells)
     return headers, rows
+
+
+def _per_position_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """Acceptance at the first draft positions, in percent, per speculative record."""
+    return _series_table(records, lambda r: r["per_position_acceptance"], "pos",
+                         lambda rate: _percent(rate, 0), longest=PER_POSITION_SHOWN)
 
 
 def _markdown_per_position(records: Sequence[dict]) -> str:
@@ -446,24 +454,15 @@ def _markdown_per_position(records: Sequence[dict]) -> str:
             + _markdown_table(headers, rows))
 
 
+def _sequence_mats(record: dict) -> Sequence[float]:
+    """MAT by round for multi-round records, by sample for best-of-N ones."""
+    by_round = record.get("mat_by_round") or []
+    return by_round if len(by_round) > 1 else record.get("mat_by_sample") or []
+
+
 def _mat_by_sequence_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     """MAT of the i-th round (multi-round) or sample (best-of-N) per speculative record."""
-    speculative = [r for r in _report_order(records) if r["role"] == "speculative"]
-    series = {id(r): r.get("mat_by_round") if len(r.get("mat_by_round") or ()) > 1
-              else r.get("mat_by_sample") or [] for r in speculative}
-    shown = max((len(s) for s in series.values()), default=0)
-    if shown < 2:
-        return [], []
-    several_targets = len(_group_by_target(records)) > 1
-    headers = (["target"] if several_targets else []) + ["drafter", "paradigm", "T"]
-    headers += [f"seq {i + 1}" for i in range(shown)]
-    rows = []
-    for record in speculative:
-        mats = series[id(record)]
-        cells = [_number(m) for m in mats] + [NO_VALUE] * (shown - len(mats))
-        row = [record["drafter"], record["paradigm"], _temperature_text(record["temperature"])]
-        rows.append(([_target_label(record)] if several_targets else []) + row + cells)
-    return headers, rows
+    return _series_table(records, _sequence_mats, "seq", _number, at_least=2)
 
 
 def _markdown_mat_by_sequence(records: Sequence[dict]) -> str:

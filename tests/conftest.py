@@ -29,6 +29,21 @@ def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def target(request):
+    """A tiny random target of each architecture tree verification is tested on."""
+    from pytest_specdec.target import wrap_model
+
+    return wrap_model(tiny_model(request.param), name=f"tiny-{request.param}")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from pytest_specdec.target import wrap_model
+
+    return wrap_model(tiny_model("llama"), name="tiny-llama")
+
+
 @pytest.fixture
 def tiny_target():
     from pytest_specdec.target import wrap_model

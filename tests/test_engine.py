@@ -10,25 +10,14 @@ from typing import Callable, Sequence
 import pytest
 import torch
 
-from conftest import tiny_model
 from pytest_specdec.drafter import Draft, DraftError, DraftRequest, DrafterBase, TargetSignals
 from pytest_specdec.engine import (SIGNAL_TOP_K, Generation, GenerationRequest, TokenView,
                                    generate)
 from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import Target, wrap_model
+from pytest_specdec.target import Target
 
 PROMPT = (1, 17, 42, 99, 250, 3, 77)
 VOCAB = 512
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def target(request) -> Target:
-    return wrap_model(tiny_model(request.param), name=f"tiny-{request.param}")
-
-
-@pytest.fixture(scope="module")
-def llama() -> Target:
-    return wrap_model(tiny_model("llama"), name="tiny-llama")
 
 
 def run(target: Target, drafter=None, *, k: int = 0, max_new_tokens: int = 40,

@@ -20,16 +20,6 @@ PROMPT = (1, 17, 42, 99, 250, 3, 77)
 VOCAB = 512
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def target(request) -> Target:
-    return wrap_model(tiny_model(request.param), name=f"tiny-{request.param}")
-
-
-@pytest.fixture(scope="module")
-def llama() -> Target:
-    return wrap_model(tiny_model("llama"), name="tiny-llama")
-
-
 def run(target: Target, drafter=None, *, k: int = 4, max_new_tokens: int = 40,
         temperature: float = 0.0, seed: int = 0) -> list[int]:
     request = GenerationRequest(PROMPT, max_new_tokens, Sampler(temperature, seed))

@@ -21,15 +21,16 @@ from pytest_specdec.drafter import Draft, DraftRequest, DrafterBase
 from pytest_specdec.engine import TokenView
 
 VOCAB = 32000
-PREVIOUS_SAMPLE = 2048  # tokens of the earlier sample every measured sequence follows
 
 
 def synthetic_stream(length: int, *, seed: int = 0, copy_share: float = 0.35) -> list[int]:
     """Zipf-like tokens with spans copied from earlier in the stream (4-32 tokens long),
-    so n-gram drafters find matches and sometimes long ones."""
-    rng = random.Random(seed)
+    so n-gram drafters find matches and sometimes long ones. Streams of different seeds
+    share the vocabulary and its frequencies, like two texts of one domain."""
+    # one vocabulary and one Zipf law for every seed: streams differ in order, not in kind
     weights = [1.0 / (rank + 1) for rank in range(4000)]
-    common = rng.sample(range(VOCAB), 4000)
+    common = random.Random(0).sample(range(VOCAB), 4000)
+    rng = random.Random(seed)
     tokens: list[int] = []
     while len(tokens) < length:
         if len(tokens) > 64 and rng.random() < copy_share:
@@ -59,23 +60,30 @@ def accepted_by(draft: Draft, stream: Sequence[int], at: int) -> tuple[int, ...]
 
 @dataclass
 class SteadyState:
-    """One drafter mid-sequence at a given context length, stepping through the stream."""
+    """One drafter mid-sequence at a given context length, stepping through the stream.
+
+    Every measured sequence follows the same earlier sample of its problem (`history`,
+    another stream), so drafters that keep a group's or a case's history hold about as
+    much at every context length, and only the current context's length varies. Without
+    it, a drafter indexing a 1k context drafts less (its structure knows less) than at
+    128k, and the comparison would not be of equal work.
+    """
 
     drafter: object
     stream: list[int]
     prompt_len: int
+    history: Sequence[int] = ()
     k: int = 5
     context: list[int] = field(default_factory=list)
+    steps_run: int = 0
     drafted: int = 0
     accepted: int = 0
 
     def begin(self) -> None:
-        """An earlier sample of the same problem (the stream's first tokens, as drafters
-        that share a group's state would have seen it), then the measured sequence."""
-        earlier = self.stream[:PREVIOUS_SAMPLE]
-        self.drafter.begin(DraftRequest(tuple(earlier[:64]), group="cost", sample=0, round=0))
-        self.drafter.accept(tuple(earlier[64:]))
-        self.drafter.end()
+        if self.history:
+            self.drafter.begin(DraftRequest(tuple(self.history[:64]), group="cost", sample=0, round=0))
+            self.drafter.accept(tuple(self.history[64:]))
+            self.drafter.end()
         self.context = list(self.stream[: self.prompt_len])
         self.drafter.begin(DraftRequest(tuple(self.context), group="cost", sample=1, round=0))
 
@@ -84,6 +92,7 @@ class SteadyState:
         for _ in range(n):
             draft = self.drafter.propose(view, self.k)
             tokens = accepted_by(draft, self.stream, len(self.context))
+            self.steps_run += 1
             self.drafted += len(draft)
             self.accepted += len(tokens) - 1
             self.drafter.accept(tokens)

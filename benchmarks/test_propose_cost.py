@@ -41,13 +41,19 @@ def stream(request) -> list[int]:
     return synthetic_stream(max(request.config.getoption("cost_lengths")) + STEP_MARGIN)
 
 
+@pytest.fixture(scope="module")
+def history(request) -> list[int]:
+    """The earlier sample every measured sequence follows (another stream)."""
+    return synthetic_stream(request.config.getoption("cost_history"), seed=1)
+
+
 @pytest.mark.parametrize("name", [*CONSTANT_COST, CONTRAST])
-def test_step_cost(name, context_length, stream, benchmark, request):
+def test_step_cost(name, context_length, stream, history, benchmark, request):
     config = request.config
     steps = config.getoption("cost_steps")
     if name == CONTRAST:  # its steps cost up to ~0.1 s at long contexts
         steps = max(1, steps // 20)
-    state = SteadyState(make_drafter(name), stream, context_length)
+    state = SteadyState(make_drafter(name), stream, context_length, history)
     started = time.perf_counter()
     state.begin()
     begin_s = time.perf_counter() - started
@@ -61,10 +67,12 @@ def test_step_cost(name, context_length, stream, benchmark, request):
     state.steps(10)  # warm-up: caches, lazy structures
     benchmark.pedantic(timed_round, rounds=config.getoption("cost_rounds"), iterations=1)
     median = statistics.median(per_step)
-    config.stash[COST_KEY][(name, context_length)] = median
+    nodes = state.drafted / state.steps_run
+    config.stash[COST_KEY][(name, context_length)] = (median, nodes)
     benchmark.extra_info.update({
         "drafter": name, "context_length": context_length, "step_s_median": median,
-        "begin_s": begin_s, "acceptance_rate": state.accepted / max(state.drafted, 1)})
+        "draft_nodes_per_step": nodes, "begin_s": begin_s,
+        "acceptance_rate": state.accepted / max(state.drafted, 1)})
     # the stream repeats itself: a drafter that never proposes measures nothing
     assert state.drafted > 0, f"{name} proposed nothing on a repetitive stream"
 
@@ -76,7 +84,7 @@ def test_cost_does_not_grow(name, request):
     costs = config.stash[COST_KEY]
     missing = [length_label(n) for n in (lengths[0], lengths[-1]) if (name, n) not in costs]
     assert not missing, f"{name}: no step cost measured at {', '.join(missing)} (run those cases too)"
-    ratio = costs[(name, lengths[-1])] / costs[(name, lengths[0])]
+    ratio = costs[(name, lengths[-1])][0] / costs[(name, lengths[0])][0]
     limit = config.getoption("cost_max_ratio")
     assert ratio <= limit, (f"{name}: a step costs {ratio:.2f}x as much at "
                             f"{length_label(lengths[-1])} tokens as at {length_label(lengths[0])} "

@@ -13,20 +13,18 @@ pytest_plugins = ["pytester"]
 
 def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0):
     """A 2-layer random causal LM; a decode step costs a few milliseconds."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=1024, eos_token_id=vocab_size - 1,
                   bos_token_id=0, pad_token_id=0)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        raise ValueError(arch)
-    return model.eval()
+    names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma"}
+    if arch not in names:
+        raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(names)}")
+    config = getattr(transformers, f"{names[arch]}Config")(**common)
+    return getattr(transformers, f"{names[arch]}ForCausalLM")(config).eval()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

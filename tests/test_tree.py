@@ -151,6 +151,16 @@ def test_tree_output_equals_baseline(target, temperature, seed):
     assert len(out.stats.drafted_at) == 4  # per-position counts go by depth, not nodes
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "gemma"])
+def test_tree_output_equals_baseline_on_more_families(arch):
+    family = wrap_model(tiny_model(arch), name=f"tiny-{arch}")
+    assert family.tree_support() == ""
+    for temperature in (0.0, 0.6):
+        truth = run(family, max_new_tokens=30, temperature=temperature, seed=2)
+        out = run(family, NoisyTree(truth, 2), temperature=temperature, seed=2, max_new_tokens=30)
+        assert out == truth
+
+
 def test_tree_with_eager_attention_equals_baseline():
     model = tiny_model("llama")
     model.set_attn_implementation("eager")

@@ -2,6 +2,7 @@
 datastores for retrieval drafters (REST).
 
     pytest-specdec report .benchmarks/*/0001_*.json --out reports
+    pytest-specdec compare BASE.json NEW.json --fail speedup:10%,mat:5%
     pytest-specdec list
     pytest-specdec datastore build corpus.jsonl --target embedded --output corpus.rest
 """
@@ -14,16 +15,19 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from pytest_specdec.options import GATED_METRICS, compare_fail
 from pytest_specdec.report import (
     ReportError,
     load_records,
     render_terminal,
     report_meta,
+    require_matplotlib,
     select_records,
     write_reports,
 )
 
 PROG = "pytest-specdec"
+COMPARE_FORMATS = ("table", "md", "json")
 DEFAULT_OUT = "reports"
 DEFAULT_STEM = "report"
 DEFAULT_PROGRESS_EVERY = 10_000
@@ -54,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     report = commands.add_parser(
-        "report", help="summary table and md/csv/json reports from pytest-benchmark JSON files",
+        "report", help="summary table and md/csv/json/html reports from pytest-benchmark JSON files",
         description="Read runs saved by pytest-benchmark (--benchmark-save/--benchmark-json), "
-                    "print the summary table and write NAME.md, NAME.csv and NAME.json. "
+                    "print the summary table and write NAME.md, NAME.csv, NAME.json and "
+                    "NAME.html (with --charts, also NAME-speedup.png and NAME-acceptance.png). "
                     "Existing files are never overwritten: NAME-2, NAME-3, ... are used instead.")
     report.add_argument("runs", nargs="+", metavar="RUN.json", help="pytest-benchmark JSON file(s)")
     report.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
@@ -68,7 +73,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only these drafters (labels as in the table, e.g. baseline pld)")
     report.add_argument("--paradigm", action="extend", nargs="+", metavar="NAME",
                         help="only these paradigms (e.g. multi_round best_of_n)")
+    report.add_argument("--temperature", action="extend", nargs="+", type=_temperature,
+                        metavar="T", help="only these temperatures (e.g. 0 0.6)")
+    report.add_argument("--target", action="extend", nargs="+", metavar="NAME",
+                        help="only these target models, named as in the report "
+                             "(e.g. SmolLM2-135M-Instruct)")
+    report.add_argument("--charts", action="store_true",
+                        help="also write PNG charts (speedup bars, per-position acceptance) "
+                             "and embed them in the HTML; needs matplotlib: "
+                             "pip install pytest-specdec[charts]")
     report.set_defaults(handler=run_report)
+
+    compare = commands.add_parser(
+        "compare", help="deltas between two saved runs; gate on metric drops",
+        description="Match the cases of two saved runs (pytest-benchmark JSON) and print "
+                    "the change of speedup, MAT, acceptance, tokens/s and accuracy. With "
+                    "--fail, exit 1 when a metric of a case drops by more than its DROP "
+                    "(speedup and tokens/s: or more than their noise floor, whichever is "
+                    "larger). Exit 2 on unreadable or foreign files.")
+    compare.add_argument("base", metavar="BASE.json", help="the run to compare with")
+    compare.add_argument("new", metavar="NEW.json", help="the run being checked")
+    compare.add_argument("--fail", type=compare_fail, metavar="METRIC:DROP,...",
+                         help="gate rules, e.g. speedup:10%%,mat:5%% (metrics: "
+                              + ", ".join(GATED_METRICS) + ")")
+    compare.add_argument("--format", choices=COMPARE_FORMATS, default="table",
+                         help="table (default), md (Markdown) or json")
+    compare.set_defaults(handler=run_compare)
 
     listing = commands.add_parser("list", help="registered drafters with their options",
                                   description="Every drafter registered under the entry-point "
@@ -102,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a temperature >= 0 such as 0 or 0.6, got {text!r}")
+    return value
+
+
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return 2
@@ -121,10 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     try:
+        if args.charts:
+            require_matplotlib()  # before anything is read, printed or written
         records = _selected_records(args)
         print(render_terminal(records))
         paths = write_reports(records, Path(args.out), args.stem or _default_stem(args.runs),
-                              meta=report_meta(records))
+                              meta=report_meta(records), charts=args.charts)
     except (ReportError, OSError) as exc:  # OSError: the report directory is not writable
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -138,17 +180,45 @@ def _selected_records(args: argparse.Namespace) -> list[dict]:
     if not records:
         raise ReportError(f"no pytest-specdec records in {', '.join(args.runs)} (benchmarks "
                           "without extra_info['specdec_schema'] are not pytest-specdec cases)")
-    selected = select_records(records, drafters=args.drafter, paradigms=args.paradigm)
+    selected = select_records(records, drafters=args.drafter, paradigms=args.paradigm,
+                              temperatures=args.temperature, targets=args.target)
     if not selected:
-        drafters = ", ".join(dict.fromkeys(r["drafter"] for r in records))
-        paradigms = ", ".join(dict.fromkeys(r["paradigm"] for r in records))
-        raise ReportError(f"no records match the filters; the runs hold drafters {drafters} "
-                          f"and paradigms {paradigms}")
+        def held(key: str) -> str:
+            return ", ".join(dict.fromkeys(str(r[key]) for r in records))
+
+        temperatures = ", ".join(dict.fromkeys(f"{float(r['temperature']):g}" for r in records))
+        raise ReportError(f"no records match the filters; the runs hold drafters {held('drafter')}, "
+                          f"paradigms {held('paradigm')}, temperatures {temperatures} "
+                          f"and targets {held('target')}")
     return selected
 
 
 def _default_stem(runs: Sequence[str]) -> str:
     return Path(runs[0]).stem if len(runs) == 1 else DEFAULT_STEM
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """0: no rule broken; 1: a gate rule failed (cases and rules on stderr); 2: bad input."""
+    from pytest_specdec.compare import compare_records, load_run, render
+
+    try:
+        base, new = load_run(args.base), load_run(args.new)
+    except ReportError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    comparison = compare_records(base, new, rules=args.fail or (), base_name=args.base,
+                                 new_name=args.new)
+    print(render(comparison, args.format), end="")
+    for warning in comparison.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    if comparison.passed:
+        return 0
+    for line in comparison.failure_lines():
+        print(f"{PROG}: gate failed: {line}", file=sys.stderr)
+    return 1
 
 
 # --------------------------------------------------------------------------- list

@@ -24,6 +24,7 @@ forward with exactly those, and nothing else about the target reaches the drafte
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, Sequence, runtime_checkable
 
@@ -180,46 +181,114 @@ class DraftError(Exception):
         return f"drafter {self.drafter!r} broke the rule '{self.rule}'{tail}"
 
 
+def _describe(value: object) -> str:
+    """A bad value for an error message: its repr (shortened) and its type."""
+    kind = type(value)
+    module = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{text} ({module}{kind.__qualname__})"
+
+
+def _ids(value: object, *, drafter: str, field: str, limit: int, what: str) -> tuple[int, ...]:
+    """`value` as a plain tuple of at most `limit` entries, types still unchecked.
+
+    A tuple subclass is read through tuple's own methods, so an overridden __len__,
+    __iter__ or __getitem__ cannot show the checks one thing and the engine another.
+    """
+    if not isinstance(value, tuple):
+        raise DraftError(drafter, f"Draft.{field} is a tuple of ints",
+                         f"got {type(value).__name__}")
+    size = tuple.__len__(value)
+    if size > limit:
+        raise DraftError(drafter, f"at most {limit} {what}", f"proposed {size}")
+    return value if type(value) is tuple else tuple(tuple.__iter__(value))
+
+
+def _check_id(token: object, *, drafter: str, rule: str, where: str, vocab_size: int) -> None:
+    # exactly int: bool is an int subclass, and any other subclass could lie in __eq__
+    # (the engine compares draft tokens with the target's choices) or in __index__
+    if type(token) is not int:
+        convertible = hasattr(token, "__index__") and not isinstance(token, bool)
+        hint = "; convert numpy or torch values with int()" if convertible else ""
+        raise DraftError(drafter, "token ids are ints", f"{where} is {_describe(token)}{hint}")
+    if not 0 <= token < vocab_size:
+        raise DraftError(drafter, rule, f"{where} is {token}")
+
+
+def _plain_ids(values: tuple, vocab_size: int) -> bool:
+    """Fast path (C loops): every value an int in [0, vocab_size)."""
+    return not values or (set(map(type, values)) == {int}
+                          and min(values) >= 0 and max(values) < vocab_size)
+
+
+def _check_parents(parents: tuple, *, drafter: str, rule: str, field: str) -> None:
+    # fast path (C loops): ints, none below -1, each before its child
+    if not parents or (set(map(type, parents)) == {int} and min(parents) >= -1
+                       and all(map(operator.lt, parents, range(len(parents))))):
+        return
+    for i, p in enumerate(parents):
+        if type(p) is not int or not -1 <= p < i:
+            raise DraftError(drafter, rule, f"{field}[{i}] = {p!r}"
+                             + ("" if type(p) is int else f" ({type(p).__name__})"))
+
+
 def validate_draft(draft: object, *, drafter: str, k: int, vocab_size: int) -> Draft:
-    """Check a proposal against the protocol; raise DraftError naming the rule broken."""
+    """Check a proposal against the protocol; raise DraftError naming the rule broken.
+
+    Returns a plain :class:`Draft` rebuilt from the checked fields, so a subclass
+    cannot show the checks one thing and the engine another (an overridden ``depth``
+    or ``is_chain``, a tuple subclass with its own ``__iter__``).
+
+    The rules, each named in the error:
+
+    - ``propose`` returns a :class:`Draft` (``Draft()`` when there is nothing to propose);
+    - ``tokens`` is a tuple of Python ``int`` (not bool, numpy or torch scalars) in
+      ``[0, vocab_size)``, at most :data:`MAX_DRAFT_NODES` of them;
+    - ``parents`` is None (a chain) or one int per token, each -1 (a child of the last
+      accepted token) or the index of an earlier token: no cycles, no forward or
+      out-of-range references;
+    - the draft is at most ``k`` tokens deep;
+    - ``probe_tokens`` / ``probe_parents`` follow the same rules as a tree of their
+      own, at most :data:`MAX_PROBES` nodes.
+    """
     if not isinstance(draft, Draft):
         raise DraftError(drafter, "propose returns a Draft", f"got {type(draft).__name__}")
-    tokens = draft.tokens
-    if not isinstance(tokens, tuple):
-        raise DraftError(drafter, "Draft.tokens is a tuple of ints", f"got {type(tokens).__name__}")
-    if len(tokens) > MAX_DRAFT_NODES:
-        raise DraftError(drafter, f"at most {MAX_DRAFT_NODES} draft nodes",
-                         f"proposed {len(tokens)}")
-    for i, t in enumerate(tokens):
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise DraftError(drafter, "token ids are ints", f"token {i} is {t!r}")
-        if not 0 <= t < vocab_size:
-            raise DraftError(drafter, f"token ids in [0, {vocab_size})", f"token {i} is {t}")
-    if draft.parents is not None:
-        parents = draft.parents
-        if len(parents) != len(tokens):
+    id_rule = f"token ids in [0, {vocab_size})"
+    tokens = _ids(draft.tokens, drafter=drafter, field="tokens", limit=MAX_DRAFT_NODES,
+                  what="draft nodes")
+    if not _plain_ids(tokens, vocab_size):
+        for i, t in enumerate(tokens):
+            _check_id(t, drafter=drafter, rule=id_rule, where=f"token {i}", vocab_size=vocab_size)
+    parents = draft.parents
+    if parents is not None:
+        if not isinstance(parents, tuple):
+            raise DraftError(drafter, "Draft.parents is None or a tuple of ints",
+                             f"got {type(parents).__name__}")
+        size = tuple.__len__(parents)
+        if size != len(tokens):
             raise DraftError(drafter, "one parent per token",
-                             f"{len(parents)} parents for {len(tokens)} tokens")
-        for i, p in enumerate(parents):
-            if isinstance(p, bool) or not isinstance(p, int) or not -1 <= p < i:
-                raise DraftError(drafter, "parents come before children (-1 = root)",
-                                 f"parents[{i}] = {p!r}")
-    if draft.depth > k:
-        raise DraftError(drafter, "at most k tokens deep", f"proposed depth {draft.depth} with k={k}")
-    probes, probe_parents = draft.probe_tokens, draft.probe_parents
-    if not isinstance(probes, tuple) or not isinstance(probe_parents, tuple):
-        raise DraftError(drafter, "probe_tokens and probe_parents are tuples of ints")
-    if len(probes) > MAX_PROBES:
-        raise DraftError(drafter, f"at most {MAX_PROBES} probe nodes", f"proposed {len(probes)}")
+                             f"{size} parents for {len(tokens)} tokens")
+        parents = parents if type(parents) is tuple else tuple(tuple.__iter__(parents))
+        _check_parents(parents, drafter=drafter, rule="parents come before children (-1 = root)",
+                       field="parents")
+    probes = _ids(draft.probe_tokens, drafter=drafter, field="probe_tokens", limit=MAX_PROBES,
+                  what="probe nodes")
+    probe_parents = _ids(draft.probe_parents, drafter=drafter, field="probe_parents",
+                         limit=MAX_PROBES, what="probe nodes")
     if len(probe_parents) != len(probes):
         raise DraftError(drafter, "one probe parent per probe token",
                          f"{len(probe_parents)} parents for {len(probes)} probe tokens")
-    for i, t in enumerate(probes):
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+    for i, t in enumerate(() if _plain_ids(probes, vocab_size) else probes):
+        if type(t) is not int or not 0 <= t < vocab_size:
             raise DraftError(drafter, f"probe token ids are ints in [0, {vocab_size})",
-                             f"probe token {i} is {t!r}")
-    for i, p in enumerate(probe_parents):
-        if isinstance(p, bool) or not isinstance(p, int) or not -1 <= p < i:
-            raise DraftError(drafter, "probe parents come before children (-1 = root)",
-                             f"probe_parents[{i}] = {p!r}")
-    return draft
+                             f"probe token {i} is {t!r}"
+                             + ("" if type(t) is int else f" ({type(t).__name__})"))
+    _check_parents(probe_parents, drafter=drafter,
+                   rule="probe parents come before children (-1 = root)", field="probe_parents")
+    plain = Draft(tokens, parents, probes, probe_parents)
+    if plain.depth > k:
+        raise DraftError(drafter, "at most k tokens deep",
+                         f"proposed depth {plain.depth} with k={k}")
+    return plain

@@ -13,12 +13,13 @@ tokens is a length change (``cache.crop(-n)``).
 from __future__ import annotations
 
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence, overload
 
 import torch
 
-from pytest_specdec.drafter import (Draft, DraftError, DraftRequest, Drafter,
+from pytest_specdec.drafter import (TARGET_SIGNALS, Draft, DraftError, DraftRequest, Drafter,
                                     TargetSignals, validate_draft)
 from pytest_specdec.metrics import SpecDecodingStats, StepRecord
 from pytest_specdec.sampling import Sampler
@@ -52,7 +53,10 @@ class Generation:
 
 
 class TokenView(Sequence[int]):
-    """A read-only live view of the context: drafters cannot mutate what they read."""
+    """A read-only live view of the context: drafters cannot mutate what they read.
+
+    The engine shows each drafter a view of the drafter's own copy of the tokens, never
+    its own list; writing to that copy anyway is caught (see :class:`_Guard`)."""
 
     __slots__ = ("_tokens",)
 
@@ -198,24 +202,31 @@ def keep_path(cache: Any, base: int, path: list[int], fed: int) -> None:
 
 @torch.inference_mode()
 def generate(target: Target, request: GenerationRequest, drafter: Drafter | None = None,
-             *, k: int = 0, drafter_name: str = "drafter") -> Generation:
+             *, k: int = 0, drafter_name: str = "drafter", step_timeout: float = 0.0) -> Generation:
     """Decode one sequence; with a drafter, speculatively. Stops at EOS or the budget,
-    exactly where plain decoding stops (a draft never runs past either)."""
+    exactly where plain decoding stops (a draft never runs past either).
+
+    Every call into the drafter goes through a guard (see :class:`_Guard`): whatever
+    it raises, returns or does to the context it was shown becomes a
+    :class:`DraftError` naming ``drafter_name`` and the rule broken. ``step_timeout``
+    (seconds, 0 = no limit) bounds each single call (begin, propose, observe, accept,
+    end). Python cannot safely interrupt a running call, so the limit is checked when
+    the call returns: a drafter that never returns is not stopped by it.
+    """
     prompt = list(request.prompt_ids)
     if not prompt:
         raise ValueError("the prompt is empty: at least one token is needed")
     if request.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
     stats = SpecDecodingStats()
-    needs = frozenset(getattr(drafter, "needs", ())) if drafter is not None else frozenset()
     started = time.perf_counter()
     cache = target.new_cache()
     context, new, stop, margins = prompt, [], "budget", []
     cached = 0  # context tokens the cache holds
     steps: list[StepRecord] = []
-    view = TokenView(context)
-    guarded = _Guard(drafter, drafter_name)
-    if drafter is not None:
+    guarded = _Guard(drafter, drafter_name, step_timeout, context) if drafter is not None else None
+    needs = guarded.needs() if guarded is not None else frozenset()
+    if guarded is not None:
         guarded.call("begin", DraftRequest(tuple(prompt), request.group, request.sample,
                                            request.round))
     while len(new) < request.max_new_tokens:
@@ -223,8 +234,8 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
         room = min(k, request.max_new_tokens - len(new) - 1)
         t0 = time.perf_counter()
         draft = Draft()
-        if drafter is not None and room > 0:
-            draft = guarded.propose(view, room, target.vocab_size)
+        if guarded is not None and room > 0:
+            draft = guarded.propose(room, target.vocab_size)
         t1 = time.perf_counter()
         if (not draft.is_chain or draft.probe_tokens) and (why := target.tree_support()):
             raise DraftError(drafter_name, "tree drafts need a target that can verify them",
@@ -249,15 +260,17 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
                             propose_s=t1 - t0, target_s=t2 - t1)
         steps.append(record)
         stats.add_step(record)
-        if drafter is not None:
+        if guarded is not None:
+            guarded.appended(emitted)
             if needs:
                 guarded.call("observe", _signals(step, needs, context[-len(emitted) - 1], draft,
                                                  len(emitted)))
             guarded.call("accept", tuple(emitted))
         if stop == "eos":
             break
-    if drafter is not None:
+    if guarded is not None:
         guarded.call("end")
+        guarded.check_whole_context()
     stats.wall_s = time.perf_counter() - started
     return Generation(tokens=new, stop=stop, stats=stats, margins=margins, steps=steps)
 
@@ -276,22 +289,126 @@ def _signals(step: StepResult, needs: frozenset[str], root: int, draft: Draft,
                          probe_choices=probes)
 
 
-@dataclass
-class _Guard:
-    """Calls into a drafter; anything it raises becomes a DraftError naming it."""
+class _ReadOnlyTokens(list):
+    """The drafter's own copy of the context, behind its TokenView. Its mutating
+    methods refuse and leave a mark; the engine extends it through ``list.extend``."""
 
-    drafter: Any
-    name: str
+    __slots__ = ("tampered",)
+
+    def __init__(self, tokens: list[int]):
+        super().__init__(tokens)
+        self.tampered = False
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        self.tampered = True
+        raise TypeError("the context is read-only")
+
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+
+
+READ_ONLY = "the context is read-only"
+
+
+def _exception_text(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of a drafter's exception, safe against a hostile ``__str__``
+    and cut to `limit` characters."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<the exception's message cannot be shown>"
+    text = f"{type(exc).__name__}: {message}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _Guard:
+    """Calls into a drafter; anything it raises, or breaks, becomes a DraftError naming it.
+
+    - Exceptions (SystemExit included; KeyboardInterrupt passes through) become
+      "<method> does not raise".
+    - Each call is timed; past ``timeout`` seconds (0: no limit) it is
+      "each call returns within S s". The check runs when the call returns: Python
+      cannot pre-empt it safely.
+    - The context: the drafter sees a :class:`TokenView` of its own copy of the
+      tokens, never the engine's list, so nothing it does can reach the output.
+      Tampering with that copy (through the view's private list, or a reference kept
+      from an earlier call) is "the context is read-only": after each call the copy is
+      checked in O(1) (same list, no refused write, same length, same last token), and
+      once per sequence, after ``end``, token by token.
+    """
+
+    def __init__(self, drafter: Any, name: str, timeout: float, context: list[int]):
+        self.drafter, self.name, self.timeout = drafter, name, timeout
+        self.context = context  # the engine's own list: never shown to the drafter
+        self.shadow = _ReadOnlyTokens(context)
+        self.view = TokenView(self.shadow)
+
+    def needs(self) -> frozenset[str]:
+        try:
+            needs = frozenset(getattr(self.drafter, "needs", ()))
+        except Exception as exc:
+            raise DraftError(self.name, "needs is a set of target signal names",
+                             _exception_text(exc)) from exc
+        if unknown := needs - TARGET_SIGNALS:
+            raise DraftError(self.name, "needs is a set of target signal names",
+                             f"unknown {sorted(map(str, unknown))}; "
+                             f"available: {sorted(TARGET_SIGNALS)}")
+        return needs
 
     def call(self, method: str, *args: Any) -> Any:
+        started = time.perf_counter()
         try:
-            return getattr(self.drafter, method)(*args)
+            result = getattr(self.drafter, method)(*args)
+        except (Exception, SystemExit) as exc:
+            if self.shadow.tampered:
+                raise DraftError(self.name, READ_ONLY,
+                                 f"{method} tried to change it ({_exception_text(exc)})") from exc
+            raise DraftError(self.name, f"{method} does not raise", _exception_text(exc)) from exc
+        elapsed = time.perf_counter() - started
+        self.check_context(method)
+        if self.timeout and elapsed > self.timeout:
+            raise DraftError(self.name, f"each call returns within {self.timeout:g} s",
+                             f"{method} took {elapsed:.3g} s")
+        return result
+
+    def propose(self, k: int, vocab_size: int) -> Draft:
+        draft = self.call("propose", self.view, k)
+        try:
+            return validate_draft(draft, drafter=self.name, k=k, vocab_size=vocab_size)
         except DraftError:
             raise
-        except Exception as exc:
-            raise DraftError(self.name, f"{method} does not raise",
-                             f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # a Draft subclass whose fields raise when read
+            raise DraftError(self.name, "propose returns a Draft",
+                             f"reading it raised {_exception_text(exc)}") from exc
 
-    def propose(self, view: TokenView, k: int, vocab_size: int) -> Draft:
-        return validate_draft(self.call("propose", view, k), drafter=self.name, k=k,
-                              vocab_size=vocab_size)
+    def appended(self, tokens: list[int]) -> None:
+        """The engine's append, mirrored into the drafter's copy."""
+        list.extend(self.shadow, tokens)
+
+    def check_context(self, method: str) -> None:
+        shadow, context = self.shadow, self.context
+        size = list.__len__(shadow)
+        if getattr(self.view, "_tokens", None) is not shadow:
+            detail = "the view's token list was replaced"
+        elif shadow.tampered:
+            detail = "a write to it was refused"
+        elif size != len(context):
+            detail = f"its length is {size}, the sequence has {len(context)} tokens"
+        elif type(last := list.__getitem__(shadow, -1)) is not int or last != context[-1]:
+            detail = f"its last token is {last!r}, the sequence's is {context[-1]}"
+        else:
+            return
+        raise DraftError(self.name, READ_ONLY, f"after {method}: {detail}")
+
+    def check_whole_context(self) -> None:
+        """Token by token, once per sequence (C speed; amortised O(1) per step)."""
+        try:
+            same = array("q", self.shadow) == array("q", self.context)
+        except Exception:  # something that is not an int was put in
+            same = False
+        if not same:
+            at = next((i for i, (a, b) in enumerate(zip(self.shadow, self.context))
+                       if type(a) is not int or a != b), len(self.context))
+            raise DraftError(self.name, READ_ONLY,
+                             f"token {at} of the context was changed "
+                             "(found at the end of the sequence)")

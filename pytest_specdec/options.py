@@ -101,6 +101,33 @@ def _dtype(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
 
 
+#: Higher-is-better metrics a comparison may gate on (--specdec-compare-fail).
+GATED_METRICS = ("speedup", "mat", "acceptance_rate", "tokens_per_s", "accuracy")
+
+
+def compare_fail(text: str) -> tuple[tuple[str, float], ...]:
+    """METRIC:DROP[,METRIC:DROP...], DROP a percentage ("10%") or a fraction ("0.1"):
+    fail when the metric falls by more than that share of its compared value."""
+    rules: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        metric, sep, drop = part.partition(":")
+        if not sep or metric not in GATED_METRICS:
+            raise argparse.ArgumentTypeError(
+                f"expected METRIC:DROP with METRIC one of {', '.join(GATED_METRICS)}, "
+                f"got {part!r}")
+        try:
+            value = float(drop[:-1]) / 100 if drop.endswith("%") else float(drop)
+        except ValueError:
+            value = -1.0
+        if not 0.0 <= value < 1.0:
+            raise argparse.ArgumentTypeError(
+                f"{metric}: expected a drop like 10% or 0.1 (in [0, 1)), got {drop!r}")
+        rules[metric] = value
+    if not rules:
+        raise argparse.ArgumentTypeError(f"expected METRIC:DROP[,...], got {text!r}")
+    return tuple(rules.items())
+
+
 @dataclass(frozen=True)
 class Option:
     flag: str
@@ -160,6 +187,17 @@ OPTIONS = (
     Option("--specdec-tie-margin", "specdec_tie_margin", default=0.25, type=_non_negative_float,
            metavar="M", help="in fp16/bf16, a divergence where the baseline's top-2 score "
                              "margin is <= M is a near-tie (default: 0.25)"),
+    Option("--specdec-step-timeout", "specdec_step_timeout", default=10.0,
+           type=_non_negative_float, metavar="S",
+           help="fail a drafter's case when one of its calls (propose, accept, ...) takes "
+                "longer than S seconds; 0: no limit (default: 10)"),
+    Option("--specdec-compare", "specdec_compare", metavar="RUN.json",
+           help="a saved run (pytest-benchmark JSON) to compare this session's cases with"),
+    Option("--specdec-compare-fail", "specdec_compare_fail", type=compare_fail,
+           metavar="METRIC:DROP,...",
+           help="with --specdec-compare: fail the session when a metric of a case drops by "
+                "more than DROP, e.g. speedup:10%%,mat:5%% (metrics: "
+                + ", ".join(GATED_METRICS) + ")"),
 )
 
 
@@ -197,6 +235,9 @@ class SpecdecConfig:
     peer: bool
     strict: bool
     tie_margin: float
+    step_timeout: float  # seconds; 0: no limit
+    compare: Path | None
+    compare_fail: tuple[tuple[str, float], ...]
 
 
 def read_config(config: pytest.Config) -> SpecdecConfig:
@@ -216,5 +257,7 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
         temperatures=get("specdec_temperatures"), seed=get("specdec_seed"), k=get("specdec_k"),
         timed_rounds=get("specdec_timed_rounds"), report_dir=report_dir,
         peer=not get("specdec_no_peer"), strict=get("specdec_strict"),
-        tie_margin=get("specdec_tie_margin"),
+        tie_margin=get("specdec_tie_margin"), step_timeout=get("specdec_step_timeout"),
+        compare=Path(get("specdec_compare")).expanduser() if get("specdec_compare") else None,
+        compare_fail=get("specdec_compare_fail") or (),
     )

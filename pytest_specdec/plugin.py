@@ -17,6 +17,9 @@ from pytest_specdec.session import PEERS, SpecdecSession, paradigm_cases
 CONFIG_KEY = pytest.StashKey[SpecdecConfig]()
 REGISTRY_KEY = pytest.StashKey[Registry]()
 SESSION_KEY = pytest.StashKey[SpecdecSession]()
+#: --specdec-compare: the saved run's records, then the comparison made at session end
+COMPARE_BASE_KEY = pytest.StashKey[list]()
+COMPARISON_KEY = pytest.StashKey[Any]()
 
 #: fixtures the suites parametrize over
 CASE_FIXTURES = ("specdec_drafter", "specdec_paradigm_case", "specdec_peer")
@@ -26,14 +29,117 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pytest_specdec import hookspec
+
+    pluginmanager.add_hookspecs(hookspec)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "specdec: a pytest-specdec benchmark case")
     cfg = read_config(config)
     config.stash[CONFIG_KEY] = cfg
     config.stash[REGISTRY_KEY] = registry = load_registry()
+    _add_hook_drafters(config, registry)
     for problem in registry.problems:
         config.issue_config_time_warning(pytest.PytestConfigWarning(problem), stacklevel=2)
     _check_cheap(cfg, registry)
+    _load_compare_base(config, cfg)
+
+
+def _load_compare_base(config: pytest.Config, cfg: SpecdecConfig) -> None:
+    """--specdec-compare / --specdec-compare-fail: read the saved run before any case runs."""
+    from pytest_specdec.compare import load_compare_options
+
+    try:
+        base = load_compare_options(cfg.compare, cfg.compare_fail)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if base is not None:
+        config.stash[COMPARE_BASE_KEY] = base
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Any:
+    """--specdec-compare: compare this session's records with the saved run and, when a
+    --specdec-compare-fail rule breaks, make the session exit 1 (TESTS_FAILED). A
+    tryfirst wrapper, so it runs before pytest-benchmark's own --benchmark-compare-fail
+    check (which raises); the table is shown by pytest_terminal_summary."""
+    config = session.config
+    base = config.stash.get(COMPARE_BASE_KEY, None)
+    if base is not None and not hasattr(config, "workerinput"):  # xdist workers: not here
+        from pytest_specdec.compare import compare_records
+
+        cfg, specdec = config.stash[CONFIG_KEY], config.stash.get(SESSION_KEY, None)
+        comparison = compare_records(base, specdec.records if specdec else [],
+                                     rules=cfg.compare_fail, base_name=str(cfg.compare),
+                                     new_name="this session")
+        config.stash[COMPARISON_KEY] = comparison
+        if not comparison.passed and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    return (yield)
+
+
+def _show_comparison(terminalreporter: Any, config: pytest.Config) -> None:
+    comparison = config.stash.get(COMPARISON_KEY, None)
+    if comparison is not None:
+        from pytest_specdec.compare import render_summary
+
+        terminalreporter.section("pytest-specdec compare", red=not comparison.passed)
+        terminalreporter.write_line(render_summary(comparison))
+
+
+def _add_hook_drafters(config: pytest.Config, registry: Registry) -> None:
+    """Drafters from pytest_specdec_register_drafters (hookspec.py). Each implementation
+    is called on its own, so a broken one becomes a warning naming it (in
+    ``registry.problems``) and the others still count."""
+    import argparse
+    import inspect
+    from collections.abc import Mapping
+
+    from pytest_specdec.options import DrafterSpec, _drafter
+
+    hook = config.hook.pytest_specdec_register_drafters
+    impls = hook.get_hookimpls()
+    for impl in impls:
+        plugin = impl.plugin
+        path = Path(getattr(plugin, "__file__", None) or "?")
+        if path.name == "conftest.py":
+            shown = path.relative_to(config.rootpath) if path.is_relative_to(config.rootpath) else path
+            origin = f"conftest ({shown})"
+        else:
+            origin = f"plugin ({getattr(plugin, '__name__', None) or impl.plugin_name})"
+        where = f"pytest_specdec_register_drafters in {origin}"
+        only_this = config.pluginmanager.subset_hook_caller(
+            hook.name, [i.plugin for i in impls if i.plugin is not plugin])
+        try:  # each result with its items, read here too: a broken mapping is caught
+            results = [(r, list(r.items()) if isinstance(r, Mapping) else None)
+                       for r in only_this(config=config)]
+        except Exception as exc:  # a broken conftest must not take the session down
+            registry.problems.append(f"{where} raised {type(exc).__name__}: {exc}; "
+                                     "its drafters are skipped")
+            continue
+        for returned, items in results:
+            if items is None:
+                registry.problems.append(f"{where} returned {type(returned).__name__}, expected "
+                                         "a mapping of drafter names to factories; ignored")
+                continue
+            for name, factory in items:
+                try:  # the names --specdec-drafter accepts, options.py's pattern
+                    valid = isinstance(name, str) and _drafter(name) == DrafterSpec(name)
+                except argparse.ArgumentTypeError:
+                    valid = False
+                missing = [m for m in ("begin", "propose", "accept", "end")
+                           if inspect.isclass(factory) and not callable(getattr(factory, m, None))]
+                if not valid:
+                    registry.problems.append(f"{where}: drafter name {name!r} is not a valid "
+                                             "NAME (a letter or _, then letters, digits, _ . "
+                                             "or -); skipped")
+                elif missing:
+                    registry.problems.append(f"{where}: drafter {name!r} is a class without "
+                                             f"{', '.join(missing)}; skipped")
+                else:
+                    registry.add(name, factory, origin)
 
 
 def _check_cheap(cfg: SpecdecConfig, registry: Registry) -> None:
@@ -44,6 +150,8 @@ def _check_cheap(cfg: SpecdecConfig, registry: Registry) -> None:
             registered.create(**registered.convert_options(dict(spec.options)))
         except (KeyError, ValueError, TypeError) as exc:
             raise pytest.UsageError(f"--specdec-drafter {spec.label}: {exc.args[0]}") from None
+        except Exception:  # a drafter that cannot be made fails its own cases, not the session
+            pass
     if cfg.device.startswith("cuda"):
         from pytest_specdec.target import TargetError, resolve_device
 
@@ -56,6 +164,38 @@ def _check_cheap(cfg: SpecdecConfig, registry: Registry) -> None:
         raise pytest.UsageError(f"--specdec-target {cfg.target!r}: no such file or folder")
     if cfg.dataset.endswith((".json", ".jsonl")) and not Path(cfg.dataset).expanduser().exists():
         raise pytest.UsageError(f"--specdec-dataset {cfg.dataset!r}: no such file")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """Add ``machine_info["specdec"]``: GPUs, driver, CUDA, torch and transformers
+    versions, target name, dtype and device (see machine.py; no model is loaded)."""
+    cfg = config.stash.get(CONFIG_KEY, None)
+    if cfg is not None:
+        from pytest_specdec.machine import SPECDEC_KEY, specdec_machine_info
+
+        machine_info[SPECDEC_KEY] = specdec_machine_info(cfg)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_compare_machine_info(config: pytest.Config, benchmarksession: Any,
+                                          machine_info: dict, compared_benchmark: dict) -> None:
+    """Warn, through pytest-benchmark's logger, when the compared run was measured on
+    another GPU, target or dtype (--benchmark-compare)."""
+    from pytest_specdec.machine import compare_warning, machine_differences
+
+    differences = machine_differences(machine_info, compared_benchmark.get("machine_info"))
+    if differences:
+        benchmarksession.logger.warning(compare_warning(differences))
+
+
+def _machine_line(cfg: SpecdecConfig) -> str:
+    """The report's machine: host and CPU, then GPUs, driver, CUDA, torch, transformers."""
+    from pytest_specdec.machine import specdec_machine_info
+    from pytest_specdec.report import describe_specdec_machine
+
+    host = f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip()
+    return "; ".join(filter(None, (host, describe_specdec_machine(specdec_machine_info(cfg)))))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -137,9 +277,14 @@ def specdec_peer(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+# tryfirst: the reports are written before pytest-benchmark's summary, which raises on a
+# --benchmark-compare-fail regression and would stop the hooks after it. pytest runs the
+# terminal summary on Ctrl-C too, so an interrupted session reports its finished cases.
+@pytest.hookimpl(tryfirst=True)
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is None or not session.records:
+        _show_comparison(terminalreporter, config)
         return
     from pytest_specdec.report import render_terminal, write_reports
 
@@ -157,10 +302,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         "k": str(cfg.k),
         "timed_rounds": str(cfg.timed_rounds),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": _machine_line(cfg),
     }
     terminalreporter.section("pytest-specdec")
     terminalreporter.write_line(render_terminal(session.records))
     paths = write_reports(session.records, cfg.report_dir, stem, meta=meta)
     for path in paths:
         terminalreporter.write_line(f"report written: {path}")
+    _show_comparison(terminalreporter, config)

@@ -1,18 +1,25 @@
-"""Reports from saved runs: a terminal table, and Markdown, CSV and JSON files.
+"""Reports from saved runs: a terminal table, and Markdown, CSV, JSON and HTML files,
+with PNG charts when matplotlib is installed (the ``charts`` extra).
 
 The source is pytest-benchmark's saved JSON (``--benchmark-save`` / ``--benchmark-json``):
 every pytest-specdec case leaves one flat record in its ``extra_info``. Reports only
 read and format those records; no metric is recomputed here (see ``metrics.py``), so a
-report can never disagree with the run it was made from.
+report can never disagree with the run it was made from. The one derived figure is the
+range of tokens/s over the timed rounds: the record's new tokens over each round's wall
+time (every round decodes the same tokens).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import csv
+import html
+import importlib
 import io
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +63,10 @@ OUR_PLD, PEER_PLD, PEER_PLAIN = "pld", "hf_pld", "hf_generate"
 #: Meta block of the Markdown report, in this order.
 META_KEYS = ("target", "dtype", "device", "problems", "max_new_tokens", "k", "date", "machine")
 
-REPORT_SUFFIXES = (".md", ".csv", ".json")
+REPORT_SUFFIXES = (".md", ".csv", ".json", ".html")
+#: Chart files, ``<stem><suffix>``, written only when asked for (``--charts``).
+CHART_SUFFIXES = ("-speedup.png", "-acceptance.png")
+CHARTS_EXTRA = "pip install pytest-specdec[charts]"
 PER_POSITION_SHOWN = 8
 NO_VALUE = "—"
 
@@ -126,7 +136,9 @@ def _check_record(extra: dict, where: str) -> None:
 
 
 def describe_machine(machine_info: Any) -> str:
-    """One line from pytest-benchmark's machine_info: host, CPU, OS, Python."""
+    """One line from pytest-benchmark's machine_info: host, CPU, OS, Python, then what
+    pytest-specdec adds under ``machine_info["specdec"]`` (GPUs, driver, CUDA, torch and
+    transformers versions; see :func:`describe_specdec_machine`)."""
     if not isinstance(machine_info, dict):
         return ""
     cpu = machine_info.get("cpu")
@@ -136,7 +148,29 @@ def describe_machine(machine_info: Any) -> str:
         " ".join(filter(None, (machine_info.get("system"), machine_info.get("release")))),
         f"Python {machine_info['python_version']}" if machine_info.get("python_version") else None,
     ]
-    return ", ".join(str(part) for part in parts if part)
+    line = ", ".join(str(part) for part in parts if part)
+    specdec = describe_specdec_machine(machine_info.get("specdec"))
+    return "; ".join(filter(None, (line, specdec)))
+
+
+def describe_specdec_machine(info: Any) -> str:
+    """``GPU NVIDIA H200 (driver 550.54, CUDA 12.4); torch 2.13.0, transformers 5.24.0``
+    from the ``specdec`` entry of machine_info (empty when there is none)."""
+    if not isinstance(info, dict):
+        return ""
+    parts = []
+    gpus = info.get("gpus")
+    if isinstance(gpus, list) and gpus:
+        counted = {name: gpus.count(name) for name in dict.fromkeys(map(str, gpus))}
+        names = ", ".join(f"{count}x {name}" if count > 1 else name
+                          for name, count in counted.items())
+        versions = ", ".join(f"{label} {info[key]}" for key, label in
+                             (("driver", "driver"), ("cuda", "CUDA")) if info.get(key))
+        parts.append(f"GPU {names}" + (f" ({versions})" if versions else ""))
+    software = ", ".join(f"{key} {info[key]}" for key in ("torch", "transformers") if info.get(key))
+    if software:
+        parts.append(software)
+    return "; ".join(parts)
 
 
 def load_records(paths: Sequence[str | Path]) -> list[dict]:
@@ -161,14 +195,22 @@ def _read_json(path: Path) -> Any:
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
                           f"{exc.msg})") from None
+    except RecursionError:
+        raise ReportError(f"{path}: not valid JSON for a report (nested too deeply)") from None
 
 
 def select_records(records: Iterable[dict], *, drafters: Sequence[str] | None = None,
-                   paradigms: Sequence[str] | None = None) -> list[dict]:
-    """Records whose drafter and paradigm are among those given (None: any)."""
+                   paradigms: Sequence[str] | None = None,
+                   temperatures: Sequence[float] | None = None,
+                   targets: Sequence[str] | None = None) -> list[dict]:
+    """Records whose drafter, paradigm, temperature and target are among those given
+    (None or empty: any). Targets are matched by name as the records carry it."""
+    wanted_temperatures = {float(t) for t in temperatures or ()}
     return [r for r in records
             if (not drafters or r["drafter"] in drafters)
-            and (not paradigms or r["paradigm"] in paradigms)]
+            and (not paradigms or r["paradigm"] in paradigms)
+            and (not wanted_temperatures or float(r["temperature"]) in wanted_temperatures)
+            and (not targets or r["target"] in targets)]
 
 
 def report_meta(records: Sequence[dict]) -> dict[str, str]:
@@ -288,6 +330,24 @@ def _wall_text(record: dict) -> str:
     return f"{median} ({min(rounds):.2f}–{max(rounds):.2f})"
 
 
+def tokens_per_s_rounds(record: dict) -> list[float]:
+    """Tokens/s of each timed round: every round decodes the same tokens (outputs are
+    checked equal), so it is the record's new tokens over that round's wall time."""
+    new_tokens = record.get("new_tokens")
+    if not isinstance(new_tokens, _NUMBER):
+        return []
+    return [new_tokens / wall for wall in record["wall_s_rounds"] if wall > 0]
+
+
+def _tokens_per_s_text(record: dict) -> str:
+    """The median tokens/s (as the record holds it), with the range over the rounds."""
+    median = _number(record["tokens_per_s"], 1)
+    rounds = tokens_per_s_rounds(record)
+    if len(rounds) < 2:
+        return median
+    return f"{median} ({min(rounds):.1f}–{max(rounds):.1f})"
+
+
 # --------------------------------------------------------------------------- summary
 
 
@@ -360,10 +420,18 @@ def render_terminal(records: Sequence[dict]) -> str:
 # --------------------------------------------------------------------------- markdown
 
 
-def render_markdown(records: Sequence[dict], *, title: str, meta: Mapping[str, str]) -> str:
-    """The full Markdown report: meta, summary, details, per-position acceptance, peers."""
-    sections = [f"# {title}", _markdown_meta(meta), _markdown_summary(records),
-                _markdown_details(records)]
+def render_markdown(records: Sequence[dict], *, title: str, meta: Mapping[str, str],
+                    charts: Mapping[str, str] | None = None) -> str:
+    """The full Markdown report: meta, summary, details, per-position acceptance, peers.
+
+    ``charts`` maps chart titles to image files (relative to the report) shown after
+    the summary.
+    """
+    sections = [f"# {title}", _markdown_meta(meta), _markdown_summary(records)]
+    if charts:
+        sections.append("## Charts\n\n" + "\n\n".join(f"![{name}]({file})"
+                                                      for name, file in charts.items()))
+    sections.append(_markdown_details(records))
     for section in (_markdown_per_position(records), _markdown_mat_by_sequence(records)):
         if section:
             sections.append(section)
@@ -396,24 +464,32 @@ def _markdown_summary(records: Sequence[dict]) -> str:
 
 
 DETAIL_HEADERS = ["drafter", "paradigm", "T", "speedup", "MAT", "acceptance", "draft share",
-                  "tokens/s", "wall s median (min–max)", "accuracy", "lossless", "output"]
+                  "tokens/s median (min–max)", "wall s median (min–max)", "accuracy",
+                  "lossless", "output"]
 
 
 def _detail_row(record: dict) -> list[str]:
+    """The details of one record; the last cell is the output hash, unformatted."""
     return [
         record["drafter"], record["paradigm"], _temperature_text(record["temperature"]),
         _speedup_text(record["speedup"]), _number(record["mat"]),
         _percent(record["acceptance_rate"]), _percent(record["draft_share"]),
-        _number(record["tokens_per_s"], 1), _wall_text(record), _percent(record["accuracy"]),
-        record["lossless"], f"`{record['output_sha256']}`",
+        _tokens_per_s_text(record), _wall_text(record), _percent(record["accuracy"]),
+        record["lossless"], record["output_sha256"],
     ]
 
 
-def _markdown_details(records: Sequence[dict]) -> str:
+def _details_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     several_targets = len(_group_by_target(records)) > 1
     headers = (["target"] if several_targets else []) + DETAIL_HEADERS
     rows = [([_target_label(r)] if several_targets else []) + _detail_row(r)
             for r in _report_order(records)]
+    return headers, rows
+
+
+def _markdown_details(records: Sequence[dict]) -> str:
+    headers, rows = _details_table(records)
+    rows = [row[:-1] + [f"`{row[-1]}`"] for row in rows]
     return "## Details\n\n" + _markdown_table(headers, rows)
 
 
@@ -448,10 +524,12 @@ def _markdown_per_position(records: Sequence[dict]) -> str:
     headers, rows = _per_position_table(records)
     if not rows:
         return ""
-    return ("## Per-position acceptance\n\n"
-            f"Share of draft tokens accepted at each of the first {PER_POSITION_SHOWN} draft "
-            "positions, among forwards whose draft reached that position.\n\n"
+    return ("## Per-position acceptance\n\n" + PER_POSITION_NOTE + "\n\n"
             + _markdown_table(headers, rows))
+
+
+PER_POSITION_NOTE = (f"Share of draft tokens accepted at each of the first {PER_POSITION_SHOWN} "
+                     "draft positions, among forwards whose draft reached that position.")
 
 
 def _sequence_mats(record: dict) -> Sequence[float]:
@@ -469,12 +547,15 @@ def _markdown_mat_by_sequence(records: Sequence[dict]) -> str:
     headers, rows = _mat_by_sequence_table(records)
     if not rows:
         return ""
-    return ("## MAT by round and sample\n\n"
-            "MAT of the i-th sequence of every problem: round i for multi_round, sample i "
-            "for best_of_n. A drafter that shares state across the sequences of a problem "
-            "(group sharing) should rise after seq 1; compare it with the same drafter "
-            "run with sharing off.\n\n"
+    return ("## MAT by round and sample\n\n" + MAT_BY_SEQUENCE_NOTE + "\n\n"
             + _markdown_table(headers, rows))
+
+
+MAT_BY_SEQUENCE_NOTE = (
+    "MAT of the i-th sequence of every problem: round i for multi_round, sample i "
+    "for best_of_n. A drafter that shares state across the sequences of a problem "
+    "(group sharing) should rise after seq 1; compare it with the same drafter "
+    "run with sharing off.")
 
 
 def peer_ratio_lines(records: Sequence[dict]) -> list[str]:
@@ -527,6 +608,217 @@ identical to the baseline's (exact), differed only where the target's top choice
 nearly tied (near_tie), or was not checked."""
 
 
+# --------------------------------------------------------------------------- html
+
+
+class _Best(str):
+    """A summary cell holding its column's best speedup (what ``mark_best`` makes of it)."""
+
+HTML_STYLE = """\
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; padding: 0 1em;
+       color: #1b1b1b; line-height: 1.45; }
+table { border-collapse: collapse; margin: 0.8em 0 1.4em; font-size: 0.92em; }
+th, td { border: 1px solid #c8c8c8; padding: 0.25em 0.6em; text-align: left; }
+thead th { background: #f0f0f0; }
+td.best { background: #e3f4e1; }
+table.meta th { background: #f7f7f7; font-weight: 600; }
+code { font-size: 0.95em; }
+img { max-width: 100%; display: block; margin: 0.8em 0; }
+p.note { color: #444; }"""
+
+
+def render_html(records: Sequence[dict], *, title: str, meta: Mapping[str, str],
+                charts: Mapping[str, bytes] | None = None) -> str:
+    """The report as one self-contained HTML page (inline style, no scripts, no external
+    assets): meta, summary with the best speedup per column marked, details, per-position
+    acceptance, MAT by round and sample, peer ratios. ``charts`` maps chart titles to PNG
+    bytes, embedded as data URIs. Every text from the records is escaped."""
+    sections = [f"<h1>{_escape(title)}</h1>", _html_meta(meta), _html_summary(records)]
+    if charts:
+        images = "\n".join(
+            f'<figure><img alt="{_escape(name)}" src="data:image/png;base64,'
+            f'{base64.b64encode(png).decode("ascii")}"><figcaption>{_escape(name)}</figcaption>'
+            "</figure>" for name, png in charts.items())
+        sections.append(f'<section id="charts">\n<h2>Charts</h2>\n{images}\n</section>')
+    headers, rows = _details_table(records)
+    sections.append(_html_section("details", "Details", None,
+                                  _html_table(headers, rows, code_last=True)))
+    for section_id, name, note, (headers, rows) in (
+            ("per-position", "Per-position acceptance", PER_POSITION_NOTE,
+             _per_position_table(records)),
+            ("mat-by-sequence", "MAT by round and sample", MAT_BY_SEQUENCE_NOTE,
+             _mat_by_sequence_table(records))):
+        if rows:
+            sections.append(_html_section(section_id, name, note, _html_table(headers, rows)))
+    peers = peer_ratio_lines(records)
+    if peers:
+        items = "\n".join(f"<li>{_escape(line.removeprefix('- '))}</li>" for line in peers)
+        sections.append(_html_section("peers", "Compared with Hugging Face generate", None,
+                                      f"<ul>\n{items}\n</ul>"))
+    how_to_read = HOW_TO_READ.split("\n", 1)[1].strip()
+    sections.append(_html_section("how-to-read", "How to read", None,
+                                  f"<p>{_inline_bold(_escape(how_to_read))}</p>"))
+    body = "\n".join(sections)
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{_escape(title)}</title>\n<style>\n{HTML_STYLE}\n</style>\n</head>\n"
+            f"<body>\n{body}\n</body>\n</html>\n")
+
+
+def _escape(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _inline_bold(escaped: str) -> str:
+    """``**x**`` (already escaped text) as <strong>x</strong>."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+
+
+def _html_section(section_id: str, name: str, note: str | None, content: str) -> str:
+    note_html = f'<p class="note">{_escape(note)}</p>\n' if note else ""
+    return f'<section id="{section_id}">\n<h2>{_escape(name)}</h2>\n{note_html}{content}\n</section>'
+
+
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
+                css_class: str = "", code_last: bool = False) -> str:
+    head = "".join(f'<th scope="col">{_escape(h)}</th>' for h in headers)
+    body = []
+    for row in rows:
+        cells = []
+        for index, cell in enumerate(row):
+            if isinstance(cell, _Best):
+                cells.append(f'<td class="best"><strong>{_escape(cell)}</strong></td>')
+            elif code_last and index == len(row) - 1:
+                cells.append(f"<td><code>{_escape(cell)}</code></td>")
+            else:
+                cells.append(f"<td>{_escape(cell)}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    attribute = f' class="{css_class}"' if css_class else ""
+    return (f"<table{attribute}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n"
+            + "\n".join(body) + "\n</tbody>\n</table>")
+
+
+def _html_meta(meta: Mapping[str, str]) -> str:
+    rows = "\n".join(f'<tr><th scope="row">{_escape(key)}</th><td>{_escape(value)}</td></tr>'
+                     for key, value in meta.items())
+    return f'<section id="meta">\n<table class="meta">\n<tbody>\n{rows}\n</tbody>\n</table>\n</section>'
+
+
+def _html_summary(records: Sequence[dict]) -> str:
+    parts = []
+    groups = _group_by_target(records)
+    for label, group in groups.items():
+        headers, rows = summary_table(group, mark_best=_Best)
+        if len(groups) > 1:
+            parts.append(f"<h3>{_escape(label)}</h3>")
+        parts.append(_html_table(headers, rows, css_class="summary"))
+    return _html_section("summary", "Summary",
+                         "Cells: speedup over the baseline · MAT. Bold on green: best speedup "
+                         "among speculative drafters in the column.", "\n".join(parts))
+
+
+# --------------------------------------------------------------------------- charts
+
+
+#: Chart titles by file suffix, in the order they are written and shown.
+CHART_TITLES = {"-speedup.png": "Speedup per paradigm",
+                "-acceptance.png": "Per-position acceptance"}
+
+
+def require_matplotlib() -> None:
+    """Raise ReportError naming the ``charts`` extra when matplotlib cannot be imported."""
+    _matplotlib()
+
+
+def _matplotlib() -> tuple[Any, Any]:
+    """matplotlib's Figure and Agg canvas: no pyplot, so no global backend, no window."""
+    try:
+        importlib.import_module("matplotlib")  # first: a missing package fails here
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ReportError(f"charts need matplotlib, which cannot be imported ({exc}); "
+                          f"install the charts extra: {CHARTS_EXTRA}") from None
+    return Figure, FigureCanvasAgg
+
+
+def render_charts(records: Sequence[dict]) -> dict[str, bytes]:
+    """PNG bytes by file suffix (CHART_SUFFIXES): speedup bars and acceptance curves."""
+    figure_class, canvas_class = _matplotlib()
+    figures = dict(zip(CHART_SUFFIXES, (_speedup_figure(records, figure_class),
+                                        _acceptance_figure(records, figure_class))))
+    pngs = {}
+    for suffix, figure in figures.items():
+        canvas_class(figure)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+        pngs[suffix] = buffer.getvalue()
+    return pngs
+
+
+def _speedup_figure(records: Sequence[dict], figure_class: Any) -> Any:
+    """Per target: drafters along x, one bar per paradigm × temperature, baseline at 1."""
+    groups = _group_by_target(records)
+    widest = max(len(_rows(group)) * max(len(_columns(group)), 1) for group in groups.values())
+    figure = figure_class(figsize=(max(6.0, 0.45 * widest + 2), 3.8 * len(groups)),
+                          layout="constrained")
+    axes = figure.subplots(len(groups), 1, squeeze=False)[:, 0]
+    for ax, (label, group) in zip(axes, groups.items()):
+        columns = _columns(group)
+        with_temperature = _shows_temperature(group)
+        rows = [row for row in _rows(group) if row[0] != "baseline"]
+        by_cell = {(_row_key(r), _column_of(r)): r for r in group}
+        width = 0.8 / max(len(columns), 1)
+        for j, column in enumerate(columns):
+            xs, heights = [], []
+            for i, row in enumerate(rows):
+                record = by_cell.get((row, column))
+                if record is not None and record["speedup"] is not None:
+                    xs.append(i - 0.4 + width * (j + 0.5))
+                    heights.append(record["speedup"])
+            ax.bar(xs, heights, width, label=column.header(with_temperature=with_temperature))
+        ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1, label="baseline")
+        ax.set_xticks(range(len(rows)), [row[1] for row in rows], rotation=30, ha="right")
+        ax.set_xlim(-0.6, max(len(rows), 1) - 0.4)
+        ax.set_ylabel("speedup over baseline (x)")
+        ax.set_title(f"Speedup: {label}")
+        ax.legend(fontsize="small")
+    return figure
+
+
+def _acceptance_figure(records: Sequence[dict], figure_class: Any) -> Any:
+    """One panel per target and paradigm × temperature; a curve per speculative drafter."""
+    panels: dict[str, list[dict]] = {}
+    several_targets = len(_group_by_target(records)) > 1
+    for label, group in _group_by_target(records).items():
+        with_temperature = _shows_temperature(group)
+        for column in _columns(group):
+            curves = [r for r in _report_order(group) if r["role"] == "speculative"
+                      and _column_of(r) == column and r["per_position_acceptance"]]
+            if curves:
+                name = column.header(with_temperature=with_temperature)
+                panels[f"{label}, {name}" if several_targets else name] = curves
+    count = max(len(panels), 1)
+    figure = figure_class(figsize=(6.4, 3.6 * count), layout="constrained")
+    axes = figure.subplots(count, 1, squeeze=False)[:, 0]
+    if not panels:
+        axes[0].text(0.5, 0.5, "no per-position acceptance in these records",
+                     ha="center", va="center", transform=axes[0].transAxes)
+        axes[0].set_axis_off()
+    for ax, (name, curves) in zip(axes, panels.items()):
+        for record in curves:
+            rates = record["per_position_acceptance"]
+            ax.plot(range(1, len(rates) + 1), [rate * 100 for rate in rates], marker="o",
+                    markersize=3, label=record["drafter"])
+        longest = max(len(record["per_position_acceptance"]) for record in curves)
+        ax.set_xticks(range(1, longest + 1, max(1, -(-longest // 16))))  # whole positions
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("draft position")
+        ax.set_ylabel("accepted (%)")
+        ax.set_title(f"Per-position acceptance: {name}")
+        ax.legend(fontsize="small")
+    return figure
+
+
 # --------------------------------------------------------------------------- data files
 
 
@@ -572,24 +864,35 @@ def render_json(records: Sequence[dict], *, meta: Mapping[str, str]) -> str:
 
 
 def write_reports(records: Sequence[dict], directory: str | Path, stem: str, *,
-                  meta: Mapping[str, str], title: str | None = None) -> list[Path]:
-    """Write ``<stem>.md``, ``.csv`` and ``.json`` into ``directory``; return their paths.
+                  meta: Mapping[str, str], title: str | None = None,
+                  charts: bool = False) -> list[Path]:
+    """Write ``<stem>.md``, ``.csv``, ``.json`` and ``.html`` into ``directory`` (with
+    ``charts``, also ``<stem>-speedup.png`` and ``<stem>-acceptance.png``, which the
+    Markdown links and the HTML embeds); return their paths.
 
     Each file appears whole or not at all (temp file, fsync, rename). Existing files are
-    never overwritten: if any of the three names is taken, all three get the first free
-    suffix ``-2``, ``-3``, ...
+    never overwritten: if any of the names is taken, all files get the first free suffix
+    ``-2``, ``-3``, ... Charts without matplotlib raise ReportError before any file or
+    directory is made.
     """
     _check_stem(stem)
+    pngs = render_charts(records) if charts else {}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    free_stem = _free_stem(directory, stem)
-    contents = {
-        ".md": render_markdown(records, title=title or f"pytest-specdec report: {stem}", meta=meta),
+    suffixes = REPORT_SUFFIXES + tuple(pngs)
+    free_stem = _free_stem(directory, stem, suffixes)
+    title = title or f"pytest-specdec report: {stem}"
+    contents: dict[str, str | bytes] = {
+        ".md": render_markdown(records, title=title, meta=meta, charts={
+            CHART_TITLES[suffix]: f"{free_stem}{suffix}" for suffix in pngs}),
         ".csv": render_csv(records),
         ".json": render_json(records, meta=meta),
+        ".html": render_html(records, title=title, meta=meta, charts={
+            CHART_TITLES[suffix]: png for suffix, png in pngs.items()}),
+        **pngs,
     }
     paths = []
-    for suffix in REPORT_SUFFIXES:
+    for suffix in suffixes:
         path = directory / f"{free_stem}{suffix}"
         _write_atomically(path, contents[suffix])
         paths.append(path)
@@ -602,22 +905,23 @@ def _check_stem(stem: str) -> None:
         raise ReportError(f"report name {stem!r} must be a plain file name without directories")
 
 
-def _free_stem(directory: Path, stem: str) -> str:
+def _free_stem(directory: Path, stem: str, suffixes: Sequence[str] = REPORT_SUFFIXES) -> str:
     # lexists: a dangling symlink is taken too, and os.replace would clobber the link.
     # Another writer could take a name between this check and the rename; reports of one
     # directory are written by one process at a time, so that race is left open.
     candidate, number = stem, 1
-    while any(os.path.lexists(directory / f"{candidate}{suffix}") for suffix in REPORT_SUFFIXES):
+    while any(os.path.lexists(directory / f"{candidate}{suffix}") for suffix in suffixes):
         number += 1
         candidate = f"{stem}-{number}"
     return candidate
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, content: str | bytes) -> None:
+    data = content.encode("utf-8") if isinstance(content, str) else content
     descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temp_name, 0o666 & ~_umask())  # mkstemp makes 0600; reports are shared files

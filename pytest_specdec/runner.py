@@ -48,10 +48,13 @@ class DecodeSettings:
 Method = Callable[[GenerationRequest], Generation]
 
 
-def engine_method(target: Target, drafter: Drafter | None, *, k: int, drafter_name: str) -> Method:
+def engine_method(target: Target, drafter: Drafter | None, *, k: int, drafter_name: str,
+                  step_timeout: float = 0.0) -> Method:
     """Our engine; one drafter instance serves every sequence of the run, so it can
-    share what it learns across the samples and rounds of a problem."""
-    return lambda request: generate(target, request, drafter, k=k, drafter_name=drafter_name)
+    share what it learns across the samples and rounds of a problem. step_timeout
+    bounds each call into the drafter (seconds, 0: no limit; see engine.generate)."""
+    return lambda request: generate(target, request, drafter, k=k, drafter_name=drafter_name,
+                                    step_timeout=step_timeout)
 
 
 @dataclass

@@ -144,7 +144,8 @@ class SpecdecSession:
         target, k = self.target, self.config.k
         measured = self.measure(
             case, lambda: engine_method(target, registered.create(**options), k=k,
-                                        drafter_name=spec.label),
+                                        drafter_name=spec.label,
+                                        step_timeout=self.config.step_timeout),
             benchmark=benchmark, k=k)
         label = "exact"
         for run in measured.runs:  # every timed round must be lossless, not just one

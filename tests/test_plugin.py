@@ -195,7 +195,7 @@ def test_full_run_passes_and_writes_reports(suite, small, tmp_path):
     ])
 
     first = report_files(reports)
-    assert sorted(Path(n).suffix for n in first) == [".csv", ".json", ".md"]
+    assert sorted(Path(n).suffix for n in first) == [".csv", ".html", ".json", ".md"]
     data = only_json(reports, first)
     records = data["records"]
     assert len(records) == 8
@@ -226,7 +226,7 @@ def test_full_run_passes_and_writes_reports(suite, small, tmp_path):
     after = report_files(reports)
     assert {n: after[n] for n in first} == first  # untouched, byte for byte
     new = sorted(set(after) - set(first))
-    assert sorted(Path(n).suffix for n in new) == [".csv", ".json", ".md"]
+    assert sorted(Path(n).suffix for n in new) == [".csv", ".html", ".json", ".md"]
     records = only_json(reports, new)["records"]
     assert [(r["drafter"], r["paradigm"]) for r in records] == [("baseline", "multi_round"),
                                                                 ("pld", "multi_round")]

@@ -189,13 +189,15 @@ def test_markdown_title_meta_and_summary(markdown):
 
 def test_markdown_details_per_record(markdown):
     rows = markdown_rows(markdown)
-    assert ["drafter", "paradigm", "T", "speedup", "MAT", "acceptance", "draft share", "tokens/s",
-            "wall s median (min–max)", "accuracy", "lossless", "output"] in rows
-    assert ["pld", "multi_round", "0", "2.00x", "2.29", "32.1%", "4.2%", "100.0",
+    assert ["drafter", "paradigm", "T", "speedup", "MAT", "acceptance", "draft share",
+            "tokens/s median (min–max)", "wall s median (min–max)", "accuracy", "lossless",
+            "output"] in rows
+    # tokens/s per round: new tokens / that round's wall time (2048 / 20.61 .. 2048 / 20.39)
+    assert ["pld", "multi_round", "0", "2.00x", "2.29", "32.1%", "4.2%", "100.0 (99.4–100.4)",
             "20.48 (20.39–20.61)", "75.0%", "exact", "`3f9a1c0e5b7d2a48`"] in rows
-    assert ["hf_generate", "best_of_n", "0.6", "1.00x", "1.00", "—", "0.0%", "40.0",
+    assert ["hf_generate", "best_of_n", "0.6", "1.00x", "1.00", "—", "0.0%", "40.0 (39.8–40.2)",
             "102.40 (102.00–102.90)", "50.0%", "not_checked", "`9e2d4b6a0c1f3857`"] in rows
-    assert ["pld", "best_of_n", "0.6", "1.60x", "1.60", "24.0%", "3.1%", "81.9",
+    assert ["pld", "best_of_n", "0.6", "1.60x", "1.60", "24.0%", "3.1%", "81.9 (81.4–82.2)",
             "50.00 (49.80–50.30)", "75.0%", "near_tie", "`c05d29e8a1f4b736`"] in rows
 
 
@@ -266,23 +268,23 @@ def test_write_reports_never_overwrites(records, tmp_path):
     out = tmp_path / "reports" / "nested"
     meta = report_meta(records)
     first = write_reports(records, out, "run", meta=meta)
-    assert [p.name for p in first] == ["run.md", "run.csv", "run.json"]
+    assert [p.name for p in first] == ["run.md", "run.csv", "run.json", "run.html"]
     before = {p: p.read_bytes() for p in first}
 
     second = write_reports(records[:2], out, "run", meta=meta)
-    assert [p.name for p in second] == ["run-2.md", "run-2.csv", "run-2.json"]
+    assert [p.name for p in second] == ["run-2.md", "run-2.csv", "run-2.json", "run-2.html"]
     assert {p: p.read_bytes() for p in first} == before
     assert len(list(csv.reader(io.StringIO(second[1].read_text())))) == 3
 
     third = write_reports(records, out, "run", meta=meta)
-    assert [p.name for p in third] == ["run-3.md", "run-3.csv", "run-3.json"]
+    assert [p.name for p in third] == ["run-3.md", "run-3.csv", "run-3.json", "run-3.html"]
     assert sorted(os.listdir(out)) == sorted(p.name for p in first + second + third)  # no temp files
 
 
-def test_write_reports_moves_all_three_names_when_one_is_taken(records, tmp_path):
+def test_write_reports_moves_all_names_when_one_is_taken(records, tmp_path):
     (tmp_path / "run.csv").write_text("someone else's file")
     paths = write_reports(records, tmp_path, "run", meta={})
-    assert [p.name for p in paths] == ["run-2.md", "run-2.csv", "run-2.json"]
+    assert [p.name for p in paths] == ["run-2.md", "run-2.csv", "run-2.json", "run-2.html"]
     assert (tmp_path / "run.csv").read_text() == "someone else's file"
 
 
@@ -304,7 +306,7 @@ def test_write_reports_renames_a_synced_temp_file_in_place(records, tmp_path, mo
     paths = write_reports(records, tmp_path, "run", meta={})
     assert [dst for _, dst in renames] == paths
     assert all(src.parent == dst.parent and src != dst for src, dst in renames)
-    assert len(synced) >= 3
+    assert len(synced) >= 4
 
 
 def test_failed_write_leaves_no_file_behind(records, tmp_path, monkeypatch):
@@ -469,3 +471,10 @@ def test_markdown_mat_by_round_and_sample(records):
 
 def test_markdown_without_per_sequence_mat_has_no_such_section(markdown):
     assert "## MAT by round and sample" not in markdown
+
+
+def test_deeply_nested_json_is_a_clear_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 200000, encoding="utf-8")
+    with pytest.raises(ReportError, match="nested too deeply"):
+        load_records([path])

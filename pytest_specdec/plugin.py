@@ -12,7 +12,7 @@ import pytest
 from pytest_specdec.options import SpecdecConfig, add_options, read_config
 from pytest_specdec.problems import ProblemSetError, load_problems
 from pytest_specdec.registry import Registry, load_registry
-from pytest_specdec.session import PEERS, SpecdecSession, paradigm_cases
+from pytest_specdec.session import PEERS, SpecdecSession, paradigm_cases, worker_device
 
 CONFIG_KEY = pytest.StashKey[SpecdecConfig]()
 REGISTRY_KEY = pytest.StashKey[Registry]()
@@ -20,6 +20,12 @@ SESSION_KEY = pytest.StashKey[SpecdecSession]()
 #: --specdec-compare: the saved run's records, then the comparison made at session end
 COMPARE_BASE_KEY = pytest.StashKey[list]()
 COMPARISON_KEY = pytest.StashKey[Any]()
+#: on each process: the nodeid of the case that added each record (by its position)
+ORIGINS_KEY = pytest.StashKey[dict]()
+#: on the pytest-xdist controller: each worker's [collection index, record] pairs
+MERGED_KEY = pytest.StashKey[dict]()
+#: the key of the records a worker sends to the controller in config.workeroutput
+WORKEROUTPUT_RECORDS = "specdec_records"
 
 #: fixtures the suites parametrize over
 CASE_FIXTURES = ("specdec_drafter", "specdec_paradigm_case", "specdec_peer")
@@ -44,7 +50,17 @@ def pytest_configure(config: pytest.Config) -> None:
     for problem in registry.problems:
         config.issue_config_time_warning(pytest.PytestConfigWarning(problem), stacklevel=2)
     _check_cheap(cfg, registry)
-    _load_compare_base(config, cfg)
+    if not _is_worker(config):  # the controller (or the only process) reads it and gates
+        _load_compare_base(config, cfg)
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    """A pytest-xdist worker (which has ``workerinput``), not the controller."""
+    return hasattr(config, "workerinput")
+
+
+def _worker_id(config: pytest.Config) -> str:
+    return config.workerinput["workerid"] if _is_worker(config) else "main"
 
 
 def _load_compare_base(config: pytest.Config, cfg: SpecdecConfig) -> None:
@@ -66,18 +82,79 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Any:
     tryfirst wrapper, so it runs before pytest-benchmark's own --benchmark-compare-fail
     check (which raises); the table is shown by pytest_terminal_summary."""
     config = session.config
+    if _is_worker(config):  # before the yield: xdist sends workeroutput in its own wrapper
+        _send_records(session)
     base = config.stash.get(COMPARE_BASE_KEY, None)
-    if base is not None and not hasattr(config, "workerinput"):  # xdist workers: not here
+    if base is not None and not _is_worker(config):  # xdist workers: not here
         from pytest_specdec.compare import compare_records
 
-        cfg, specdec = config.stash[CONFIG_KEY], config.stash.get(SESSION_KEY, None)
-        comparison = compare_records(base, specdec.records if specdec else [],
+        cfg = config.stash[CONFIG_KEY]
+        comparison = compare_records(base, _session_records(config) or [],
                                      rules=cfg.compare_fail, base_name=str(cfg.compare),
                                      new_name="this session")
         config.stash[COMPARISON_KEY] = comparison
         if not comparison.passed and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
     return (yield)
+
+
+# --------------------------------------------------------------------------- pytest-xdist
+# Each worker runs its cases with its own SpecdecSession (own target, own baselines) and
+# sends its records, each with the collection index of its case, to the controller
+# through config.workeroutput; the controller merges them in collection order, which is
+# the order a single process runs and records them in, and alone reports and gates.
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """Note which case added each record (the merged report's order)."""
+    specdec = item.config.stash.get(SESSION_KEY, None)
+    before = len(specdec.records) if specdec is not None else 0
+    try:
+        return (yield)
+    finally:
+        if specdec is not None:
+            origins = item.config.stash.setdefault(ORIGINS_KEY, {})
+            origins.update(dict.fromkeys(range(before, len(specdec.records)), item.nodeid))
+
+
+def _send_records(session: pytest.Session) -> None:
+    """On a worker: ``[collection index, record]`` pairs, as JSON, in workeroutput."""
+    import json
+
+    config = session.config
+    specdec = config.stash.get(SESSION_KEY, None)
+    if specdec is None:
+        return
+    order = {item.nodeid: index for index, item in enumerate(session.items)}
+    origins = config.stash.get(ORIGINS_KEY, {})
+    late = len(order)  # a record made outside a case's call: after every case, in run order
+    pairs = [[order.get(origins.get(position, ""), late), record]
+             for position, record in enumerate(specdec.records)]
+    config.workeroutput[WORKEROUTPUT_RECORDS] = json.dumps(pairs)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """On the xdist controller: keep the records a finished (or crashed) worker sent."""
+    import json
+
+    sent = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_RECORDS)
+    if sent is not None:
+        # keyed by worker: a node reported down twice (finished, then lost) counts once
+        node.config.stash.setdefault(MERGED_KEY, {})[node.workerinput["workerid"]] = json.loads(sent)
+
+
+def _session_records(config: pytest.Config) -> list[dict] | None:
+    """The session's records: every worker's, merged in collection order, on the xdist
+    controller; this process's own otherwise; None when no case of ours ran here."""
+    merged = config.stash.get(MERGED_KEY, None)
+    if merged is not None:
+        pairs = [(index, worker, position, record) for worker, sent in merged.items()
+                 for position, (index, record) in enumerate(sent)]
+        return [record for *_, record in sorted(pairs, key=lambda p: p[:3])]
+    specdec = config.stash.get(SESSION_KEY, None)
+    return None if specdec is None else specdec.records
 
 
 def _show_comparison(terminalreporter: Any, config: pytest.Config) -> None:
@@ -234,19 +311,27 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         problems = load_problems(cfg.dataset, limit=cfg.problems, split=cfg.dataset_split)
     except ProblemSetError as exc:
         raise pytest.UsageError(f"--specdec-dataset {cfg.dataset!r}: {exc}") from None
+    worker = _worker_id(config)
     config.stash[SESSION_KEY] = SpecdecSession(cfg, config.stash[REGISTRY_KEY], problems,
-                                               lambda: _load_target(cfg))
+                                               lambda: _load_target(cfg, worker), worker=worker)
 
 
 def _is_case(item: pytest.Item) -> bool:
     return any(f in getattr(item, "fixturenames", ()) for f in CASE_FIXTURES)
 
 
-def _load_target(cfg: SpecdecConfig) -> Any:
+def _load_target(cfg: SpecdecConfig, worker: str = "main") -> Any:
     from pytest_specdec.target import load_target
 
-    return load_target(cfg.target, device=cfg.device, dtype=cfg.dtype,
+    return load_target(cfg.target, device=_worker_device(cfg.device, worker), dtype=cfg.dtype,
                        trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+
+
+def _worker_device(spec: str, worker: str) -> str:
+    """--specdec-device for this process: one GPU per xdist worker (session.worker_device)."""
+    import torch
+
+    return worker_device(spec, worker, torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
 @pytest.fixture(scope="session")
@@ -282,22 +367,24 @@ def specdec_peer(request: pytest.FixtureRequest) -> str:
 # terminal summary on Ctrl-C too, so an interrupted session reports its finished cases.
 @pytest.hookimpl(tryfirst=True)
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    session = config.stash.get(SESSION_KEY, None)
-    if session is None or not session.records:
+    if _is_worker(config):  # the xdist controller merges every worker's records and reports
+        return
+    records = _session_records(config)
+    if not records:
         _show_comparison(terminalreporter, config)
         return
     from pytest_specdec.report import render_terminal, write_reports
 
-    cfg = session.config
+    cfg = config.stash[CONFIG_KEY]
     saved = config.getoption("benchmark_save", None)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = f"specdec-{saved}-{stamp}" if saved else f"specdec-{stamp}"
     meta = {
-        "target": session.records[0]["target"],
-        "dtype": session.records[0]["dtype"],
-        "device": session.records[0]["device"],
+        "target": records[0]["target"],
+        "dtype": records[0]["dtype"],
+        "device": ", ".join(dict.fromkeys(r["device"] for r in records)),  # one per GPU worker
         "dataset": cfg.dataset,
-        "problems": str(len(session.problems)),
+        "problems": str(records[0]["problems"]),
         "max_new_tokens": str(cfg.max_new_tokens),
         "k": str(cfg.k),
         "timed_rounds": str(cfg.timed_rounds),
@@ -305,8 +392,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         "machine": _machine_line(cfg),
     }
     terminalreporter.section("pytest-specdec")
-    terminalreporter.write_line(render_terminal(session.records))
-    paths = write_reports(session.records, cfg.report_dir, stem, meta=meta)
+    terminalreporter.write_line(render_terminal(records))
+    paths = write_reports(records, cfg.report_dir, stem, meta=meta)
     for path in paths:
         terminalreporter.write_line(f"report written: {path}")
     _show_comparison(terminalreporter, config)

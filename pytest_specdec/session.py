@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -50,6 +51,22 @@ def paradigm_cases(cfg: SpecdecConfig) -> list[ParadigmCase]:
     return out
 
 
+def worker_device(spec: str, worker: str, gpu_count: int) -> str:
+    """The device one pytest-xdist worker uses: with ``--specdec-device`` ``auto`` or
+    ``cuda`` and several GPUs visible (``gpu_count``, after ``CUDA_VISIBLE_DEVICES``),
+    worker ``gwN`` takes ``cuda:<N % gpu_count>``, one GPU each. Anything else is used
+    as given: ``cpu``, an explicit ``cuda:<index>``, one GPU or none, and a process that
+    is not an xdist worker (``main``).
+
+    >>> [worker_device("auto", w, 2) for w in ("gw0", "gw1", "gw2", "main")]
+    ['cuda:0', 'cuda:1', 'cuda:0', 'auto']
+    """
+    number = re.fullmatch(r"gw(\d+)", worker)
+    if spec not in ("auto", "cuda") or gpu_count < 2 or number is None:
+        return spec
+    return f"cuda:{int(number.group(1)) % gpu_count}"
+
+
 @dataclass
 class Measured:
     """The timed rounds of one method on one paradigm case."""
@@ -71,6 +88,8 @@ class SpecdecSession:
     registry: Registry
     problems: list[Problem]
     load_target: Callable[[], Target]
+    #: the pytest-xdist worker this session runs on ("gw0", ...), or "main" without xdist
+    worker: str = "main"
     records: list[dict[str, Any]] = field(default_factory=list)
     _target: Target | None = None
     _baselines: dict[ParadigmCase, Measured] = field(default_factory=dict)
@@ -116,7 +135,13 @@ class SpecdecSession:
         return Measured(runs)
 
     def baseline(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
-        """Plain decoding on our engine; measured once per session and paradigm case."""
+        """Plain decoding on our engine; measured once per session and paradigm case.
+
+        Under pytest-xdist each worker has its own session: a speculative or peer case
+        on a worker that has not run ``test_baseline`` for its paradigm case measures the
+        baseline here first (our own warm-up and timed rounds, not pytest-benchmark's);
+        only ``run_baseline_case`` adds a baseline record.
+        """
         if case not in self._baselines or benchmark is not None:
             target = self.target
             self._baselines[case] = self.measure(
@@ -193,6 +218,7 @@ class SpecdecSession:
             "target": target.name,
             "dtype": str(target.dtype).removeprefix("torch."),
             "device": str(target.device),
+            "worker": self.worker,
             "k": k,
             "problems": len(self.problems),
             "max_new_tokens": cfg.max_new_tokens,

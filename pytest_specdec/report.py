@@ -865,22 +865,24 @@ def render_json(records: Sequence[dict], *, meta: Mapping[str, str]) -> str:
 
 def write_reports(records: Sequence[dict], directory: str | Path, stem: str, *,
                   meta: Mapping[str, str], title: str | None = None,
-                  charts: bool = False) -> list[Path]:
+                  charts: bool = False, replace: bool = False) -> list[Path]:
     """Write ``<stem>.md``, ``.csv``, ``.json`` and ``.html`` into ``directory`` (with
     ``charts``, also ``<stem>-speedup.png`` and ``<stem>-acceptance.png``, which the
     Markdown links and the HTML embeds); return their paths.
 
     Each file appears whole or not at all (temp file, fsync, rename). Existing files are
     never overwritten: if any of the names is taken, all files get the first free suffix
-    ``-2``, ``-3``, ... Charts without matplotlib raise ReportError before any file or
-    directory is made.
+    ``-2``, ``-3``, ... With ``replace`` the stem is used as given and its files are
+    replaced (atomically, each whole): how a session rewrites its own report as cases
+    finish. Charts without matplotlib raise ReportError before any file or directory
+    is made.
     """
     _check_stem(stem)
     pngs = render_charts(records) if charts else {}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     suffixes = REPORT_SUFFIXES + tuple(pngs)
-    free_stem = _free_stem(directory, stem, suffixes)
+    free_stem = stem if replace else _free_stem(directory, stem, suffixes)
     title = title or f"pytest-specdec report: {stem}"
     contents: dict[str, str | bytes] = {
         ".md": render_markdown(records, title=title, meta=meta, charts={

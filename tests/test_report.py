@@ -478,3 +478,13 @@ def test_deeply_nested_json_is_a_clear_error(tmp_path):
     path.write_text("[" * 200000, encoding="utf-8")
     with pytest.raises(ReportError, match="nested too deeply"):
         load_records([path])
+
+
+def test_write_reports_replace_rewrites_its_own_stem(records, tmp_path):
+    """A session rewrites its report as cases finish: the same names, the latest records."""
+    meta = report_meta(records)
+    first = write_reports(records[:2], tmp_path, "run", meta=meta)
+    again = write_reports(records, tmp_path, "run", meta=meta, replace=True)
+    assert [p.name for p in again] == [p.name for p in first]
+    assert len(json.loads(again[2].read_text())["records"]) == len(records)
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in first)  # no temp files

@@ -27,6 +27,24 @@ def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0):
     return getattr(transformers, f"{names[arch]}ForCausalLM")(config).eval()
 
 
+SUITE = Path(__file__).resolve().parents[1] / "suites" / "test_cases.py"
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """A pytester dir holding the real suite, with the environment the subprocess needs:
+    the same converted-model cache as this process (nothing is converted twice)."""
+    from pytest_specdec.target import cache_dir
+
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(cache_dir()))
+    # one intra-op thread: on a small, busy CPU machine OpenMP spinning makes a
+    # 1-second run take 40 seconds; results do not depend on it
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    pytester.makepyfile(test_cases=SUITE.read_text(encoding="utf-8"))
+    return pytester
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def target(request):
     """A tiny random target of each architecture tree verification is tested on."""

@@ -26,7 +26,6 @@ from pytest_specdec.compare import (
 )
 
 RUN = Path(__file__).parent / "data" / "run_pld.json"
-SUITE = Path(__file__).resolve().parents[1] / "suites" / "test_cases.py"
 PLD_MR = 1  # index of pld multi_round in run_pld.json's benchmarks (and records)
 
 IDENTICAL = """\
@@ -328,16 +327,6 @@ def test_compare_options_checked_at_configure_time(tmp_path):
 
 
 # --------------------------------------------------------------------------- inside pytest
-
-
-@pytest.fixture
-def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    """A pytester dir holding the real suite (as tests/test_plugin.py sets it up)."""
-    monkeypatch.setenv("SPECDEC_CACHE_DIR", "/tmp/specdec-cache")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    pytester.makepyfile(test_cases=SUITE.read_text(encoding="utf-8"))
-    return pytester
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ from pytest_specdec.sampling import Sampler
 
 PROMPT = (1, 17, 42, 99, 250, 3, 77)
 VOCAB = 512
-SUITE = Path(__file__).resolve().parents[1] / "suites" / "test_cases.py"
 
 
 def run(target, drafter, *, k: int = 3, max_new_tokens: int = 6, step_timeout: float = 0.0,
@@ -474,13 +473,10 @@ def fnmatch_escape(text: str) -> str:
 
 
 @pytest.fixture
-def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    monkeypatch.setenv("SPECDEC_CACHE_DIR", "/tmp/specdec-cache")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    pytester.makepyfile(test_cases=SUITE.read_text(encoding="utf-8"))
-    pytester.makeconftest(HOSTILE_CONFTEST)
-    return pytester
+def suite(suite: pytest.Pytester) -> pytest.Pytester:
+    """conftest.py's suite, plus the hostile drafters registered by a conftest."""
+    suite.makeconftest(HOSTILE_CONFTEST)
+    return suite
 
 
 def small(tiny_model_dir: Path, reports: Path, *drafters: str) -> list[str]:

@@ -15,27 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SUITE
 from pytest_specdec.options import OPTIONS
 from pytest_specdec.registry import load_registry
-
-SUITE = Path(__file__).resolve().parents[1] / "suites" / "test_cases.py"
 
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR  # 4
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    """A pytester dir holding the real suite, with the environment the subprocess needs."""
-    monkeypatch.setenv("SPECDEC_CACHE_DIR", "/tmp/specdec-cache")
-    # one intra-op thread: on a small, busy CPU machine OpenMP spinning makes a
-    # 1-second run take 40 seconds; results do not depend on it
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    pytester.makepyfile(test_cases=SUITE.read_text(encoding="utf-8"))
-    return pytester
 
 
 @pytest.fixture

@@ -32,7 +32,6 @@ from pytest_specdec.report import (
 )
 
 RUN = Path(__file__).parent / "data" / "run_pld.json"
-SUITE = Path(__file__).resolve().parents[1] / "suites" / "test_cases.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 EXPECTED_SUMMARY = [
@@ -427,15 +426,6 @@ def test_machine_differences():
 
 
 # --------------------------------------------------------------------------- through pytest
-
-
-@pytest.fixture
-def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    monkeypatch.setenv("SPECDEC_CACHE_DIR", "/tmp/specdec-cache")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    pytester.makepyfile(test_cases=SUITE.read_text(encoding="utf-8"))
-    return pytester
 
 
 def test_saved_run_carries_machine_info_and_compare_warns(suite, tiny_model_dir, tmp_path):

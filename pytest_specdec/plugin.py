@@ -136,13 +136,16 @@ def _send_records(session: pytest.Session) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
-    """On the xdist controller: keep the records a finished (or crashed) worker sent."""
+    """On the xdist controller: keep the records a worker sent when it finished (on
+    Ctrl-C too); a worker that died without finishing sent none, and its cases are
+    missing from the report."""
     import json
 
     sent = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_RECORDS)
     if sent is not None:
         # keyed by worker: a node reported down twice (finished, then lost) counts once
-        node.config.stash.setdefault(MERGED_KEY, {})[node.workerinput["workerid"]] = json.loads(sent)
+        merged = node.config.stash.setdefault(MERGED_KEY, {})
+        merged[node.workerinput["workerid"]] = json.loads(sent)
 
 
 def _session_records(config: pytest.Config) -> list[dict] | None:
@@ -331,7 +334,8 @@ def _worker_device(spec: str, worker: str) -> str:
     """--specdec-device for this process: one GPU per xdist worker (session.worker_device)."""
     import torch
 
-    return worker_device(spec, worker, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return worker_device(spec, worker, gpus)
 
 
 @pytest.fixture(scope="session")

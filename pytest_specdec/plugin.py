@@ -24,6 +24,8 @@ COMPARISON_KEY = pytest.StashKey[Any]()
 ORIGINS_KEY = pytest.StashKey[dict]()
 #: on the pytest-xdist controller: each worker's [collection index, record] pairs
 MERGED_KEY = pytest.StashKey[dict]()
+# the session report's file name, chosen at its first write and rewritten after
+REPORT_STEM_KEY = pytest.StashKey[str]()
 #: the key of the records a worker sends to the controller in config.workeroutput
 WORKEROUTPUT_RECORDS = "specdec_records"
 
@@ -116,6 +118,24 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
         if specdec is not None:
             origins = item.config.stash.setdefault(ORIGINS_KEY, {})
             origins.update(dict.fromkeys(range(before, len(specdec.records)), item.nodeid))
+            if len(specdec.records) > before and not _is_worker(item.config):
+                _write_progress(item.config)
+
+
+def _write_progress(config: pytest.Config) -> None:
+    """Rewrite the session report after each finished case, so that a session that
+    crashes (not only one interrupted) leaves a valid report of its finished cases."""
+    import warnings
+
+    from pytest_specdec.report import ReportError
+
+    records = _session_records(config)
+    try:
+        if records:
+            _write_session_report(config, records)
+    except (OSError, ReportError) as exc:
+        warnings.warn(pytest.PytestWarning(f"pytest-specdec: the report could not be "
+                                           f"written: {exc}"))
 
 
 def _send_records(session: pytest.Session) -> None:
@@ -366,23 +386,17 @@ def specdec_peer(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-# tryfirst: the reports are written before pytest-benchmark's summary, which raises on a
-# --benchmark-compare-fail regression and would stop the hooks after it. pytest runs the
-# terminal summary on Ctrl-C too, so an interrupted session reports its finished cases.
-@pytest.hookimpl(tryfirst=True)
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    if _is_worker(config):  # the xdist controller merges every worker's records and reports
-        return
-    records = _session_records(config)
-    if not records:
-        _show_comparison(terminalreporter, config)
-        return
-    from pytest_specdec.report import render_terminal, write_reports
+def _write_session_report(config: pytest.Config, records: list[dict]) -> list[Path]:
+    """The session's report files: a free name at the first write (never an earlier
+    report's), the same name replaced atomically at every later one."""
+    from pytest_specdec.report import write_reports
 
     cfg = config.stash[CONFIG_KEY]
-    saved = config.getoption("benchmark_save", None)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = f"specdec-{saved}-{stamp}" if saved else f"specdec-{stamp}"
+    stem = config.stash.get(REPORT_STEM_KEY, None)
+    if stem is None:
+        saved = config.getoption("benchmark_save", None)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        stem = f"specdec-{saved}-{stamp}" if saved else f"specdec-{stamp}"
     meta = {
         "target": records[0]["target"],
         "dtype": records[0]["dtype"],
@@ -395,9 +409,27 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": _machine_line(cfg),
     }
+    paths = write_reports(records, cfg.report_dir, stem, meta=meta,
+                          replace=REPORT_STEM_KEY in config.stash)
+    config.stash[REPORT_STEM_KEY] = paths[0].stem
+    return paths
+
+
+# tryfirst: the reports are written before pytest-benchmark's summary, which raises on a
+# --benchmark-compare-fail regression and would stop the hooks after it. pytest runs the
+# terminal summary on Ctrl-C too, so an interrupted session reports its finished cases.
+@pytest.hookimpl(tryfirst=True)
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if _is_worker(config):  # the xdist controller merges every worker's records and reports
+        return
+    records = _session_records(config)
+    if not records:
+        _show_comparison(terminalreporter, config)
+        return
+    from pytest_specdec.report import render_terminal
+
     terminalreporter.section("pytest-specdec")
     terminalreporter.write_line(render_terminal(records))
-    paths = write_reports(records, cfg.report_dir, stem, meta=meta)
-    for path in paths:
+    for path in _write_session_report(config, records):
         terminalreporter.write_line(f"report written: {path}")
     _show_comparison(terminalreporter, config)

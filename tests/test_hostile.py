@@ -416,6 +416,15 @@ class Interrupts(DrafterBase):
         raise KeyboardInterrupt
 
 
+class Crashes(DrafterBase):
+    """The process dies at once: no terminal summary, no cleanup."""
+
+    def propose(self, context, k):
+        import os
+
+        os._exit(3)
+
+
 HOSTILE = {
     "wrong_type": proposing(lambda c, k: [1, 2]),
     "returns_none": proposing(lambda c, k: None),
@@ -437,6 +446,7 @@ HOSTILE = {
     "mutates": Mutates,
     "slow": Slow,
     "interrupts": Interrupts,
+    "crashes": Crashes,
 }
 
 
@@ -547,6 +557,21 @@ def test_an_interrupted_session_leaves_valid_reports_of_the_finished_cases(
     assert [r["drafter"] for r in rows] == ["baseline", "pld"]
     assert {r["paradigm"] for r in data["records"]} == {"multi_round"}
     assert "interrupts" not in markdown and "| pld " in markdown
+
+
+def test_a_crashed_session_leaves_valid_reports_of_the_finished_cases(
+        suite, tiny_model_dir, tmp_path):
+    """The process dies in the third case (os._exit, no summary): the report, rewritten
+    after each finished case, parses whole and holds exactly those cases."""
+    reports = tmp_path / "reports"
+    result = suite.runpytest_subprocess(*small(tiny_model_dir, reports, "pld", "crashes"),
+                                        timeout=300)
+    assert result.ret == 3
+    data, rows, markdown = read_reports(reports)
+    assert [r["drafter"] for r in data["records"]] == ["baseline", "pld"]
+    assert [r["drafter"] for r in rows] == ["baseline", "pld"]
+    assert "crashes" not in markdown and "| pld " in markdown
+    assert not [p for p in reports.iterdir() if p.suffix not in (".md", ".csv", ".json", ".html")]
 
 
 # --------------------------------------------------------------------------- the option

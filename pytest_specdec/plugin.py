@@ -11,7 +11,7 @@ import pytest
 
 from pytest_specdec.options import SpecdecConfig, add_options, read_config
 from pytest_specdec.problems import ProblemSetError, load_problems
-from pytest_specdec.registry import Registry, load_registry
+from pytest_specdec.registry import Registry, add_hook_drafters, load_registry
 from pytest_specdec.session import PEERS, SpecdecSession, paradigm_cases, worker_device
 
 CONFIG_KEY = pytest.StashKey[SpecdecConfig]()
@@ -48,7 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
     cfg = read_config(config)
     config.stash[CONFIG_KEY] = cfg
     config.stash[REGISTRY_KEY] = registry = load_registry()
-    _add_hook_drafters(config, registry)
+    add_hook_drafters(config, registry)
     for problem in registry.problems:
         config.issue_config_time_warning(pytest.PytestConfigWarning(problem), stacklevel=2)
     _check_cheap(cfg, registry)
@@ -187,59 +187,6 @@ def _show_comparison(terminalreporter: Any, config: pytest.Config) -> None:
 
         terminalreporter.section("pytest-specdec compare", red=not comparison.passed)
         terminalreporter.write_line(render_summary(comparison))
-
-
-def _add_hook_drafters(config: pytest.Config, registry: Registry) -> None:
-    """Drafters from pytest_specdec_register_drafters (hookspec.py). Each implementation
-    is called on its own, so a broken one becomes a warning naming it (in
-    ``registry.problems``) and the others still count."""
-    import argparse
-    import inspect
-    from collections.abc import Mapping
-
-    from pytest_specdec.options import DrafterSpec, _drafter
-
-    hook = config.hook.pytest_specdec_register_drafters
-    impls = hook.get_hookimpls()
-    for impl in impls:
-        plugin = impl.plugin
-        path = Path(getattr(plugin, "__file__", None) or "?")
-        if path.name == "conftest.py":
-            shown = path.relative_to(config.rootpath) if path.is_relative_to(config.rootpath) else path
-            origin = f"conftest ({shown})"
-        else:
-            origin = f"plugin ({getattr(plugin, '__name__', None) or impl.plugin_name})"
-        where = f"pytest_specdec_register_drafters in {origin}"
-        only_this = config.pluginmanager.subset_hook_caller(
-            hook.name, [i.plugin for i in impls if i.plugin is not plugin])
-        try:  # each result with its items, read here too: a broken mapping is caught
-            results = [(r, list(r.items()) if isinstance(r, Mapping) else None)
-                       for r in only_this(config=config)]
-        except Exception as exc:  # a broken conftest must not take the session down
-            registry.problems.append(f"{where} raised {type(exc).__name__}: {exc}; "
-                                     "its drafters are skipped")
-            continue
-        for returned, items in results:
-            if items is None:
-                registry.problems.append(f"{where} returned {type(returned).__name__}, expected "
-                                         "a mapping of drafter names to factories; ignored")
-                continue
-            for name, factory in items:
-                try:  # the names --specdec-drafter accepts, options.py's pattern
-                    valid = isinstance(name, str) and _drafter(name) == DrafterSpec(name)
-                except argparse.ArgumentTypeError:
-                    valid = False
-                missing = [m for m in ("begin", "propose", "accept", "end")
-                           if inspect.isclass(factory) and not callable(getattr(factory, m, None))]
-                if not valid:
-                    registry.problems.append(f"{where}: drafter name {name!r} is not a valid "
-                                             "NAME (a letter or _, then letters, digits, _ . "
-                                             "or -); skipped")
-                elif missing:
-                    registry.problems.append(f"{where}: drafter {name!r} is a class without "
-                                             f"{', '.join(missing)}; skipped")
-                else:
-                    registry.add(name, factory, origin)
 
 
 def _check_cheap(cfg: SpecdecConfig, registry: Registry) -> None:

@@ -1,4 +1,5 @@
-"""Drafters by name: entry points of the group ``pytest_specdec.drafters``.
+"""Drafters by name: entry points of the group ``pytest_specdec.drafters``, and the
+``pytest_specdec_register_drafters`` hook (hookspec.py) for drafters in a conftest.py.
 
 The built-in drafters are registered through that group exactly as a third-party
 package registers its own. A registered object is a *factory*: called with the
@@ -128,3 +129,55 @@ def load_registry() -> Registry:
             continue
         registry.add(ep.name, factory, origin)
     return registry
+
+
+def add_hook_drafters(config: Any, registry: Registry) -> None:
+    """Drafters from pytest_specdec_register_drafters (hookspec.py). Each implementation
+    is called on its own, so a broken one becomes a warning naming it (in
+    ``registry.problems``) and the others still count."""
+    import argparse
+    from pathlib import Path
+
+    from pytest_specdec.options import _drafter
+
+    hook = config.hook.pytest_specdec_register_drafters
+    impls = hook.get_hookimpls()
+    for impl in impls:
+        plugin = impl.plugin
+        path = Path(getattr(plugin, "__file__", None) or "?")
+        if path.name == "conftest.py":
+            shown = path.relative_to(config.rootpath) if path.is_relative_to(config.rootpath) else path
+            origin = f"conftest ({shown})"
+        else:
+            origin = f"plugin ({getattr(plugin, '__name__', None) or impl.plugin_name})"
+        where = f"pytest_specdec_register_drafters in {origin}"
+        only_this = config.pluginmanager.subset_hook_caller(
+            hook.name, [i.plugin for i in impls if i.plugin is not plugin])
+        try:  # each result with its items, read here too: a broken mapping is caught
+            results = [(r, list(r.items()) if isinstance(r, Mapping) else None)
+                       for r in only_this(config=config)]
+        except Exception as exc:  # a broken conftest must not take the session down
+            registry.problems.append(f"{where} raised {type(exc).__name__}: {exc}; "
+                                     "its drafters are skipped")
+            continue
+        for returned, items in results:
+            if items is None:
+                registry.problems.append(f"{where} returned {type(returned).__name__}, expected "
+                                         "a mapping of drafter names to factories; ignored")
+                continue
+            for name, factory in items:
+                try:  # the names --specdec-drafter accepts, options.py's pattern
+                    valid = isinstance(name, str) and _drafter(name) == DrafterSpec(name)
+                except argparse.ArgumentTypeError:
+                    valid = False
+                missing = [m for m in ("begin", "propose", "accept", "end")
+                           if inspect.isclass(factory) and not callable(getattr(factory, m, None))]
+                if not valid:
+                    registry.problems.append(f"{where}: drafter name {name!r} is not a valid "
+                                             "NAME (a letter or _, then letters, digits, _ . "
+                                             "or -); skipped")
+                elif missing:
+                    registry.problems.append(f"{where}: drafter {name!r} is a class without "
+                                             f"{', '.join(missing)}; skipped")
+                else:
+                    registry.add(name, factory, origin)

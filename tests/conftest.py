@@ -28,6 +28,32 @@ def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0):
 
 
 SUITE = Path(__file__).resolve().parents[1] / "suites" / "test_cases.py"
+#: A hand-written run in pytest-benchmark's saved format (see tests/test_report.py).
+STORED_RUN = Path(__file__).parent / "data" / "run_pld.json"
+#: Its summary table: every expected figure can be checked by hand.
+STORED_SUMMARY = [
+    ["drafter", "multi_round T=0", "best_of_n T=0.6"],
+    ["baseline", "1.00x · MAT 1.00", "1.00x · MAT 1.00"],
+    ["pld", "2.00x · MAT 2.29", "1.60x · MAT 1.60"],
+    ["hf_generate", "1.00x · MAT 1.00", "1.00x · MAT 1.00"],
+    ["hf_pld", "1.25x · MAT 2.00", "1.28x · MAT 1.28"],
+]
+
+
+@pytest.fixture
+def records() -> list[dict]:
+    """The stored run's case records."""
+    from pytest_specdec.report import load_records
+
+    return load_records([STORED_RUN])
+
+
+@pytest.fixture
+def run_data() -> dict:
+    """The stored run's JSON, to be altered by a test."""
+    import json
+
+    return json.loads(STORED_RUN.read_text(encoding="utf-8"))
 
 
 @pytest.fixture

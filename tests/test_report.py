@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import STORED_RUN, STORED_SUMMARY
 from pytest_specdec import cli
 from pytest_specdec.report import (
     ReportError,
@@ -31,25 +32,9 @@ from pytest_specdec.report import (
     write_reports,
 )
 
-RUN = Path(__file__).parent / "data" / "run_pld.json"
+RUN = STORED_RUN
 
-EXPECTED_HEADERS = ["drafter", "multi_round T=0", "best_of_n T=0.6"]
-EXPECTED_ROWS = [
-    ["baseline", "1.00x · MAT 1.00", "1.00x · MAT 1.00"],
-    ["pld", "2.00x · MAT 2.29", "1.60x · MAT 1.60"],
-    ["hf_generate", "1.00x · MAT 1.00", "1.00x · MAT 1.00"],
-    ["hf_pld", "1.25x · MAT 2.00", "1.28x · MAT 1.28"],
-]
-
-
-@pytest.fixture
-def records() -> list[dict]:
-    return load_records([RUN])
-
-
-@pytest.fixture
-def run_data() -> dict:
-    return json.loads(RUN.read_text(encoding="utf-8"))
+EXPECTED_HEADERS, *EXPECTED_ROWS = STORED_SUMMARY
 
 
 def markdown_rows(text: str) -> list[list[str]]:

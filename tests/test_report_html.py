@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import STORED_RUN, STORED_SUMMARY
 from pytest_specdec import cli
 from pytest_specdec.machine import (
     machine_differences,
@@ -31,26 +32,9 @@ from pytest_specdec.report import (
     write_reports,
 )
 
-RUN = Path(__file__).parent / "data" / "run_pld.json"
+RUN = STORED_RUN
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-EXPECTED_SUMMARY = [
-    ["drafter", "multi_round T=0", "best_of_n T=0.6"],
-    ["baseline", "1.00x · MAT 1.00", "1.00x · MAT 1.00"],
-    ["pld", "2.00x · MAT 2.29", "1.60x · MAT 1.60"],
-    ["hf_generate", "1.00x · MAT 1.00", "1.00x · MAT 1.00"],
-    ["hf_pld", "1.25x · MAT 2.00", "1.28x · MAT 1.28"],
-]
-
-
-@pytest.fixture
-def records() -> list[dict]:
-    return load_records([RUN])
-
-
-@pytest.fixture
-def run_data() -> dict:
-    return json.loads(RUN.read_text(encoding="utf-8"))
+EXPECTED_SUMMARY = STORED_SUMMARY
 
 
 class Page(HTMLParser):

@@ -21,7 +21,6 @@ from pytest_specdec.report import (
     load_records,
     render_terminal,
     report_meta,
-    require_matplotlib,
     select_records,
     write_reports,
 )
@@ -162,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_report(args: argparse.Namespace) -> int:
     try:
         if args.charts:
+            from pytest_specdec.charts import require_matplotlib
+
             require_matplotlib()  # before anything is read, printed or written
         records = _selected_records(args)
         print(render_terminal(records))

@@ -11,15 +11,11 @@ time (every round decodes the same tokens).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import csv
-import html
-import importlib
 import io
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -608,217 +604,6 @@ identical to the baseline's (exact), differed only where the target's top choice
 nearly tied (near_tie), or was not checked."""
 
 
-# --------------------------------------------------------------------------- html
-
-
-class _Best(str):
-    """A summary cell holding its column's best speedup (what ``mark_best`` makes of it)."""
-
-HTML_STYLE = """\
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; padding: 0 1em;
-       color: #1b1b1b; line-height: 1.45; }
-table { border-collapse: collapse; margin: 0.8em 0 1.4em; font-size: 0.92em; }
-th, td { border: 1px solid #c8c8c8; padding: 0.25em 0.6em; text-align: left; }
-thead th { background: #f0f0f0; }
-td.best { background: #e3f4e1; }
-table.meta th { background: #f7f7f7; font-weight: 600; }
-code { font-size: 0.95em; }
-img { max-width: 100%; display: block; margin: 0.8em 0; }
-p.note { color: #444; }"""
-
-
-def render_html(records: Sequence[dict], *, title: str, meta: Mapping[str, str],
-                charts: Mapping[str, bytes] | None = None) -> str:
-    """The report as one self-contained HTML page (inline style, no scripts, no external
-    assets): meta, summary with the best speedup per column marked, details, per-position
-    acceptance, MAT by round and sample, peer ratios. ``charts`` maps chart titles to PNG
-    bytes, embedded as data URIs. Every text from the records is escaped."""
-    sections = [f"<h1>{_escape(title)}</h1>", _html_meta(meta), _html_summary(records)]
-    if charts:
-        images = "\n".join(
-            f'<figure><img alt="{_escape(name)}" src="data:image/png;base64,'
-            f'{base64.b64encode(png).decode("ascii")}"><figcaption>{_escape(name)}</figcaption>'
-            "</figure>" for name, png in charts.items())
-        sections.append(f'<section id="charts">\n<h2>Charts</h2>\n{images}\n</section>')
-    headers, rows = _details_table(records)
-    sections.append(_html_section("details", "Details", None,
-                                  _html_table(headers, rows, code_last=True)))
-    for section_id, name, note, (headers, rows) in (
-            ("per-position", "Per-position acceptance", PER_POSITION_NOTE,
-             _per_position_table(records)),
-            ("mat-by-sequence", "MAT by round and sample", MAT_BY_SEQUENCE_NOTE,
-             _mat_by_sequence_table(records))):
-        if rows:
-            sections.append(_html_section(section_id, name, note, _html_table(headers, rows)))
-    peers = peer_ratio_lines(records)
-    if peers:
-        items = "\n".join(f"<li>{_escape(line.removeprefix('- '))}</li>" for line in peers)
-        sections.append(_html_section("peers", "Compared with Hugging Face generate", None,
-                                      f"<ul>\n{items}\n</ul>"))
-    how_to_read = HOW_TO_READ.split("\n", 1)[1].strip()
-    sections.append(_html_section("how-to-read", "How to read", None,
-                                  f"<p>{_inline_bold(_escape(how_to_read))}</p>"))
-    body = "\n".join(sections)
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{_escape(title)}</title>\n<style>\n{HTML_STYLE}\n</style>\n</head>\n"
-            f"<body>\n{body}\n</body>\n</html>\n")
-
-
-def _escape(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _inline_bold(escaped: str) -> str:
-    """``**x**`` (already escaped text) as <strong>x</strong>."""
-    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
-
-
-def _html_section(section_id: str, name: str, note: str | None, content: str) -> str:
-    note_html = f'<p class="note">{_escape(note)}</p>\n' if note else ""
-    return f'<section id="{section_id}">\n<h2>{_escape(name)}</h2>\n{note_html}{content}\n</section>'
-
-
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
-                css_class: str = "", code_last: bool = False) -> str:
-    head = "".join(f'<th scope="col">{_escape(h)}</th>' for h in headers)
-    body = []
-    for row in rows:
-        cells = []
-        for index, cell in enumerate(row):
-            if isinstance(cell, _Best):
-                cells.append(f'<td class="best"><strong>{_escape(cell)}</strong></td>')
-            elif code_last and index == len(row) - 1:
-                cells.append(f"<td><code>{_escape(cell)}</code></td>")
-            else:
-                cells.append(f"<td>{_escape(cell)}</td>")
-        body.append(f"<tr>{''.join(cells)}</tr>")
-    attribute = f' class="{css_class}"' if css_class else ""
-    return (f"<table{attribute}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n"
-            + "\n".join(body) + "\n</tbody>\n</table>")
-
-
-def _html_meta(meta: Mapping[str, str]) -> str:
-    rows = "\n".join(f'<tr><th scope="row">{_escape(key)}</th><td>{_escape(value)}</td></tr>'
-                     for key, value in meta.items())
-    return f'<section id="meta">\n<table class="meta">\n<tbody>\n{rows}\n</tbody>\n</table>\n</section>'
-
-
-def _html_summary(records: Sequence[dict]) -> str:
-    parts = []
-    groups = _group_by_target(records)
-    for label, group in groups.items():
-        headers, rows = summary_table(group, mark_best=_Best)
-        if len(groups) > 1:
-            parts.append(f"<h3>{_escape(label)}</h3>")
-        parts.append(_html_table(headers, rows, css_class="summary"))
-    return _html_section("summary", "Summary",
-                         "Cells: speedup over the baseline · MAT. Bold on green: best speedup "
-                         "among speculative drafters in the column.", "\n".join(parts))
-
-
-# --------------------------------------------------------------------------- charts
-
-
-#: Chart titles by file suffix, in the order they are written and shown.
-CHART_TITLES = {"-speedup.png": "Speedup per paradigm",
-                "-acceptance.png": "Per-position acceptance"}
-
-
-def require_matplotlib() -> None:
-    """Raise ReportError naming the ``charts`` extra when matplotlib cannot be imported."""
-    _matplotlib()
-
-
-def _matplotlib() -> tuple[Any, Any]:
-    """matplotlib's Figure and Agg canvas: no pyplot, so no global backend, no window."""
-    try:
-        importlib.import_module("matplotlib")  # first: a missing package fails here
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise ReportError(f"charts need matplotlib, which cannot be imported ({exc}); "
-                          f"install the charts extra: {CHARTS_EXTRA}") from None
-    return Figure, FigureCanvasAgg
-
-
-def render_charts(records: Sequence[dict]) -> dict[str, bytes]:
-    """PNG bytes by file suffix (CHART_SUFFIXES): speedup bars and acceptance curves."""
-    figure_class, canvas_class = _matplotlib()
-    figures = dict(zip(CHART_SUFFIXES, (_speedup_figure(records, figure_class),
-                                        _acceptance_figure(records, figure_class))))
-    pngs = {}
-    for suffix, figure in figures.items():
-        canvas_class(figure)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-        pngs[suffix] = buffer.getvalue()
-    return pngs
-
-
-def _speedup_figure(records: Sequence[dict], figure_class: Any) -> Any:
-    """Per target: drafters along x, one bar per paradigm × temperature, baseline at 1."""
-    groups = _group_by_target(records)
-    widest = max(len(_rows(group)) * max(len(_columns(group)), 1) for group in groups.values())
-    figure = figure_class(figsize=(max(6.0, 0.45 * widest + 2), 3.8 * len(groups)),
-                          layout="constrained")
-    axes = figure.subplots(len(groups), 1, squeeze=False)[:, 0]
-    for ax, (label, group) in zip(axes, groups.items()):
-        columns = _columns(group)
-        with_temperature = _shows_temperature(group)
-        rows = [row for row in _rows(group) if row[0] != "baseline"]
-        by_cell = {(_row_key(r), _column_of(r)): r for r in group}
-        width = 0.8 / max(len(columns), 1)
-        for j, column in enumerate(columns):
-            xs, heights = [], []
-            for i, row in enumerate(rows):
-                record = by_cell.get((row, column))
-                if record is not None and record["speedup"] is not None:
-                    xs.append(i - 0.4 + width * (j + 0.5))
-                    heights.append(record["speedup"])
-            ax.bar(xs, heights, width, label=column.header(with_temperature=with_temperature))
-        ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1, label="baseline")
-        ax.set_xticks(range(len(rows)), [row[1] for row in rows], rotation=30, ha="right")
-        ax.set_xlim(-0.6, max(len(rows), 1) - 0.4)
-        ax.set_ylabel("speedup over baseline (x)")
-        ax.set_title(f"Speedup: {label}")
-        ax.legend(fontsize="small")
-    return figure
-
-
-def _acceptance_figure(records: Sequence[dict], figure_class: Any) -> Any:
-    """One panel per target and paradigm × temperature; a curve per speculative drafter."""
-    panels: dict[str, list[dict]] = {}
-    several_targets = len(_group_by_target(records)) > 1
-    for label, group in _group_by_target(records).items():
-        with_temperature = _shows_temperature(group)
-        for column in _columns(group):
-            curves = [r for r in _report_order(group) if r["role"] == "speculative"
-                      and _column_of(r) == column and r["per_position_acceptance"]]
-            if curves:
-                name = column.header(with_temperature=with_temperature)
-                panels[f"{label}, {name}" if several_targets else name] = curves
-    count = max(len(panels), 1)
-    figure = figure_class(figsize=(6.4, 3.6 * count), layout="constrained")
-    axes = figure.subplots(count, 1, squeeze=False)[:, 0]
-    if not panels:
-        axes[0].text(0.5, 0.5, "no per-position acceptance in these records",
-                     ha="center", va="center", transform=axes[0].transAxes)
-        axes[0].set_axis_off()
-    for ax, (name, curves) in zip(axes, panels.items()):
-        for record in curves:
-            rates = record["per_position_acceptance"]
-            ax.plot(range(1, len(rates) + 1), [rate * 100 for rate in rates], marker="o",
-                    markersize=3, label=record["drafter"])
-        longest = max(len(record["per_position_acceptance"]) for record in curves)
-        ax.set_xticks(range(1, longest + 1, max(1, -(-longest // 16))))  # whole positions
-        ax.set_ylim(0, 100)
-        ax.set_xlabel("draft position")
-        ax.set_ylabel("accepted (%)")
-        ax.set_title(f"Per-position acceptance: {name}")
-        ax.legend(fontsize="small")
-    return figure
-
-
 # --------------------------------------------------------------------------- data files
 
 
@@ -877,6 +662,9 @@ def write_reports(records: Sequence[dict], directory: str | Path, stem: str, *,
     finish. Charts without matplotlib raise ReportError before any file or directory
     is made.
     """
+    from pytest_specdec.charts import CHART_TITLES, render_charts
+    from pytest_specdec.report_html import render_html
+
     _check_stem(stem)
     pngs = render_charts(records) if charts else {}
     directory = Path(directory)

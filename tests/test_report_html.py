@@ -26,11 +26,11 @@ from pytest_specdec.report import (
     ReportError,
     describe_machine,
     load_records,
-    render_html,
     report_meta,
     select_records,
     write_reports,
 )
+from pytest_specdec.report_html import render_html
 
 RUN = STORED_RUN
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -24,6 +24,7 @@ forward with exactly those, and nothing else about the target reaches the drafte
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, Sequence, runtime_checkable
@@ -79,9 +80,10 @@ class Draft:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    @property
+    @functools.cached_property
     def depth(self) -> int:
-        """The longest root path: the most draft tokens one step can accept."""
+        """The longest root path: the most draft tokens one step can accept (computed
+        once: validation and the step record both read it)."""
         if self.parents is None:
             return len(self.tokens)
         depths: list[int] = []

@@ -224,6 +224,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     context, new, stop, margins = prompt, [], "budget", []
     cached = 0  # context tokens the cache holds
     steps: list[StepRecord] = []
+    tree_refusal: str | None = None  # why the target cannot verify trees ("" if it can)
     guarded = _Guard(drafter, drafter_name, step_timeout, context) if drafter is not None else None
     needs = guarded.needs() if guarded is not None else frozenset()
     if guarded is not None:
@@ -237,9 +238,12 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
         if guarded is not None and room > 0:
             draft = guarded.propose(room, target.vocab_size)
         t1 = time.perf_counter()
-        if (not draft.is_chain or draft.probe_tokens) and (why := target.tree_support()):
-            raise DraftError(drafter_name, "tree drafts need a target that can verify them",
-                             f"target {target.name!r} cannot: {why}")
+        if not draft.is_chain or draft.probe_tokens:
+            if tree_refusal is None:  # asked once per sequence, at its first tree
+                tree_refusal = target.tree_support()
+            if tree_refusal:
+                raise DraftError(drafter_name, "tree drafts need a target that can verify them",
+                                 f"target {target.name!r} cannot: {tree_refusal}")
         step = speculative_step(target, request.sampler, cache, context, cached, draft,
                                 hidden_states="hidden_states" in needs,
                                 top_k=SIGNAL_TOP_K if "top_k" in needs else 0)
@@ -256,8 +260,8 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
         new.extend(emitted)
         # draft tokens past an EOS are agreed with but never output: not counted
         accepted = min(len(step.emitted) - 1, len(emitted))
-        record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted, emitted=len(emitted),
-                            propose_s=t1 - t0, target_s=t2 - t1)
+        record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted,
+                            emitted=len(emitted), propose_s=t1 - t0, target_s=t2 - t1)
         steps.append(record)
         stats.add_step(record)
         if guarded is not None:

@@ -1,24 +1,44 @@
 """REST (He et al., NAACL 2024, "REST: Retrieval-Based Speculative Decoding"): draft a
 tree of the continuations that most often follow the context's suffix in a datastore.
 
-At each step the longest suffix of the context, from max_suffix down to min_suffix
-tokens, that occurs in a datastore with a token after it is looked up in a suffix
-array (:mod:`pytest_specdec.datastore`); up to max_matches of its occurrences give
-their next k tokens, which are counted in a trie, and the draft is the max_nodes most
-frequent trie nodes (the paper's "choosing the draft tokens by frequency").
+Reference: FasterDecoding/REST, its DraftRetriever (``Reader.search``) and
+``generate_candidates_and_draft_buffer``. At each step the longest suffix of the
+context, from max_suffix down to min_suffix tokens (the reference's token spans 16..2),
+is looked up in a suffix array (:mod:`pytest_specdec.datastore`); the continuations of
+its occurrences, at most max_depth tokens each (the reference's 10), are counted in a
+trie, and the draft is the max_nodes most frequent trie nodes (64, the reference's
+``choices``), parents first.
 
-Two datastores may be searched: a corpus datastore built offline with
-``pytest-specdec datastore build`` (``datastore=PATH``), and, with ``share_group``, an
-in-memory datastore of the earlier sequences (prompt and output) of the same problem:
-the other Best-of-N samples and earlier rounds. With no corpus the group datastore is
-the only source, so REST works offline on the default setup (its first sequence of a
-problem then drafts nothing). The group's suffix array is rebuilt in ``end()``,
-between sequences (O(t log t) for the group's t tokens), never per token.
+**Sources.** By default there is no corpus datastore: ``source`` is ``"group"``, and
+REST retrieves only from the problem's earlier sequences (prompt and output of the
+earlier Best-of-N samples and rounds), held in an in-memory datastore, so the first
+sequence of each problem drafts nothing. A corpus datastore built offline with
+``pytest-specdec datastore build`` (``datastore=PATH``, e.g. from a chat dataset as in
+the paper) is searched too (``"corpus+group"``), or alone with ``share_group=false``
+(``"corpus"``). The group's suffix array is rebuilt in ``end()``, between sequences
+(O(t log t) for the group's t tokens), never per token.
+
+Deliberate differences from the reference:
+
+- it searches one corpus datastore; here the problem's earlier sequences are a source
+  too, and the only one by default (see above);
+- the reference takes the longest span with any match; here the longest suffix with a
+  match followed by at least one token (a span found only at document ends drafts
+  nothing there, so a shorter one is tried);
+- the reference counts the first 5000 matches in suffix-array order; here at most
+  max_matches (256) spread evenly over all matches, which keeps their frequencies
+  (the range is sorted by continuation, so its first entries are biased);
+- continuations stop at their document's end;
+- the reference keeps the 64 most counted nodes through a heap (ties in hash order)
+  and then drops whole paths to fit; here ties rank by depth, then token path
+  (:meth:`pytest_specdec.drafting.CountedTrie.top`), so the draft is deterministic;
+- the reference drafts one arbitrary token when nothing matches; here the draft is
+  empty.
 
 Per-step cost does not depend on the context length: a proposal reads only the last
 max_suffix tokens, makes O(log max_suffix) lookups of O(max_suffix log n) each, and
-counts at most max_matches x k continuation tokens; ``accept`` appends the new tokens
-to the sequence kept for the group datastore.
+counts at most max_matches x max_depth continuation tokens; ``accept`` appends the new
+tokens to the open sequence, kept for the group datastore.
 """
 
 from __future__ import annotations
@@ -31,6 +51,7 @@ import numpy as np
 
 from pytest_specdec.datastore import SEPARATOR, Datastore, build_datastore
 from pytest_specdec.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
+from pytest_specdec.drafting import CountedTrie, ProblemMemory
 
 
 @lru_cache(maxsize=2)
@@ -73,59 +94,48 @@ def frequency_tree(rows: np.ndarray, max_nodes: int) -> Draft:
     """The `max_nodes` most frequent nodes of the trie of `rows` (continuations, cut
     at the first SEPARATOR) as a draft; a chain when the tree has no branches.
 
-    Scoring rule: a node's count is how many continuations pass through it. Nodes are
-    ranked by count, then depth, then token path, so a parent (count >= its child's,
-    one shorter) always ranks before its children: the top nodes form a tree, and
-    listing them in rank order puts parents first and likelier alternatives first.
+    Scoring rule (:meth:`CountedTrie.top`): a node's count is how many continuations
+    pass through it; nodes rank by count, then depth, then token path, so parents come
+    first and likelier alternatives first. Equal rows are counted once, with their
+    number as the weight (np.unique), so the trie sees each distinct row once.
     """
-    # sorted distinct rows: the rows sharing a d-token prefix (a trie node at depth d)
-    # are a contiguous block, and the blocks of one depth are in path order
-    unique, weights = np.unique(rows, axis=0, return_counts=True)
-    n, depth = unique.shape
-    if n == 0 or depth == 0:
+    if rows.size == 0:
         return Draft()
-    shared = np.zeros(n, dtype=np.int64)  # leading tokens row i shares with row i - 1
-    shared[1:] = np.argmax(unique[1:] != unique[:-1], axis=1)
-    before = np.concatenate(([0], np.cumsum(weights)))  # continuations before row i
-    levels, parents_of, previous, offset = [], [], None, 0
-    for d in range(depth):
-        starts = np.flatnonzero(shared <= d)  # first rows of the depth-(d+1) blocks
-        counts = before[np.append(starts[1:], n)] - before[starts]
-        # the parent block is the last depth-d block starting at or before this one
-        parents_of.append(np.full(len(starts), -1) if previous is None else
-                          offset - len(previous) + np.searchsorted(previous, starts, "right") - 1)
-        levels.append((np.full(len(starts), d), starts, counts, unique[starts, d]))
-        previous, offset = starts, offset + len(starts)
-    depths, starts, counts, tokens = (np.concatenate(column) for column in zip(*levels))
-    parent = np.concatenate(parents_of)
-    ranked = np.lexsort((starts, depths, -counts))
-    chosen = ranked[tokens[ranked] != SEPARATOR][:max_nodes]
-    slot = np.full(len(tokens), -1)
-    slot[chosen] = np.arange(len(chosen))
-    parent_slots = np.where(parent[chosen] >= 0, slot[parent[chosen]], -1)
-    draft = Draft(tuple(tokens[chosen].tolist()), tuple(parent_slots.tolist()))
-    return Draft(draft.tokens) if draft.is_chain else draft
+    unique, weights = np.unique(rows, axis=0, return_counts=True)
+    trie = CountedTrie()
+    for row, weight in zip(unique.tolist(), weights.tolist()):
+        end = row.index(SEPARATOR) if SEPARATOR in row else len(row)
+        trie.add(row[:end], weight)
+    return trie.top(max_nodes, rows.shape[1])
 
 
 class Rest(DrafterBase):
     """REST: retrieval from suffix-array datastores, drafts a frequency tree.
 
-    datastore: path of a datastore file (``pytest-specdec datastore build``); empty:
-        none, only the group datastore is searched.
+    By default (no ``datastore``) it retrieves only from the problem's earlier
+    sequences (``source == "group"``): the first sequence of each problem drafts
+    nothing. See the module docstring for the reference and the differences.
+
+    datastore: path of a corpus datastore file (``pytest-specdec datastore build``);
+        empty: none, only the group datastore is searched.
     share_group: also search the earlier sequences of the same problem (Best-of-N
         samples, earlier rounds), held in an in-memory datastore.
     max_suffix / min_suffix: the longest and shortest context suffix looked up (the
-        paper's token spans 16..2).
+        reference's token spans 16..2).
+    max_depth: the deepest draft (the reference's 10), within the engine's k.
     max_matches: most occurrences whose continuations are counted (evenly spread over
         all matches when there are more).
-    max_nodes: most draft tokens in the tree (the paper's 64 draft tokens).
+    max_nodes: most draft tokens in the tree (the reference's 64).
     """
 
     def __init__(self, datastore: str = "", share_group: bool = True, max_suffix: int = 16,
-                 min_suffix: int = 2, max_matches: int = 256, max_nodes: int = 64):
+                 min_suffix: int = 2, max_depth: int = 10, max_matches: int = 256,
+                 max_nodes: int = 64):
         if min_suffix < 1 or max_suffix < min_suffix:
             raise ValueError(f"need 1 <= min_suffix <= max_suffix, got min_suffix={min_suffix}, "
                              f"max_suffix={max_suffix}")
+        if max_depth < 1:
+            raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         if max_matches < 1:
             raise ValueError(f"max_matches must be >= 1, got {max_matches}")
         if not 1 <= max_nodes <= MAX_DRAFT_NODES:
@@ -133,25 +143,30 @@ class Rest(DrafterBase):
         if not datastore and not share_group:
             raise ValueError("REST needs a source: datastore=PATH, or share_group=true "
                              "(got datastore='' and share_group=False)")
-        self.max_suffix, self.min_suffix = max_suffix, min_suffix
+        self.max_suffix, self.min_suffix, self.max_depth = max_suffix, min_suffix, max_depth
         self.max_matches, self.max_nodes, self.share_group = max_matches, max_nodes, share_group
         self.corpus = open_datastore(datastore) if datastore else None
-        self._group_key = ""
-        self._sequence: list[int] = []
-        # per problem: its finished sequences and the datastore over them
-        self._group_docs: dict[str, list[np.ndarray]] = {}
-        self._group_stores: dict[str, Datastore] = {}
+        # per problem: its finished sequences and the datastore over them (rebuilt at end)
+        self.memory: ProblemMemory[Datastore] = ProblemMemory(
+            lambda previous, sequences: build_datastore(sequences), keep=share_group)
+
+    @property
+    def source(self) -> str:
+        """Where drafts come from: "group" (the problem's earlier sequences only, the
+        default), "corpus" (the datastore file only) or "corpus+group"."""
+        return "+".join(name for name, used in (("corpus", self.corpus is not None),
+                                                ("group", self.share_group)) if used)
 
     def begin(self, request: DraftRequest) -> None:
-        self._group_key = request.group
-        self._sequence = list(request.prompt_ids)
+        self.memory.begin(request)
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
-        group = self._group_stores.get(self._group_key) if self.share_group else None
+        group = self.memory.index() if self.share_group else None
         # the group's own earlier sequences first: they fill max_matches first, being
         # the likelier source; a source with a shorter longest suffix is not used
         sources = [store for store in (group, self.corpus) if store is not None]
-        if k < 1 or not sources:
+        depth = min(k, self.max_depth)
+        if depth < 1 or not sources:
             return Draft()
         found = [(store, *longest_match(store, context, self.min_suffix, self.max_suffix))
                  for store in sources]
@@ -161,16 +176,12 @@ class Rest(DrafterBase):
         rows, room = [], self.max_matches
         for store, n, matches in found:
             if n == length and room > 0:
-                rows.append(store.continuations(matches, length, k, room))
+                rows.append(store.continuations(matches, length, depth, room))
                 room -= len(rows[-1])
         return frequency_tree(np.concatenate(rows), self.max_nodes)
 
     def accept(self, tokens: Sequence[int]) -> None:
-        self._sequence.extend(tokens)
+        self.memory.extend(tokens)
 
     def end(self) -> None:
-        if self.share_group and self._sequence:
-            docs = self._group_docs.setdefault(self._group_key, [])
-            docs.append(np.asarray(self._sequence, dtype=np.int32))
-            self._group_stores[self._group_key] = build_datastore(docs)
-        self._sequence = []
+        self.memory.end()

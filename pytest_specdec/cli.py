@@ -5,6 +5,7 @@ datastores for retrieval drafters (REST).
     pytest-specdec compare BASE.json NEW.json --fail speedup:10%,mat:5%
     pytest-specdec list
     pytest-specdec datastore build corpus.jsonl --target embedded --output corpus.rest
+    pytest-specdec datastore build owner/chats --split train --column text --output chats.rest
 """
 
 from __future__ import annotations
@@ -114,15 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize the documents of each CORPUS with the target's tokenizer (no "
                     "special tokens added) and write their suffix array as safetensors. A .txt "
                     "corpus holds one document per paragraph (paragraphs are separated by "
-                    "blank lines); a .jsonl corpus one JSON object per line. The file is "
-                    "written atomically and never overwritten without --force.")
-    build.add_argument("corpora", nargs="+", metavar="CORPUS", help=".txt or .jsonl file(s)")
+                    "blank lines); a .jsonl corpus one JSON object per line; a dataset (a "
+                    "Hugging Face id owner/name[:config], or a local folder datasets can "
+                    "load) one document per row of --split, from --column (needs the "
+                    "'datasets' package). The file is written atomically and never "
+                    "overwritten without --force.")
+    build.add_argument("corpora", nargs="+", metavar="CORPUS",
+                       help=".txt or .jsonl file, dataset folder, or Hugging Face dataset id "
+                            "owner/name[:config]")
     build.add_argument("--target", default="embedded", metavar="SPEC",
                        help="model whose tokenizer to use, as --specdec-target takes it "
                             "(default: embedded)")
     build.add_argument("--output", required=True, metavar="FILE", help="datastore file to write")
-    build.add_argument("--text-field", default="text", metavar="NAME",
-                       help="the field holding the text in .jsonl corpora (default: text)")
+    build.add_argument("--column", "--text-field", dest="text_field", default="text",
+                       metavar="NAME", help="the dataset column, or .jsonl field, holding the "
+                                            "text (default: text)")
+    build.add_argument("--split", default="train", metavar="SPLIT",
+                       help="the split of dataset corpora (default: train)")
     build.add_argument("--force", action="store_true", help="replace FILE if it exists")
     build.add_argument("--progress-every", type=int, default=DEFAULT_PROGRESS_EVERY, metavar="N",
                        help="report progress to stderr every N documents "
@@ -277,7 +286,8 @@ def run_datastore_build(args: argparse.Namespace) -> int:
             raise DatastoreError(f"{output} already exists; pass --force to replace it")
         if not output.parent.is_dir():
             raise DatastoreError(f"the folder of --output {output} does not exist")
-        corpora = [read_documents(path, args.text_field) for path in args.corpora]
+        corpora = [read_documents(source, args.text_field, split=args.split)
+                   for source in args.corpora]
         tokenizer, name, vocab_size = load_tokenizer(args.target)
         docs: list[list[int]] = []
         tokens = 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,21 +202,73 @@ def build_datastore(token_docs: Iterable[Sequence[int]], **metadata: str) -> Dat
 # --------------------------------------------------------------------------- corpora
 
 
-def read_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
-    """The documents of a corpus file; the file is checked now, read lazily.
+#: A Hugging Face dataset id, "owner/name" or "owner/name:config" (as --specdec-dataset).
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(?::[\w.-]+)?$")
+_FILE_KINDS = (".txt", ".jsonl")
+_SOURCES = ("a .txt or .jsonl file, a local dataset folder, or a Hugging Face dataset id "
+            "owner/name[:config]")
+
+
+def read_documents(source: str | os.PathLike, text_field: str = "text", *,
+                   split: str = "train") -> Iterator[str]:
+    """The documents of a corpus; the corpus is checked (and a dataset loaded) now, its
+    documents are read lazily.
 
     ``.txt``: one document per paragraph (paragraphs are separated by blank lines; the
     line breaks inside a paragraph are kept). ``.jsonl``: one JSON object per line, the
-    document is its `text_field` string (blank lines are skipped).
+    document is its `text_field` string (blank lines are skipped). A folder or a
+    Hugging Face dataset id ``owner/name[:config]``: loaded with
+    ``datasets.load_dataset`` (a folder of .json/.jsonl/.parquet/.csv files needs no
+    network), `split` of it, one document per row's `text_field` column.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DatastoreError(f"corpus {str(path)!r} does not exist")
-    if path.suffix == ".txt":
-        return _paragraphs(path)
-    if path.suffix == ".jsonl":
-        return _jsonl_texts(path, text_field)
-    raise DatastoreError(f"corpus {str(path)!r}: expected a .txt or .jsonl file")
+    path = Path(source)
+    if path.is_file():
+        if path.suffix == ".txt":
+            return _paragraphs(path)
+        if path.suffix == ".jsonl":
+            return _jsonl_texts(path, text_field)
+        raise DatastoreError(f"corpus {str(path)!r}: expected {_SOURCES}")
+    if path.is_dir():
+        return _dataset_texts(str(path), None, text_field, split)
+    if path.suffix not in _FILE_KINDS and _HF_ID.match(str(source)):
+        name, _, config = str(source).partition(":")
+        return _dataset_texts(name, config or None, text_field, split)
+    raise DatastoreError(f"corpus {str(source)!r} does not exist (expected {_SOURCES})")
+
+
+def _dataset_texts(name: str, config: str | None, text_field: str,
+                   split: str) -> Iterator[str]:
+    source = f"{name}:{config}" if config else name
+    try:
+        import datasets
+    except ImportError:
+        raise DatastoreError(f"corpus {source!r} is a dataset: reading it needs the "
+                             "'datasets' package (pip install datasets)") from None
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # offline, not found, bad split, ...: reported the same way
+        raise DatastoreError(
+            f"could not load the dataset {source!r} (split {split!r}): "
+            f"{type(exc).__name__}: {exc}. Without network access, pass a local dataset "
+            "folder or .txt/.jsonl files") from None
+    columns = list(getattr(dataset, "column_names", None) or ())
+    if columns and text_field not in columns:
+        raise DatastoreError(f"dataset {source!r} (split {split!r}) has no column "
+                             f"{text_field!r} (has: {', '.join(columns)}); choose one with "
+                             "--column")
+    return _column_texts(dataset, source, text_field)
+
+
+def _column_texts(dataset: Iterable[dict], source: str, text_field: str) -> Iterator[str]:
+    for number, row in enumerate(dataset):
+        if text_field not in row:
+            raise DatastoreError(f"dataset {source!r} row {number}: no column {text_field!r} "
+                                 f"(has: {', '.join(row)}); choose one with --column")
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise DatastoreError(f"dataset {source!r} row {number}: column {text_field!r} is "
+                                 f"{type(text).__name__}, expected a string")
+        yield text
 
 
 def _paragraphs(path: Path) -> Iterator[str]:

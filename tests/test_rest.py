@@ -383,6 +383,7 @@ def test_the_group_datastore_is_rebuilt_at_end_not_per_token(monkeypatch):
     ({"min_suffix": 0}, "1 <= min_suffix <= max_suffix, got min_suffix=0, max_suffix=16"),
     ({"min_suffix": 5, "max_suffix": 4}, "got min_suffix=5, max_suffix=4"),
     ({"max_matches": 0}, "max_matches must be >= 1, got 0"),
+    ({"max_depth": 0}, "max_depth must be >= 1, got 0"),
     ({"max_nodes": 0}, r"max_nodes must be in \[1, 256\], got 0"),
     ({"max_nodes": 257}, r"max_nodes must be in \[1, 256\], got 257"),
     ({"share_group": False}, "REST needs a source"),
@@ -390,6 +391,36 @@ def test_the_group_datastore_is_rebuilt_at_end_not_per_token(monkeypatch):
 def test_invalid_options_raise_naming_the_values(options, message):
     with pytest.raises(ValueError, match=message):
         Rest(**options)
+
+
+@pytest.mark.parametrize("corpus, share_group, source", [
+    (False, True, "group"),  # the default: the problem's earlier sequences only
+    (True, True, "corpus+group"),
+    (True, False, "corpus"),
+])
+def test_source_says_where_drafts_come_from(tmp_path, corpus, share_group, source):
+    options = {"datastore": corpus_file(tmp_path, [[1, 2, 3]])} if corpus else {}
+    drafter = Rest(share_group=share_group, **options)
+    assert drafter.source == source
+    with pytest.raises(AttributeError):
+        drafter.source = "corpus"  # read-only
+
+
+def test_the_default_is_the_reference_configuration():
+    drafter = Rest()
+    assert (drafter.source, drafter.max_suffix, drafter.min_suffix, drafter.max_depth,
+            drafter.max_nodes) == ("group", 16, 2, 10, 64)
+
+
+@pytest.mark.parametrize("k, max_depth, expected", [
+    (20, 10, tuple(range(3, 13))),  # the reference's depth 10 under a large k
+    (4, 10, (3, 4, 5, 6)),  # k is smaller
+    (20, 2, (3, 4)),
+])
+def test_max_depth_caps_the_draft(tmp_path, k, max_depth, expected):
+    drafter = Rest(datastore=corpus_file(tmp_path, [list(range(1, 30))]), share_group=False,
+                   max_depth=max_depth)
+    assert propose(drafter, [1, 2], k=k) == Draft(expected)
 
 
 def test_datastore_option_errors_name_the_path(tmp_path):
@@ -544,6 +575,107 @@ def test_cli_with_a_real_tokenizer_from_a_model_folder(tmp_path, tiny_model_dir,
     assert store.metadata["vocab_size"] == str(len(tokenizer))
     first = store.tokens[:store.doc_starts[1] - 1].tolist()
     assert first == tokenizer.encode("The answer is 42.", add_special_tokens=False)
+
+
+# --- datasets as corpora (local, no network) -----------------------------------------------
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """datasets.load_dataset answering from memory: records its calls, serves `tables`."""
+    datasets = pytest.importorskip("datasets")
+    calls, tables = [], {}
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        if (name, split) not in tables:
+            raise ConnectionError(f"no network to fetch {name}")
+        return datasets.Dataset.from_dict(tables[(name, split)])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls, tables
+
+
+def test_cli_builds_from_a_hugging_face_dataset(tmp_path, byte_tokenizer, fake_hub, capsys):
+    calls, tables = fake_hub
+    tables[("owner/chats", "validation")] = {"id": [1, 2], "body": ["hello there", "bye"]}
+    out = tmp_path / "o.rest"
+    argv = ["datastore", "build", "owner/chats:short", "--split", "validation", "--column",
+            "body", "--output", str(out)]
+    assert cli.main(argv) == 0
+    assert calls == [("owner/chats", "short", "validation")]
+    assert documents_of(out) == ["hello there", "bye"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_dataset_split_defaults_to_train_and_column_to_text(tmp_path, byte_tokenizer,
+                                                                fake_hub):
+    calls, tables = fake_hub
+    tables[("owner/notes", "train")] = {"text": ["abc"]}
+    assert cli.main(["datastore", "build", "owner/notes", "--output",
+                     str(tmp_path / "o.rest")]) == 0
+    assert calls == [("owner/notes", None, "train")]
+    assert documents_of(tmp_path / "o.rest") == ["abc"]
+
+
+def test_cli_builds_from_a_local_dataset_folder(tmp_path, byte_tokenizer, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    out = tmp_path / "o.rest"
+    assert cli.main(["datastore", "build", str(folder), str(tmp_path / "more.txt"),
+                     "--output", str(out)]) == 2  # a missing second corpus: nothing built
+    assert not out.exists()
+    (tmp_path / "more.txt").write_text("three\n")
+    assert cli.main(["datastore", "build", str(folder), str(tmp_path / "more.txt"),
+                     "--output", str(out)]) == 0
+    assert documents_of(out) == ["one", "two", "three"]
+
+
+DATASET_ERRORS = [
+    # id, table served for (owner/data, train), arguments, message (a regex)
+    ("offline", None, ["owner/data"],
+     r"could not load the dataset 'owner/data' \(split 'train'\): ConnectionError: no "
+     r"network to fetch owner/data\. Without network access, pass a local dataset folder"),
+    ("unknown-split", {"text": ["a"]}, ["owner/data", "--split", "test"],
+     r"could not load the dataset 'owner/data' \(split 'test'\)"),
+    ("missing-column", {"content": ["a"], "id": [1]}, ["owner/data"],
+     r"dataset 'owner/data' \(split 'train'\) has no column 'text' \(has: content, id\); "
+     r"choose one with --column"),
+    ("not-a-string", {"text": ["a", None]}, ["owner/data"],
+     r"dataset 'owner/data' row 1: column 'text' is NoneType, expected a string"),
+    ("not-a-dataset-id", None, ["not an id"],
+     r"corpus 'not an id' does not exist \(expected a .txt or .jsonl file, a local dataset "
+     r"folder, or a Hugging Face dataset id owner/name\[:config\]\)"),
+]
+
+
+@pytest.mark.parametrize("table, arguments, message", [c[1:] for c in DATASET_ERRORS],
+                         ids=[c[0] for c in DATASET_ERRORS])
+def test_cli_dataset_errors_exit_2_with_a_clear_message(tmp_path, byte_tokenizer, fake_hub,
+                                                        capsys, table, arguments, message):
+    if table is not None:
+        fake_hub[1][("owner/data", "train")] = table
+    assert cli.main(["datastore", "build", *arguments, "--output",
+                     str(tmp_path / "o.rest")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not (tmp_path / "o.rest").exists()
+
+
+def test_cli_dataset_without_the_datasets_package(tmp_path, monkeypatch, capsys):
+    import sys
+
+    def never(spec):
+        raise AssertionError("the tokenizer was loaded before the corpus was checked")
+
+    monkeypatch.setattr(cli, "load_tokenizer", never)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets raises ImportError
+    assert cli.main(["datastore", "build", "owner/data", "--output",
+                     str(tmp_path / "o.rest")]) == 2
+    assert ("corpus 'owner/data' is a dataset: reading it needs the 'datasets' package "
+            "(pip install datasets)") in capsys.readouterr().err
 
 
 # --- losslessness through the engine (tree drafts) -------------------------------------

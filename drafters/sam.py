@@ -42,6 +42,7 @@ from bisect import bisect_right
 from typing import Iterable, Sequence
 
 from pytest_specdec.drafter import Draft, DraftRequest, DrafterBase
+from pytest_specdec.drafting import ProblemMemory
 
 #: Never a token id: stands for the last token of each sequence in the group automaton.
 SEPARATOR = -1
@@ -146,6 +147,15 @@ class GroupAutomaton:
         return tuple(self.tokens[end + 1:min(end + 1 + k, sequence_end)])
 
 
+def grow_group(previous: GroupAutomaton | None,
+               sequences: tuple[tuple[int, ...], ...]) -> GroupAutomaton:
+    """The problem's group automaton with its newest finished sequence added (the
+    ProblemMemory index of SAM)."""
+    group = previous if previous is not None else GroupAutomaton()
+    group.add(sequences[-1])
+    return group
+
+
 class SamDecoding(DrafterBase):
     """SAM-Decoding: longest-suffix matching with suffix automatons, built incrementally.
 
@@ -163,22 +173,27 @@ class SamDecoding(DrafterBase):
         if not isinstance(share_group, bool):
             raise ValueError(f"share_group must be True or False, got {share_group!r}")
         self.min_match, self.share_group = min_match, share_group
-        self._tokens: list[int] = []  # the current sequence: prompt, then accepted tokens
+        # the current sequence (prompt, then accepted tokens) and, per problem, the group
+        # automaton of its finished sequences
+        self.memory: ProblemMemory[GroupAutomaton] = ProblemMemory(grow_group,
+                                                                   keep=share_group)
         self._current = SuffixAutomaton()
-        self._group_key = ""
-        self._groups: dict[str, GroupAutomaton] = {}
         self._earlier: GroupAutomaton | None = None  # this problem's finished sequences
         self._group_match = (0, 0)  # (state, length) of the text's match in _earlier
 
     def begin(self, request: DraftRequest) -> None:
-        self._group_key = request.group
-        self._tokens, self._current = [], SuffixAutomaton()
-        self._earlier = self._groups.get(request.group) if self.share_group else None
+        self.memory.begin(request)
+        self._current = SuffixAutomaton()
+        self._earlier = self.memory.index() if self.share_group else None
         self._group_match = (0, 0)
-        self.accept(request.prompt_ids)
+        self._follow(request.prompt_ids)
 
     def accept(self, tokens: Sequence[int]) -> None:
-        self._tokens.extend(tokens)
+        self.memory.extend(tokens)
+        self._follow(tokens)
+
+    def _follow(self, tokens: Sequence[int]) -> None:
+        """The text grew by `tokens`: extend the automaton, advance the group match."""
         self._current.extend(tokens)
         if self._earlier is not None:
             automaton, (state, length) = self._earlier.automaton, self._group_match
@@ -198,9 +213,8 @@ class SamDecoding(DrafterBase):
         if group_length > current_length and self._earlier is not None:
             return Draft(self._earlier.continuation(group_state, k))
         end = self._current.first_end[current]
-        return Draft(tuple(self._tokens[end + 1:end + 1 + k]))
+        return Draft(tuple(self.memory.current[end + 1:end + 1 + k]))
 
     def end(self) -> None:
-        if self.share_group:
-            self._groups.setdefault(self._group_key, GroupAutomaton()).add(self._tokens)
+        self.memory.end()
         self._earlier = None

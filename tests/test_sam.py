@@ -159,6 +159,18 @@ def test_share_group(share_group, earlier, now, k, expected):
     assert propose(prompt, k=k, group=group, drafter=drafter) == Draft(expected)
 
 
+def test_the_problem_memory_holds_the_finished_sequences():
+    drafter = finished(SamDecoding(), "A", [1, 2, 3], [4, 5])
+    assert drafter.memory.sequences("A") == ((1, 2, 3), (4, 5))
+    # a sequence begun without end() is filed when the next one begins
+    drafter.begin(DraftRequest((7, 8, 9), "A"))
+    assert propose([0, 7, 8], k=1, group="A", drafter=drafter) == Draft((9,))
+    assert drafter.memory.sequences("A")[-1] == (7, 8, 9)
+    # without sharing nothing is kept
+    alone = finished(SamDecoding(share_group=False), "A", [1, 2, 3])
+    assert alone.memory.sequences("A") == ()
+
+
 def test_min_match_applies_to_the_group_match():
     drafter = finished(SamDecoding(min_match=3), "A", [7, 20, 21, 5])
     assert propose([30, 20, 21], k=1, group="A", drafter=drafter) == Draft()

@@ -1,13 +1,39 @@
 """SuffixDecoding (Oliaro et al. 2024; Snowflake's Arctic Inference, vLLM's "suffix"
 method): draft a tree of the continuations seen most often after the context's suffix.
 
+Reference: snowflakedb/ArcticInference, ``csrc/suffix_decoding/suffix_tree.cc``
+(``SuffixTree::speculate``, ``_speculate_tree``) and ``suffix_decoding/cache.py``
+(``SuffixDecodingCache``), with its defaults: trie depth 64, ``max_spec_factor`` 1.0,
+``max_spec_offset`` 0, ``min_token_prob`` 0.1.
+
 Two tries hold every substring of at most ``max_tree_depth`` tokens with its number of
 occurrences: a per-request trie over the current prompt and response, and a global trie
-over the responses finished earlier in this benchmark case (every sample, round and
-problem; prompts stay out of it, as in the method). In each trie, the longest suffix of
-the context that occurred before and has a continuation is the match. From the match a
-draft tree is grown best first (see ``SuffixTrie.grow``); the two candidates compete by
-score, the sum of their nodes' probabilities, and the better one is proposed.
+over the responses of this benchmark case (every sample, round and problem, the
+current response included, added token by token as it is accepted, as the reference's
+``add_active_response`` does; prompts stay out of it). As in ``speculate``, every
+suffix of the context that occurs in a trie is a match: from a match of m tokens a
+draft tree of at most floor(max_spec_factor * m + max_spec_offset) nodes is grown best
+first (see ``SuffixTrie.grow``), scored by the sum of its nodes' probabilities, and the
+best score over all match lengths wins (a tie to the longer match). The request trie's
+best and the global trie's best then compete the same way (a tie to the request).
+Scoring every match length matters near the trie depth: on a passage that repeats, the
+longest match is almost ``max_tree_depth`` tokens and leaves room for one token, while
+a shorter match drafts the full depth.
+
+Deliberate differences from the reference:
+
+- draft depth: the engine's k bounds a draft's depth (``max_depth`` 64, the trie
+  depth, unless ``--specdec-k``); the node count follows the adaptive rule, at most
+  MAX_DRAFT_NODES. The reference bounds the node count by ``max_spec_tokens`` (64).
+- trees: drafts are ``_speculate_tree``'s trees (the paper's method). The reference's
+  vLLM integration calls ``speculate`` with ``use_tree_spec`` off, a single path.
+- ties between nodes of equal probability go to the earlier pushed (the reference's
+  heap order is unspecified), siblings to the more frequent, then the more recently
+  seen; scores are summed in float64, not float32.
+- the global trie keeps every response of the case (the reference evicts the oldest
+  beyond ``max_cached_requests``).
+- match lengths are found per accepted token, not by rematching each suffix of the
+  context's last 64 tokens from the root on every step; the candidates are the same.
 
 Cost per step does not grow with the context:
 
@@ -17,13 +43,16 @@ Cost per step does not grow with the context:
   chain), which is also why a new token costs nothing for the suffixes seen only once;
   a lazy node gets explicit children when its string occurs a second time.
 - the per-request trie's active nodes are its match set; for the global trie a set of
-  at most ``max_tree_depth`` cursors is advanced per accepted token.
+  at most ``max_tree_depth`` cursors (the context's suffixes, which may begin in the
+  prompt) is advanced per accepted token, beside the current response's own active
+  nodes.
 - growing a draft emits at most MAX_DRAFT_NODES nodes, each pushing at most
   1/min_token_prob children, found without a scan: children are kept sorted by count
-  (O(1) per increment, as in Arctic Inference's sibling groups).
-
-The global trie learns a response when its sequence ends (the same per-token
-extension), so a sequence never matches its own unfinished text there.
+  (O(1) per increment, as in Arctic Inference's sibling groups). At most
+  ``max_tree_depth`` matches per trie are grown, and fewer in practice: a draft from a
+  match of m tokens scores at most min(its node budget, k, max_tree_depth - m) (each
+  level's probabilities sum to at most 1), so matches are tried in order of that bound
+  and the search stops once no bound can beat the best score.
 """
 
 from __future__ import annotations
@@ -143,10 +172,19 @@ class SuffixTrie:
 
     # --- cursors ------------------------------------------------------------------------
 
+    def normalize(self, cursor: Cursor) -> Cursor:
+        """The same string as a cursor valid now: a lazy chain that got explicit
+        children since the cursor was made is followed into them."""
+        node, offset = cursor
+        while offset and node.children is not None:
+            self.visits += 1
+            node, offset = node.children[node.seq[node.end + 1]], offset - 1
+        return node, offset
+
     def step(self, cursor: Cursor, token: int) -> Cursor | None:
         """The cursor one token further along ``token``, or None if the trie lacks it."""
         self.visits += 1
-        node, offset = cursor
+        node, offset = self.normalize(cursor)
         if node.depth + offset >= self.max_depth:
             return None
         if offset == 0 and node.children is not None:
@@ -236,6 +274,7 @@ class SuffixDecoding(DrafterBase):
 
     # what the earlier responses are worth (the method's global tree)
     ablations: ClassVar[tuple[dict[str, str], ...]] = ({"use_global": "false"},)
+    max_depth: ClassVar[int] = 64  # the cap: the tree depth; the adaptive size rules
 
     def __init__(self, max_tree_depth: int = 64, max_spec_factor: float = 1.0,
                  max_spec_offset: float = 0.0, min_token_prob: float = 0.1,
@@ -261,11 +300,16 @@ class SuffixDecoding(DrafterBase):
     def begin(self, request: DraftRequest) -> None:
         self.request_trie = SuffixTrie(self.max_tree_depth)
         self._text: list[int] = []  # prompt + response, extended per accepted token
-        self._prompt_len = len(request.prompt_ids)
         self._active = [self.request_trie.root]
+        # the current response, added to the global trie token by token, and its
+        # active nodes there
+        self._response: list[int] = []
+        self._response_active = [self.global_trie.root]
         # cursors of the context's suffixes in the global trie, deepest first; only the
         # last max_tree_depth tokens can be part of a match
         self._global_cursors: list[Cursor] = []
+        # what the last proposal came from: (trie, match length, score); None if empty
+        self.last_match: tuple[str, int, float] | None = None
         for token in request.prompt_ids:
             self._add_to_request(token)
         for token in request.prompt_ids[-self.max_tree_depth:]:
@@ -274,6 +318,10 @@ class SuffixDecoding(DrafterBase):
     def accept(self, tokens: Sequence[int]) -> None:
         for token in tokens:
             self._add_to_request(token)
+            if self.use_global:
+                self._response.append(token)
+                self._response_active = self.global_trie.extend(
+                    self._response, len(self._response) - 1, self._response_active)
             self._advance_global(token)
 
     def _add_to_request(self, token: int) -> None:
@@ -288,40 +336,92 @@ class SuffixDecoding(DrafterBase):
             self._global_cursors = [cursor for cursor in moved if cursor is not None]
 
     def end(self) -> None:
-        response = self._text[self._prompt_len:]
-        if self.use_global and response:
-            self.global_trie.add_sequence(response)
+        # the response is in the global trie already (added per accepted token)
         self.begin(DraftRequest((), ""))
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
         # the tries and cursors already hold the context (extended in begin and accept)
+        self.last_match = None
         if k < 1:
             return Draft()
-        # per-request: the deepest active node (root excluded) occurred before, earlier
-        # in this text, so it has a continuation
-        candidates = []
-        if len(self._active) > 1:
-            candidates.append(self._grow(self.request_trie, (self._active[-1], 0), k))
+        # a match is a proper suffix of the context (the reference matches lengths
+        # 1 .. len(context) - 1); request: the active nodes (root excluded) are the
+        # suffixes that occurred before, earlier in this text
+        longest = len(self._text) - 1
+        request = [((node, 0), node.depth) for node in self._active[1:]]
+        candidates = [("request", *self._best(self.request_trie, request, k, longest))]
         if self.use_global:
             trie = self.global_trie
-            match = next((c for c in self._global_cursors if trie.has_continuation(c)), None)
-            if match is not None:
-                candidates.append(self._grow(trie, match, k))
+            cursors = [trie.normalize(cursor) for cursor in self._global_cursors]
+            matches = [(cursor, cursor[0].depth + cursor[1]) for cursor in cursors]
+            candidates.append(("global", *self._best(trie, matches, k, longest)))
         # the higher score wins; a tie goes to the current text (listed first)
-        best = max(candidates, key=lambda c: c.score, default=None)
+        source, length, best = candidates[0]
+        for other in candidates[1:]:
+            if other[2] is not None and (best is None or other[2].score > best.score + _TIE):
+                source, length, best = other
         if best is None or not best.tokens:
             return Draft()
+        self.last_match = (source, length, best.score)
         if all(p == i - 1 for i, p in enumerate(best.parents)):
             return Draft(tuple(best.tokens))
         return Draft(tuple(best.tokens), tuple(best.parents))
 
-    def _grow(self, trie: SuffixTrie, match: Cursor, k: int) -> Candidate:
-        node, offset = match
-        match_len = node.depth + offset
-        # the method's adaptive length; 1e-6 keeps e.g. 0.7 * 10 from flooring to 6
+    def budget(self, match_len: int) -> int:
+        """Draft nodes a match of ``match_len`` tokens may grow: the method's adaptive
+        rule; 1e-6 keeps e.g. 0.7 * 10 from flooring to 6 (as the reference)."""
         budget = math.floor(self.max_spec_factor * match_len + self.max_spec_offset + 1e-6)
-        budget = max(0, min(budget, MAX_DRAFT_NODES))
-        return trie.grow(match, budget, k, self.min_token_prob)
+        return max(0, min(budget, MAX_DRAFT_NODES))
+
+    def _best(self, trie: SuffixTrie, matches: list[tuple[Cursor, int]], k: int,
+              longest: int) -> tuple[int, Candidate | None]:
+        """The best-scoring draft over every match (cursor, length), a tie to the longer
+        match: the reference's loop over match lengths, pruned by an upper bound on a
+        draft's score read off the match's children (see ``score_bound``). Returns
+        (match length, draft), (0, None) without a match that drafts."""
+        bounded = []
+        for cursor, length in matches:
+            if 1 <= length <= longest:
+                bound = self.score_bound(trie, cursor, length, k)
+                if bound > 0:
+                    bounded.append((bound, length, cursor))
+        bounded.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        best: Candidate | None = None
+        best_len = 0
+        for bound, length, cursor in bounded:
+            if best is not None:
+                if bound < best.score - _TIE:
+                    break  # sorted by bound: nothing after can win either
+                if bound <= best.score + _TIE and length < best_len:
+                    continue  # at best a tie, and a tie goes to the longer match
+            draft = trie.grow(cursor, self.budget(length), k, self.min_token_prob)
+            if best is None or draft.score > best.score + _TIE or (
+                    draft.score >= best.score - _TIE and length > best_len):
+                best, best_len = draft, length
+        return best_len, best
+
+    def score_bound(self, trie: SuffixTrie, cursor: Cursor, length: int, k: int) -> float:
+        """At least the score of the draft grown from a match of ``length`` tokens.
+
+        Every node descends from a child of the match with probability >= min_prob, so
+        its probability is at most the likeliest child's (``top``), and the nodes of one
+        depth sum to at most those children's total (``mass``: occurrences of a string
+        split among its children). Hence score <= min(budget * top, room * mass), the
+        room being the depth a draft may use: k, and what the trie holds past the match.
+        """
+        budget = self.budget(length)
+        room = min(k, self.max_tree_depth - length)
+        if budget <= 0 or room <= 0:
+            return 0.0
+        first = trie.continuations(cursor, 1.0, self.min_token_prob)
+        if not first:
+            return 0.0
+        top = max(prob for _, prob in first)
+        mass = sum(prob for _, prob in first)
+        return min(budget * top, room * mass)
+
+#: Scores closer than this are a tie (they are sums of float ratios).
+_TIE = 1e-9
 
 
 def _is_number(value: object) -> bool:

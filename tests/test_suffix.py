@@ -1,6 +1,9 @@
 """SuffixDecoding: exact draft trees for hand-made token lists (one sequence, then the
-global trie of earlier responses), the suffix trie against brute-force counts, bounded
-work per token, and losslessness through the engine."""
+global trie of earlier responses), the reference's rule (the best score over every
+match length, the current response in the global trie) by hand near the trie depth and
+against a brute-force rendering of Arctic Inference's ``speculate``, the suffix trie
+against brute-force counts, bounded work per token, and losslessness through the
+engine."""
 
 from __future__ import annotations
 
@@ -205,6 +208,195 @@ def test_a_later_sample_drafts_from_an_earlier_one(use_global):
         assert drafts == [Draft()] * 5
 
 
+# --- the reference's rule: every match length scored --------------------------------------
+# Worked by hand from Arctic Inference's SuffixTree::speculate: for each suffix of the
+# context (length m = 1, 2, ... while it occurs), grow a tree of at most
+# floor(factor * m + offset) nodes best first and score it by the sum of its node
+# probabilities; the best score wins, a tie to the longer match.
+
+REFERENCE_CASES = [
+    # id, prompt, accepted, k, options, expected tokens, expected parents (None = chain)
+    # D=4: "1 2 3" (m=3) leaves room for one token (4, p 1/2); "2 3" (m=2) drafts 4 then
+    # 5 (p 1/2 each, score 1.0 > 0.5)
+    ("longest-match-leaves-one-token", [1, 2, 3, 4, 5, 1, 2, 3], [], 4, {"max_tree_depth": 4},
+     (4, 5), None),
+    # a period-3 loop at D=4: m=3 drafts (1,) at 2/3; m=2 drafts (1, 2) at 2/3 each
+    ("loop-near-the-trie-depth", [1, 2, 3] * 3, [], 3, {"max_tree_depth": 4}, (1, 2), None),
+    # "1 2" (m=2) splits 6 / 7 (1/3 each, score 2/3); "2" (m=1) goes on with 8 seven
+    # times in ten (0.7): the shorter match scores higher
+    ("a-shorter-match-scores-higher", [1, 2, 6, 1, 2, 7] + [9, 2, 8] * 7 + [1, 2], [], 4, {},
+     (8,), None),
+    # six in nine (2/3) ties the longer match's 2/3: the longer one wins the tie
+    ("a-tie-goes-to-the-longer-match", [1, 2, 6, 1, 2, 7] + [9, 2, 8] * 6 + [1, 2], [], 4, {},
+     (7, 6), (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("prompt, accepted, k, options, tokens, parents",
+                         [c[1:] for c in REFERENCE_CASES], ids=[c[0] for c in REFERENCE_CASES])
+def test_every_match_length_is_scored(prompt, accepted, k, options, tokens, parents):
+    assert propose(prompt, accepted, k, **options) == Draft(tokens, parents)
+
+
+REFERENCE_GLOBAL_CASES = [
+    # id, earlier (prompt, response), now (prompt, accepted), k, options, tokens, parents
+    # D=4: the earlier response holds "1 2 3 4 5 6"; "1 2 3" leaves room for 4 only,
+    # "2 3" drafts 4, 5 (p 1 each)
+    ("global-longest-match-leaves-one-token", [([0], [1, 2, 3, 4, 5, 6])], ([9, 1, 2, 3], []),
+     4, {"max_tree_depth": 4}, (4, 5), None),
+    # the current response is in the global trie as it is generated: "5 6" is seen 3
+    # times there (7 and 8 at 1/3, score 2/3), so the request's 8, 5 (1/2 each, score 1)
+    # wins; with the earlier response alone the global trie would draft 7, 9 at p 1
+    ("current-response-counts-in-the-global-trie", [([0], [5, 6, 7, 9])],
+     ([0], [5, 6, 8, 5, 6]), 4, {}, (8, 5), None),
+]
+
+
+@pytest.mark.parametrize("earlier, now, k, options, tokens, parents",
+                         [c[1:] for c in REFERENCE_GLOBAL_CASES],
+                         ids=[c[0] for c in REFERENCE_GLOBAL_CASES])
+def test_every_match_length_is_scored_in_the_global_trie(earlier, now, k, options, tokens,
+                                                         parents):
+    drafter = finished(SuffixDecoding(**options), *earlier)
+    prompt, accepted = now
+    assert propose(prompt, accepted, k, drafter=drafter) == Draft(tokens, parents)
+
+
+def test_the_global_trie_learns_the_response_per_accepted_token():
+    drafter = SuffixDecoding()
+    drafter.begin(DraftRequest((1, 2, 3), "g"))
+    drafter.accept((5, 6))
+    drafter.accept((5,))
+    assert drafter.global_trie.count((5, 6)) == 1 and drafter.global_trie.count((5,)) == 2
+    assert drafter.global_trie.count((3, 5)) == 0  # prompts stay out
+    drafter.end()  # nothing is added twice
+    assert drafter.global_trie.count((5,)) == 2
+    off = SuffixDecoding(use_global=False)
+    off.begin(DraftRequest((1, 2, 3), "g"))
+    off.accept((5, 6))
+    off.end()
+    assert off.global_trie.count((5,)) == 0
+
+
+def perfect_target_run(drafter: SuffixDecoding, prompt: Sequence[int], text: Sequence[int],
+                       k: int) -> list[int]:
+    """Generate `text` after `prompt` with a target that always continues it: each step
+    accepts the draft's path that matches the text, plus the next token. Returns each
+    step's draft depth."""
+    drafter.begin(DraftRequest(tuple(prompt), "g"))
+    context, depths = list(prompt), []
+    while len(context) < len(prompt) + len(text):
+        draft = drafter.propose(tuple(context), k)
+        depths.append(draft.depth)
+        parents = draft.parents or tuple(range(-1, len(draft) - 1))
+        node, step = -1, []
+        for token in text[len(context) - len(prompt):]:
+            node = next((i for i, p in enumerate(parents)
+                         if p == node and draft.tokens[i] == token), None)
+            step.append(token)
+            if node is None:
+                break
+        drafter.accept(tuple(step))
+        context.extend(step)
+    return depths
+
+
+PASSAGE = list(range(100, 140))  # 40 distinct tokens
+
+
+@pytest.mark.parametrize("use_global", [True, False])
+@pytest.mark.parametrize("k", [5, 8])
+def test_a_repeated_passage_drafts_full_depth(k, use_global):
+    # the passage is the prompt and is generated three more times (160 tokens): once a
+    # copy has started, matches grow past the trie depth of 64, where the longest match
+    # leaves room for one token; shorter matches still draft k
+    depths = perfect_target_run(SuffixDecoding(use_global=use_global), PASSAGE, PASSAGE * 3, k)
+    # the method's length rule: a match of m tokens drafts m nodes, so the first copy
+    # ramps up (m = 0, 1, 3, 7, ...); from then on every draft is k deep
+    ramp = [0, 1, 3, 7][:[0, 1, 3, 7, 15].index(next(m for m in [0, 1, 3, 7, 15] if m >= k))]
+    assert depths[:len(ramp)] == ramp
+    assert depths[len(ramp):] == [k] * (len(depths) - len(ramp))
+    drafting = [d for d in depths if d]
+    if k == 5:
+        assert sum(d == k for d in drafting) >= 0.9 * len(drafting)
+
+
+def test_a_repeated_passage_at_the_default_depth():
+    # k = max_depth (64): a draft from a match of m tokens is at most min(m, 64 - m)
+    # deep (the length rule, and what the trie holds past the match), so 32 at most
+    assert SuffixDecoding.max_depth == 64
+    depths = perfect_target_run(SuffixDecoding(), PASSAGE, PASSAGE * 3, 64)
+    assert depths == [0, 1, 3, 7, 15, 31, 32, 32]
+
+
+def reference_speculate(sequences: Sequence[Sequence[int]], context: Sequence[int], depth: int,
+                        factor: float, offset: float, min_prob: float) -> tuple[float, int]:
+    """Arctic Inference's speculate written out over brute-force substring counts:
+    (best score, its match length); for every m = 1 .. len(context) - 1 (context cut to
+    its last `depth` tokens) while the suffix occurs, the tree of at most
+    floor(factor * m + offset) nodes grown best first from it scores the sum of the
+    largest node probabilities (best first emits exactly those: a child is never more
+    probable than its parent)."""
+    counts = substring_counts(sequences, depth)
+    context = list(context)[-depth:]
+    best = (0.0, 0)
+    for m in range(1, len(context)):
+        match = tuple(context[-m:])
+        if counts[match] == 0:
+            break
+        budget = max(0, int(m * factor + offset + 1e-6))
+        probs, frontier = [], [(match, 1.0)]
+        while frontier:
+            string, prob = frontier.pop()
+            for (longer, count) in counts.items():
+                if len(longer) == len(string) + 1 and longer[:-1] == string:
+                    p = prob * count / counts[string]
+                    if p >= min_prob * (1 - 1e-9):
+                        probs.append(p)
+                        frontier.append((longer, p))
+        score = sum(sorted(probs, reverse=True)[:budget])
+        if score >= best[0] - 1e-9:
+            best = (max(score, best[0]), m)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_scores_equal_the_brute_force_reference(seed):
+    # small vocabularies and a small trie depth: many repeats, matches at the depth,
+    # branches; k = the trie depth, so the depth never binds before the trie does
+    rng = random.Random(seed)
+    for _ in range(6):
+        depth, vocab = rng.randint(2, 6), rng.randint(2, 4)
+        options = {"max_tree_depth": depth, "max_spec_offset": float(rng.choice([0, 1, 2])),
+                   "min_token_prob": rng.choice([0.1, 0.3])}
+        drafter = SuffixDecoding(**options)
+        responses = []
+        for _ in range(2):
+            prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 6))]
+            response = [rng.randrange(vocab) for _ in range(rng.randint(1, 25))]
+            drafter.begin(DraftRequest(tuple(prompt), "g"))
+            for i, token in enumerate(response):
+                context = prompt + response[:i]
+                drafter.propose(tuple(context), depth)
+                got = drafter.last_match
+                ref_request = reference_speculate([context], context, depth, 1.0,
+                                                  options["max_spec_offset"],
+                                                  options["min_token_prob"])
+                ref_global = reference_speculate(responses + [response[:i]], context, depth,
+                                                 1.0, options["max_spec_offset"],
+                                                 options["min_token_prob"])
+                want = ref_request if ref_request[0] >= ref_global[0] - 1e-9 else ref_global
+                source = "request" if want is ref_request else "global"
+                if want[0] == 0:
+                    assert got is None, (context, got)
+                else:
+                    assert got is not None and got[0] == source and got[1] == want[1] and \
+                        got[2] == pytest.approx(want[0]), (responses, context, got, want)
+                drafter.accept((token,))
+            drafter.end()
+            responses.append(response)
+
+
 # --- the suffix trie ----------------------------------------------------------------------
 
 def substring_counts(sequences: Sequence[Sequence[int]], depth: int) -> Counter:
@@ -294,11 +486,12 @@ def test_work_per_token_does_not_grow_with_the_context():
         context.append(token)
         work.append(sum(trie.visits for trie in tries) - before)
         tree_drafts += not draft.is_chain
-    # accept: <= depth active nodes + depth + 1 global cursors; propose: every emitted
-    # node (and the match) looks at <= 1/min_prob children, in each trie
+    # accept: <= depth active nodes in each trie + depth + 1 global cursors; propose, in
+    # each trie: <= depth matches, each bounded by a look at <= 1/min_prob children and
+    # perhaps grown, every emitted node looking at <= 1/min_prob children
     budget = min(depth + 4, MAX_DRAFT_NODES)
-    bound = 2 * depth + 1 + 2 * (budget + 1) * round(1 / min_prob)
-    assert max(work) <= bound
+    per_trie = depth * (1 + round(1 / min_prob)) * (budget + 2)
+    assert max(work) <= 3 * depth + 1 + 2 * per_trie
     assert max(work[-1000:]) <= max(work[:1000]) * 1.5
     assert sum(work[-1000:]) <= sum(work[:1000]) * 1.5
     assert tree_drafts > 0  # the variations made real trees

@@ -1,237 +1,308 @@
 """PIA (Zhao et al., "Lookahead: An Inference Acceleration Framework for Large Language
 Model with Lossless Generation Accuracy", KDD 2024; "PIA" after its code base,
-PainlessInferenceAcceleration): multi-branch tree drafts retrieved from a global trie
-of token n-grams.
+PainlessInferenceAcceleration): multi-branch tree drafts retrieved from a trie of the
+token branches that followed each token, in the prompts and in the outputs.
 
-The trie. Every window of ``branch_length + 1`` consecutive tokens, from the prompts
-and from the generated outputs, is a path from the root; a node counts the
-occurrences of the n-gram its path spells (an occurrence counts as prompt or output
-by its last token). One trie serves every sequence the drafter sees: the samples and
-rounds of one problem and all later problems, as the paper keeps one trie for all
-queries.
+Reference: alipay/PainlessInferenceAcceleration, ``lookahead/common/lookahead_cache.py``
+(``LookaheadCache.put``/``stream_put``/``hier_get``, ``Tree.get``/``_ravel``/
+``squeeze``) as ``pretrained_model.py`` calls it: decoding mode ``hier_mix``, decoding
+length 64 (the root and 63 draft nodes), branch length 12, a 2-token query,
+``min_input_size`` 0, ``min_output_size`` 32, ``output_weight`` 1e-4.
 
-Updates, the paper's three:
+The trie. For every token, a tree of the branches that followed it: each position of
+the text adds the next ``branch_length + 1`` tokens, as a path, to the tree of the
+token there. A node counts how many branches passed through it, separately from the
+prompt (``prompt``) and from the generated outputs (``output``). The prompt's first
+token is not a key (the reference inserts ``input_ids[1:]``), a prompt's branches stop
+at the prompt's end, and an output's start at its first token. One trie serves every
+sequence the drafter sees: the samples and rounds of one problem and all later
+problems, as the reference keeps one cache for all queries.
+
+Retrieval (``hier_get``). With the last ``max_prefix`` tokens q1..qm of the context:
+the tree of q1 is searched for q2..qm, then the tree of q2 for q3..qm, and so on; a
+search's draft replaces the previous one (even when smaller), and the search stops
+once a draft has at least depth - 1 nodes (the reference's ``len(ids) >= branch_length``,
+ids counting the root), depth being min(k, branch_length). A search (``Tree.get``)
+follows the query tokens from the tree's root, each node needing a count (none is
+checked for an empty query); from the node reached:
+
+- *live* nodes are those with a prompt or an output count, reached through live nodes;
+- scoring: siblings are ordered by ``(1 - output_weight) * prompt + output_weight *
+  output`` (prompt counts decide, output counts break ties; equal scores keep the
+  order in which the nodes were created);
+- when more than max_nodes + 1 nodes are live, a node is drafted only if its output
+  count is at least the ``max_nodes + 1) // 2``-th largest output count among them
+  (what the reference's selection amounts to: its mix fill collects node ids that are
+  all None, so only the ``min_output_size`` threshold remains); otherwise every node
+  is eligible, even one whose counts were reset to 0;
+- the draft lists eligible nodes depth first, each node's subtree before its next
+  sibling, at most depth deep and max_nodes nodes.
+
+Updates, the reference's:
+
 - branch inserting: the prompt at ``begin``, each accepted token at ``accept``;
-- branch eliminating: the current prompt's counts are removed at ``end`` (they help
-  the sequence that copies from its prompt, not the next problem), and nodes left
-  with no count and no children are deleted;
-- node pruning: past ``capacity`` nodes, childless nodes with an output count of at
-  most 1 (and none from the current prompt) are deleted and the other output counts
-  halved, round after round, until half the capacity is left (the reference code's
-  squeeze).
+- branch eliminating: at ``end`` the prompt counts of the sequence are reset to 0
+  (``reset_input_freqs``); the nodes stay;
+- pruning (``squeeze``), per sequence: at ``end``, once the trees changed since the
+  last pruning are at least :data:`SQUEEZE_AFTER_TREES` (1024), every one of them
+  holding more than ``max_output_nodes`` output nodes (or :data:`MAX_TREE_NODES`
+  nodes) halves its output counts, dropping each node (with its subtree) whose output
+  count is at most 1; its node counts are then recounted, all as output nodes.
 
-Retrieval, the paper's multi-stage retrieval: the last ``max_prefix`` tokens of the
-context are looked up as a path, longest first; a shorter prefix is tried only while
-the draft has fewer nodes than one full branch (min(k, branch_length)), and it
-replaces the longer prefix's draft only when it is larger. From the matched node the
-draft is the best-first tree of its descendants: the ``max_nodes`` most frequent
-nodes, each one only after its parent, at most min(k, branch_length) deep.
+Deliberate differences from the reference:
 
-Cost per step does not grow with the context: ``accept`` extends the (at most
-branch_length + 1) open windows by one node each, a dict lookup and a re-rank in the
-parent's sorted child list; ``propose`` walks at most max_prefix prefixes and pops at
-most max_nodes heap entries per prefix, reading children from those sorted lists, so
-a node with thousands of children costs no more than one with two. Pruning touches
-the whole trie but runs once per capacity / (2 * (branch_length + 1)) tokens at the
-soonest: amortized, bounded. ``visits`` counts the trie nodes each call touches.
+- an output's branches are counted as its tokens are accepted; the reference inserts
+  a position's branch only once the ``branch_length + 1`` tokens after it exist (and
+  the last ones at the end), so here a repeat within the last 13 tokens of the
+  output can already be drafted. The counts after a sequence are the same;
+- every tree a sequence changed counts toward the pruning's 1024 (the reference's
+  prompt insertion leaves out the trees it creates unless it touches them again);
+- no stop words and no end-of-sequence cut (the engine's outputs end where they end);
+- the reference's drafts hold the last accepted token as their root; here the root
+  is implicit (``Draft`` parents of -1), so max_nodes counts draft nodes only.
+
+Cost: ``accept`` extends at most ``branch_length + 1`` open branches by one node each.
+``propose`` makes at most max_prefix searches; each counts live nodes until max_nodes
++ 2, finds the output threshold best first (:func:`pytest_specdec.drafting.best_first`,
+at most (max_nodes + 1) // 2 nodes taken) and sorts the children of each node it
+visits, as the reference does, so its work follows the fan-out of the matched nodes,
+not the context's length. ``visits`` counts the trie nodes each call touches.
 """
 
 from __future__ import annotations
 
-import heapq
-from bisect import bisect_right
 from typing import Sequence
 
 from pytest_specdec.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
+from pytest_specdec.drafting import best_first, tree_draft
+
+#: The reference's weight of output counts against prompt counts (``output_weight``).
+OUTPUT_WEIGHT = 1e-4
+#: Pruning waits until this many trees changed since the last one (the reference's
+#: ``squeeze_branch_counts``).
+SQUEEZE_AFTER_TREES = 1024
+#: A tree with more nodes than this is pruned too (the reference's ``max_node``).
+MAX_TREE_NODES = 65536
 
 
 class TrieNode:
-    __slots__ = ("token", "parent", "depth", "children", "ranked", "is_ranked",
-                 "output", "prompt", "dead")
+    """A token of a branch: its children and how many branches passed through it."""
 
-    def __init__(self, token: int, parent: TrieNode | None, depth: int):
-        self.token, self.parent, self.depth = token, parent, depth
+    __slots__ = ("children", "prompt", "output")
+
+    def __init__(self) -> None:
         self.children: dict[int, TrieNode] = {}
-        # the highest-count children, most frequent first (ties: first to get there)
-        self.ranked: list[TrieNode] = []
-        self.is_ranked = False  # in the parent's ranked list
-        self.output = 0.0  # occurrences ending in generated text (halved by pruning)
-        self.prompt = 0  # occurrences ending in the current prompt
-        self.dead = False  # removed from the trie
+        self.prompt = 0.0  # branches from the current prompts (reset when they end)
+        self.output = 0.0  # branches from outputs (halved by pruning)
 
-    @property
-    def count(self) -> float:
-        return self.output + self.prompt
+    def live(self) -> bool:
+        return self.prompt > 0 or self.output > 0
 
-
-def _minus_count(node: TrieNode) -> float:
-    return -node.count
+    def score(self) -> float:
+        """The reference's mix score: prompt counts decide, output counts break ties."""
+        return (1.0 - OUTPUT_WEIGHT) * self.prompt + OUTPUT_WEIGHT * self.output
 
 
-class NgramTrie:
-    """Token windows of ``branch_length + 1`` with occurrence counts; ``width`` children
-    of each node are kept ranked by count, ``capacity`` bounds the node count."""
+class KeyTree(TrieNode):
+    """The branches that followed one token (the reference's ``Tree``); ``nodes`` and
+    ``output_nodes`` count its nodes as the reference does, for pruning."""
 
-    def __init__(self, branch_length: int, width: int, capacity: int):
-        self.branch_length, self.width, self.capacity = branch_length, width, capacity
-        self.root = TrieNode(-1, None, 0)
-        self.size = 0  # nodes, root excluded
-        self.limit = capacity  # prune past this many nodes
-        self.windows: list[TrieNode] = []  # last node of each open window, oldest first
-        self.prompt_nodes: set[TrieNode] = set()  # nodes the current prompt counted
+    __slots__ = ("nodes", "output_nodes")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodes = 0
+        self.output_nodes = 0  # created by outputs since the last pruning, then all
+
+
+class BranchTrie:
+    """The trees of every key token, with the reference's updates (see the module
+    docstring); ``visits`` counts the nodes touched."""
+
+    def __init__(self, branch_length: int, max_output_nodes: int = 512,
+                 squeeze_after: int = SQUEEZE_AFTER_TREES,
+                 max_tree_nodes: int = MAX_TREE_NODES):
+        self.length = branch_length + 1  # tokens in a branch after its key
+        self.max_output_nodes, self.max_tree_nodes = max_output_nodes, max_tree_nodes
+        self.squeeze_after = squeeze_after
+        self.trees: dict[int, KeyTree] = {}
+        # per open branch: its key token, the node it reached (None: none yet, the key's
+        # tree is made by the branch's first token) and its length so far
+        self.open: list[tuple[int, TrieNode | None, int]] = []
+        self.prompt_nodes: list[TrieNode] = []  # nodes the open sequence's prompt counted
+        self.changed: set[int] = set()  # key tokens whose trees changed since pruning
         self.visits = 0
 
     def extend(self, token: int, *, prompt: bool) -> None:
-        """Append one token to the text: every open window, and a new one, grows by it."""
+        """The text grew by `token`: every open branch takes it, and one opens at it."""
         grown = []
-        for node in (*self.windows, self.root):
+        for key, node, depth in self.open:
+            tree = self.trees.get(key)
+            if tree is None:
+                tree = self.trees[key] = KeyTree()
+            if node is None:
+                node = tree
+            self.changed.add(key)
             child = node.children.get(token)
             if child is None:
-                child = node.children[token] = TrieNode(token, node, node.depth + 1)
-                self.size += 1
+                child = node.children[token] = TrieNode()
+                tree.nodes += 1
+                if not prompt:
+                    tree.output_nodes += 1
             if prompt:
                 child.prompt += 1
-                self.prompt_nodes.add(child)
+                self.prompt_nodes.append(child)
             else:
-                child.output += 1.0
-            self._rerank(node, child)
+                child.output += 1
             self.visits += 1
-            if child.depth <= self.branch_length:  # a window closes at branch_length + 1
-                grown.append(child)
-        self.windows = grown
-        if self.size > self.limit:
-            self.prune()
+            if depth + 1 < self.length:
+                grown.append((key, child, depth + 1))
+        grown.append((token, None, 0))
+        self.open = grown
 
-    def _rerank(self, node: TrieNode, child: TrieNode) -> None:
-        """child's count just grew: move it up node.ranked, or into it."""
-        ranked = node.ranked
-        if child.is_ranked:
-            ranked.remove(child)
-        elif len(ranked) >= self.width:
-            if ranked[-1].count >= child.count:
-                return
-            ranked.pop().is_ranked = False
-        ranked.insert(bisect_right(ranked, -child.count, key=_minus_count), child)
-        child.is_ranked = True
+    def close(self) -> None:
+        """Branches stop here (the end of a prompt or of an output)."""
+        self.open = []
 
-    def _rank_all(self, node: TrieNode) -> None:
-        for child in node.ranked:
-            child.is_ranked = False
-        if len(node.children) > 1:
-            node.ranked = heapq.nlargest(self.width, node.children.values(),
-                                         key=lambda n: n.count)
-        else:
-            node.ranked = list(node.children.values())
-        for child in node.ranked:
-            child.is_ranked = True
+    def end_sequence(self) -> None:
+        """Branch eliminating, then pruning when due (the reference's ``final`` put)."""
+        self.close()
+        for node in self.prompt_nodes:
+            node.prompt = 0.0
+        self.prompt_nodes = []
+        if len(self.changed) >= self.squeeze_after:
+            for key in self.changed:
+                tree = self.trees[key]
+                if tree.nodes > self.max_tree_nodes or tree.output_nodes > self.max_output_nodes:
+                    self._squeeze(tree)
+                    tree.nodes = tree.output_nodes = self._count(tree)
+            self.changed = set()
 
-    def _detach(self, node: TrieNode) -> TrieNode:
-        """Remove a childless node; returns its parent. Dropping the parent link breaks
-        the reference cycle, so the node is freed at once, not by a garbage collection."""
-        parent = node.parent
-        del parent.children[node.token]
-        node.parent, node.ranked, node.dead = None, [], True
-        self.size -= 1
-        return parent
-
-    def find(self, tokens: Sequence[int], start: int) -> TrieNode | None:
-        """The node spelling tokens[start:], or None."""
-        node = self.root
-        for i in range(start, len(tokens)):
-            node = node.children.get(tokens[i])
+    def _squeeze(self, node: TrieNode) -> None:
+        for token, child in list(node.children.items()):
             self.visits += 1
-            if node is None:
-                return None
-        return node
+            if child.output > 1.0:
+                child.output *= 0.5
+                self._squeeze(child)
+            else:
+                del node.children[token]
 
-    def eliminate_prompt(self) -> None:
-        """Branch eliminating: drop the current prompt's counts, then the nodes left
-        with no count and no children."""
-        touched = set()
-        for node in self.prompt_nodes:
-            node.prompt = 0
-        for node in self.prompt_nodes:
-            if node.dead:
+    def _count(self, node: TrieNode) -> int:
+        stack, total = [node], 0
+        while stack:
+            children = stack.pop().children
+            total += len(children)
+            stack.extend(children.values())
+        return total
+
+    # --- retrieval -----------------------------------------------------------------------
+
+    def get(self, query: Sequence[int], max_nodes: int, depth: int) -> list[tuple[int, int]] | None:
+        """``hier_get``: the draft, as (token, parent) pairs, of the last search that
+        found a tree; None when no query token has one."""
+        found = None
+        for i, token in enumerate(query):
+            tree = self.trees.get(token)
+            if tree is None:
                 continue
-            touched.add(node.parent)
-            while node.parent is not None and not node.children and node.output <= 0:
-                node = self._detach(node)
-                touched.add(node)
-        for node in touched:
-            if not node.dead:
-                self._rank_all(node)
-        self.prompt_nodes = set()
+            found = self.search(tree, query[i + 1:], max_nodes, depth)
+            if len(found) + 1 >= depth:  # the reference counts the root: len(ids)
+                break
+        return found
 
-    def keep_prompt(self) -> None:
-        """The current prompt's counts become ordinary history."""
-        for node in self.prompt_nodes:
-            node.output += node.prompt
-            node.prompt = 0
-        self.prompt_nodes = set()
-
-    def prune(self) -> None:
-        """Node pruning: halve output counts, deleting childless nodes that had at most
-        1 and no prompt count, until the trie is down to half its capacity or only
-        nodes of the current prompt (and their ancestors) are left."""
-        while self.size > self.capacity // 2:
-            if self._decay(self.root) <= 1.0:
-                break  # every output count was at most 1: nothing more can go
-        self._rank_subtree(self.root)
-        self.windows = [node for node in self.windows if not node.dead]
-        self.prompt_nodes = {node for node in self.prompt_nodes if not node.dead}
-        # a prompt larger than the capacity cannot be pruned away: wait for as many
-        # new nodes as a normal prune frees, so pruning stays amortized O(1) per node
-        self.limit = max(self.capacity, self.size + self.capacity // 2)
-
-    def _decay(self, node: TrieNode) -> float:
-        """One halving round under node; returns the largest output count it saw."""
-        largest = 0.0
-        for child in list(node.children.values()):
-            largest = max(largest, self._decay(child), child.output)
+    def search(self, tree: KeyTree, rest: Sequence[int], max_nodes: int,
+               depth: int) -> list[tuple[int, int]]:
+        """``Tree.get``: from the node spelling `rest` in `tree`, the draft nodes."""
+        children = tree.children
+        for token in rest:
+            node = children.get(token)
             self.visits += 1
-            if child.output <= 1.0 and child.prompt == 0 and not child.children:
-                self._detach(child)
-            else:
-                child.output /= 2
-        return largest
+            if node is None or not node.live():
+                return []
+            children = node.children
+        if not children:
+            return []
+        threshold = None
+        if self._live_more_than(children, max_nodes + 1):
+            threshold = self._output_threshold(children, max(1, (max_nodes + 1) // 2))
+        out: list[tuple[int, int]] = []
+        self._ravel(children, -1, depth, max_nodes, threshold, out)
+        return out
 
-    def _rank_subtree(self, node: TrieNode) -> None:
-        self._rank_all(node)
-        for child in node.children.values():
-            self._rank_subtree(child)
+    def _live_more_than(self, children: dict[int, TrieNode], limit: int) -> bool:
+        """Whether more than `limit` nodes under `children` are live (stops counting
+        there)."""
+        stack, live = [children], 0
+        while stack:
+            for node in stack.pop().values():
+                self.visits += 1
+                if node.live():
+                    live += 1
+                    if live > limit:
+                        return True
+                    stack.append(node.children)
+        return False
+
+    def _output_threshold(self, children: dict[int, TrieNode], rank: int) -> float:
+        """The `rank`-th largest output count under `children` (0 if fewer nodes have
+        one). An output count is never above its parent's, so the largest are found
+        best first, without reading the rest."""
+        def by_output(nodes: dict[int, TrieNode]) -> list[TrieNode]:
+            self.visits += len(nodes)
+            return sorted((n for n in nodes.values() if n.output > 0),
+                          key=lambda n: n.output, reverse=True)
+
+        top, _ = best_first(by_output(children), lambda n: by_output(n.children),
+                            lambda n: -n.output, rank, self.length + 1)
+        return top[-1].output if len(top) == rank else 0.0
+
+    def _ravel(self, children: dict[int, TrieNode], parent: int, depth: int, max_nodes: int,
+               threshold: float | None, out: list[tuple[int, int]]) -> None:
+        """``Tree._ravel``: eligible nodes depth first, siblings by score."""
+        if len(out) >= max_nodes or depth <= 0:
+            return
+        self.visits += len(children)
+        ranked = sorted(children.items(), key=lambda item: item[1].score(), reverse=True)
+        for token, node in ranked:
+            if len(out) >= max_nodes:
+                return
+            if threshold is not None and node.output < threshold:
+                continue
+            out.append((token, parent))
+            if node.children:
+                self._ravel(node.children, len(out) - 1, depth - 1, max_nodes, threshold, out)
 
 
 class PiaTrie(DrafterBase):
-    """PIA: tree drafts of the most frequent continuations in a global n-gram trie.
+    """PIA: depth-first tree drafts of the branches that followed the last tokens.
 
-    branch_length: tokens inserted after each position (the paper's branch length);
-        also the deepest draft.
-    max_nodes: most nodes in a draft tree (the paper's decoding length, 64, counts the
+    branch_length: the reference's branch length: the deepest draft (a branch holds
+        branch_length + 1 tokens after its key), and the draft size at which a
+        shorter query is no longer tried.
+    max_nodes: most nodes in a draft (the reference's decoding length 64 counts the
         last accepted token too); at most MAX_DRAFT_NODES.
-    max_prefix: longest context suffix matched in the trie (the reference code queries
-        with the last 2 tokens); at most branch_length.
-    capacity: most trie nodes before node pruning.
-    eliminate_prompt_branches: remove a prompt's counts when its sequence ends (the
-        paper's branch eliminating); off, they stay as ordinary history.
+    max_prefix: the query, the last max_prefix context tokens (the reference's 2); at
+        most branch_length + 1 (the key and all but one token of a branch).
+    max_output_nodes: a changed tree with more output nodes than this is pruned at
+        the end of a sequence, once SQUEEZE_AFTER_TREES trees changed (the
+        reference's ``max_output_node``, 512).
     """
 
     def __init__(self, branch_length: int = 12, max_nodes: int = 63, max_prefix: int = 2,
-                 capacity: int = 1 << 19, eliminate_prompt_branches: bool = True):
+                 max_output_nodes: int = 512):
         if not 1 <= branch_length <= MAX_DRAFT_NODES:
             raise ValueError(f"branch_length must be in [1, {MAX_DRAFT_NODES}], "
                              f"got {branch_length}")
         if not 1 <= max_nodes <= MAX_DRAFT_NODES:
             raise ValueError(f"max_nodes must be in [1, {MAX_DRAFT_NODES}], got {max_nodes}")
-        if not 1 <= max_prefix <= branch_length:
-            raise ValueError(f"max_prefix must be in [1, branch_length={branch_length}], "
-                             f"got {max_prefix}")
-        if capacity < 2 * (branch_length + 1):
-            raise ValueError(f"capacity must be at least 2 * (branch_length + 1) = "
-                             f"{2 * (branch_length + 1)} nodes, got {capacity}")
+        if not 1 <= max_prefix <= branch_length + 1:  # a query must leave a branch token
+            raise ValueError(f"max_prefix must be in [1, branch_length + 1 = "
+                             f"{branch_length + 1}], got {max_prefix}")
+        if max_output_nodes < 1:
+            raise ValueError(f"max_output_nodes must be >= 1, got {max_output_nodes}")
         self.branch_length, self.max_nodes, self.max_prefix = branch_length, max_nodes, max_prefix
-        self.eliminate_prompt_branches = eliminate_prompt_branches
-        # max_nodes ranked children per node: enough for the exact top max_nodes tree
-        self.trie = NgramTrie(branch_length, max_nodes, capacity)
+        self.max_output_nodes = max_output_nodes
+        self.trie = BranchTrie(branch_length, max_output_nodes)
         self._open = False
 
     @property
@@ -243,57 +314,19 @@ class PiaTrie(DrafterBase):
         if self._open:
             self.end()
         self._open = True
-        self.trie.windows = []
-        for token in request.prompt_ids:
+        for token in request.prompt_ids[1:]:
             self.trie.extend(token, prompt=True)
+        self.trie.close()
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
         depth = min(k, self.branch_length)
-        best: tuple[list[int], list[int]] = ([], [])
-        for m in range(min(self.max_prefix, len(context)), 0, -1):
-            if len(best[0]) >= depth:  # a full branch's worth: no need for a shorter prefix
-                break
-            node = self.trie.find(context, len(context) - m)
-            if node is not None:
-                found = self._gather(node, depth)
-                if len(found[0]) > len(best[0]):
-                    best = found
-        tokens, parents = best
-        if all(p == i - 1 for i, p in enumerate(parents)):
-            return Draft(tuple(tokens))
-        return Draft(tuple(tokens), tuple(parents))
-
-    # Scoring rule: a node's score is its count (prompt + output occurrences). Best-first
-    # from the matched node: the heap holds, for each drafted node, its best undrafted
-    # child, and for each drafted child its next sibling, so the draft is the max_nodes
-    # highest-count descendants with every node after its parent. Equal counts: the
-    # deeper node first (an occurrence's continuation is drafted as a whole branch, the
-    # reference code's depth-first order), then the one offered first.
-    def _gather(self, start: TrieNode, depth: int) -> tuple[list[int], list[int]]:
-        tokens: list[int] = []
-        parents: list[int] = []
-        heap: list[tuple[float, int, int, int, TrieNode, int]] = []
-        offered = 0
-
-        def offer(node: TrieNode, rank: int, parent_index: int, level: int) -> None:
-            nonlocal offered
-            if rank < len(node.ranked) and node.ranked[rank].count > 0:
-                heapq.heappush(heap, (-node.ranked[rank].count, -level, offered, rank, node,
-                                      parent_index))
-                offered += 1
-
-        offer(start, 0, -1, 1)
-        while heap and len(tokens) < self.max_nodes:
-            _, minus_level, _, rank, node, parent_index = heapq.heappop(heap)
-            level = -minus_level
-            child = node.ranked[rank]
-            self.trie.visits += 1
-            tokens.append(child.token)
-            parents.append(parent_index)
-            offer(node, rank + 1, parent_index, level)
-            if level < depth:
-                offer(child, 0, len(tokens) - 1, level + 1)
-        return tokens, parents
+        if depth < 1 or not context:
+            return Draft()
+        query = list(context[max(0, len(context) - self.max_prefix):])
+        found = self.trie.get(query, self.max_nodes, depth)
+        if not found:
+            return Draft()
+        return tree_draft([token for token, _ in found], [parent for _, parent in found])
 
     def accept(self, tokens: Sequence[int]) -> None:
         for token in tokens:
@@ -303,8 +336,4 @@ class PiaTrie(DrafterBase):
         if not self._open:
             return
         self._open = False
-        if self.eliminate_prompt_branches:
-            self.trie.eliminate_prompt()
-        else:
-            self.trie.keep_prompt()
-        self.trie.windows = []
+        self.trie.end_sequence()

@@ -32,7 +32,12 @@ Choices the reference implementation (hao-ai-lab/LookaheadDecoding) makes, kept:
 - the window moves one position per step however many tokens were accepted
   (ALWAYS_FWD_ONE, its default): a multi-token step leaves the window behind the
   context, and the next iterations catch up;
-- only the lookahead branch feeds the pool (POOL_FROM_PROMPT is off by default).
+- only the lookahead branch feeds the pool (POOL_FROM_PROMPT is off by default);
+- W=7, N=5, G=7, the configuration its README gives for a 7B model and the one
+  Spec-Bench's ``inference_lookahead.py`` (the test-time-scaling benchmark's harness)
+  runs; the paper's A100 setting W=15, N=5, G=15 is an option away;
+- the pool starts empty with every generation (``share_pool`` false): it is a local
+  of the reference's generate loop.
 
 and where this one differs:
 
@@ -45,7 +50,8 @@ and where this one differs:
   its levels so that they stay aligned; here levels are appended without moving,
   and the verification branch is used as soon as the pool has candidates (with a
   shared pool, from the first step) rather than only once the window is full;
-- with ``share_pool`` the pool outlives the sequence (LADE starts empty per call).
+- ``share_pool=true`` (the declared ablation) keeps the pool across the sequences of a
+  case, so later samples and rounds start with the n-grams of the earlier ones.
 
 Cost per step is O(W*N + G*N): the window and pool updates touch the W columns,
 the proposal reads the last context token and at most G pool entries. Nothing
@@ -55,7 +61,7 @@ scans or copies the context, so the cost does not grow with its length.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 from pytest_specdec.drafter import (MAX_DRAFT_NODES, MAX_PROBES, Draft, DraftRequest,
                                     DrafterBase, TargetSignals)
@@ -120,16 +126,21 @@ class LookaheadDecoding(DrafterBase):
     ngram: N, the n-gram size; the window has N-1 levels.
     guess_set: G, the most n-grams kept per first token and verified per step.
     share_pool: keep the n-gram pool across the sequences of a case (the window
-        restarts with every sequence either way).
+        restarts with every sequence either way); off as in the reference, where the
+        pool lives for one generation.
 
-    Defaults are the paper's configuration for a 7B model on an A100 (W=15, N=5,
-    G=W). A step scores W*(N-1) probes plus at most G*(N-1) draft nodes.
+    Defaults are the benchmark references' (LADE's README for a 7B model, Spec-Bench):
+    W=7, N=5, G=7, a pool per generation. A step scores W*(N-1) probes plus at most
+    G*(N-1) draft nodes.
     """
 
     needs = frozenset({"probe_choices"})
+    max_depth = 4  # N-1 with the default N=5: an n-gram drafts its last N-1 tokens
+    # what a pool shared across the samples and rounds of a problem is worth
+    ablations: ClassVar[tuple[dict[str, str], ...]] = ({"share_pool": "true"},)
 
-    def __init__(self, window: int = 15, ngram: int = 5, guess_set: int = 15,
-                 share_pool: bool = True):
+    def __init__(self, window: int = 7, ngram: int = 5, guess_set: int = 7,
+                 share_pool: bool = False):
         if window < 1:
             raise ValueError(f"window must be >= 1, got window={window}")
         if ngram < 2:
@@ -142,6 +153,8 @@ class LookaheadDecoding(DrafterBase):
         if guess_set * (ngram - 1) > MAX_DRAFT_NODES:
             raise ValueError(f"guess_set * (ngram - 1) must be <= {MAX_DRAFT_NODES} (the draft "
                              f"node cap), got guess_set={guess_set}, ngram={ngram}")
+        if not isinstance(share_pool, bool):
+            raise ValueError(f"share_pool must be True or False, got {share_pool!r}")
         self.window, self.ngram, self.guess_set = window, ngram, guess_set
         self.share_pool = share_pool
         self.pool = NgramPool(guess_set)

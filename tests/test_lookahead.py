@@ -13,6 +13,7 @@ from drafters.lookahead import LookaheadDecoding, NgramPool, merge_prefixes, win
 from pytest_specdec.drafter import (MAX_DRAFT_NODES, MAX_PROBES, Draft, DraftRequest,
                                     TargetSignals, validate_draft)
 from pytest_specdec.engine import GenerationRequest, generate
+from pytest_specdec.registry import RegisteredDrafter
 from pytest_specdec.sampling import Sampler
 from pytest_specdec.target import wrap_model
 
@@ -221,9 +222,11 @@ def test_choices_not_for_this_window_are_ignored():
 
 
 @pytest.mark.parametrize("share_pool, expected",
-                         [(True, Draft((21, 31), (-1, 0))), (False, Draft())])
+                         [(True, Draft((21, 31), (-1, 0))), (False, Draft()), (None, Draft())],
+                         ids=["shared", "per-generation", "default-per-generation"])
 def test_share_pool_keeps_ngrams_across_sequences(share_pool, expected):
-    drafter = LookaheadDecoding(window=3, ngram=3, guess_set=2, share_pool=share_pool)
+    options = {} if share_pool is None else {"share_pool": share_pool}
+    drafter = LookaheadDecoding(window=3, ngram=3, guess_set=2, **options)
     run_script(drafter, PROMPT, SCRIPTS[0][3][:3])
     drafter.end()
     drafter.begin(DraftRequest((40, 41, 12), "other", sample=1))
@@ -257,16 +260,34 @@ def test_propose_reads_only_the_last_token():
     assert drafter.propose(LastTokenOnly(12), 4).tokens == (21, 31)
 
 
-def test_defaults_fit_the_caps():
+def test_defaults_are_the_benchmark_references():
+    # LADE's README for a 7B model and Spec-Bench: W=7, N=5, G=7, a pool per generation;
+    # the draft depth is N-1
     drafter = LookaheadDecoding()
     options = (drafter.window, drafter.ngram, drafter.guess_set, drafter.share_pool)
-    assert options == (15, 5, 15, True)
+    assert options == (7, 5, 7, False)
+    assert LookaheadDecoding.max_depth == drafter.ngram - 1 == 4
     assert drafter.needs == frozenset({"probe_choices"})
     drafter.begin(DraftRequest(tuple(range(100)), "g"))
     for _ in range(6):
         draft = drafter.propose(tuple(range(100)), 8)
         drafter.observe(TargetSignals(probe_choices=tuple(range(len(draft.probe_tokens)))))
-    assert len(draft.probe_tokens) == 15 * 4 <= MAX_PROBES
+    assert len(draft.probe_tokens) == 7 * 4 <= MAX_PROBES
+
+
+@pytest.mark.parametrize("options", [{}, {"window": "15", "guess_set": "15"}])
+def test_the_paper_setting_and_the_declared_ablation_build(options):
+    registered = RegisteredDrafter("lookahead", LookaheadDecoding, "test")
+    drafter = registered.create(**registered.convert_options(options))
+    assert (drafter.window, drafter.guess_set) == ((15, 15) if options else (7, 7))
+    assert LookaheadDecoding.ablations == ({"share_pool": "true"},)
+    for variant in LookaheadDecoding.ablations:
+        assert registered.create(**registered.convert_options(variant)).share_pool is True
+
+
+def test_share_pool_must_be_a_bool():
+    with pytest.raises(ValueError, match="share_pool must be True or False, got 'yes'"):
+        LookaheadDecoding(share_pool="yes")
 
 
 @pytest.mark.parametrize("options, message", [
@@ -294,9 +315,9 @@ def tiny_llama():
 @pytest.mark.parametrize("temperature, seed", [(0.0, 0), (0.6, 7)])
 def test_lookahead_is_lossless(tiny_llama, temperature, seed):
     prompt = (1, 17, 42, 99, 250, 3, 77, 42, 99)
-    drafter = LookaheadDecoding(window=4, ngram=4, guess_set=4)
+    drafter = LookaheadDecoding(window=4, ngram=4, guess_set=4, share_pool=True)
     drafted = 0
-    for sample in range(2):  # the second sample starts with the first one's pool
+    for sample in range(2):  # the second sample starts with the first one's pool (shared)
         request = GenerationRequest(prompt, 40, Sampler(temperature, seed + sample),
                                     group="p", sample=sample)
         baseline = generate(tiny_llama, request)

@@ -31,7 +31,7 @@ checked for an empty query); from the node reached:
   output`` (prompt counts decide, output counts break ties; equal scores keep the
   order in which the nodes were created);
 - when more than max_nodes + 1 nodes are live, a node is drafted only if its output
-  count is at least the ``max_nodes + 1) // 2``-th largest output count among them
+  count is at least the ``(max_nodes + 1) // 2``-th largest output count among them
   (what the reference's selection amounts to: its mix fill collects node ids that are
   all None, so only the ``min_output_size`` threshold remains); otherwise every node
   is eligible, even one whose counts were reset to 0;

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence, overload
 
 import torch
 
+from pytest_specdec import torch_state
 from pytest_specdec.drafter import (TARGET_SIGNALS, Draft, DraftError, DraftRequest, Drafter,
                                     TargetSignals, validate_draft)
 from pytest_specdec.metrics import SpecDecodingStats, StepRecord
@@ -312,6 +313,7 @@ class _ReadOnlyTokens(list):
 
 
 READ_ONLY = "the context is read-only"
+TORCH_STATE = "torch's global state is left unchanged"
 
 
 def _exception_text(exc: BaseException, limit: int = 300) -> str:
@@ -339,6 +341,11 @@ class _Guard:
       from an earlier call) is "the context is read-only": after each call the copy is
       checked in O(1) (same list, no refused write, same length, same last token), and
       once per sequence, after ``end``, token by token.
+    - Torch's global settings (:mod:`pytest_specdec.torch_state`: default dtype and
+      device, thread counts, grad mode, matmul precision and the backend flags) are
+      compared after each call with those the sequence started with (a few µs); a
+      change is undone and is "torch's global state is left unchanged". A call that
+      raises has its changes undone too.
     """
 
     def __init__(self, drafter: Any, name: str, timeout: float, context: list[int]):
@@ -346,6 +353,7 @@ class _Guard:
         self.context = context  # the engine's own list: never shown to the drafter
         self.shadow = _ReadOnlyTokens(context)
         self.view = TokenView(self.shadow)
+        self.torch_state = torch_state.capture()
 
     def needs(self) -> frozenset[str]:
         try:
@@ -364,16 +372,28 @@ class _Guard:
         try:
             result = getattr(self.drafter, method)(*args)
         except (Exception, SystemExit) as exc:
+            torch_state.restore(self.torch_state)
             if self.shadow.tampered:
                 raise DraftError(self.name, READ_ONLY,
                                  f"{method} tried to change it ({_exception_text(exc)})") from exc
             raise DraftError(self.name, f"{method} does not raise", _exception_text(exc)) from exc
         elapsed = time.perf_counter() - started
+        if not torch_state.unchanged(self.torch_state):
+            self.torch_state_changed(method)
         self.check_context(method)
         if self.timeout and elapsed > self.timeout:
             raise DraftError(self.name, f"each call returns within {self.timeout:g} s",
                              f"{method} took {elapsed:.3g} s")
         return result
+
+    def torch_state_changed(self, method: str) -> None:
+        """Undo what the call changed in torch's global state, and fail the drafter."""
+        changes = torch_state.diff(self.torch_state, torch_state.capture())
+        kept = torch_state.restore(self.torch_state)
+        detail = f"{method} changed {torch_state.describe(changes)}"
+        if kept:
+            detail += "; torch refused to set back " + "; ".join(f"{n} ({why})" for n, why in kept)
+        raise DraftError(self.name, TORCH_STATE, detail)
 
     def propose(self, k: int, vocab_size: int) -> Draft:
         draft = self.call("propose", self.view, k)

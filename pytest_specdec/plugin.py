@@ -26,6 +26,8 @@ ORIGINS_KEY = pytest.StashKey[dict]()
 MERGED_KEY = pytest.StashKey[dict]()
 # the session report's file name, chosen at its first write and rewritten after
 REPORT_STEM_KEY = pytest.StashKey[str]()
+#: torch's global state as the session starts: every case starts from it (torch_state.py)
+TORCH_STATE_KEY = pytest.StashKey[Any]()
 #: the key of the records a worker sends to the controller in config.workeroutput
 WORKEROUTPUT_RECORDS = "specdec_records"
 
@@ -45,6 +47,9 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "specdec: a pytest-specdec benchmark case")
+    from pytest_specdec import torch_state
+
+    config.stash[TORCH_STATE_KEY] = torch_state.capture()  # before any drafter is made
     cfg = read_config(config)
     config.stash[CONFIG_KEY] = cfg
     config.stash[REGISTRY_KEY] = registry = load_registry()
@@ -291,10 +296,55 @@ def _is_case(item: pytest.Item) -> bool:
 
 
 def _load_target(cfg: SpecdecConfig, worker: str = "main") -> Any:
+    """The session's target. Loading it (model code, from_pretrained) must not change
+    torch's global state for the case that loads it: what it changed is set back, with
+    a warning naming it."""
+    from pytest_specdec import torch_state
     from pytest_specdec.target import load_target
 
-    return load_target(cfg.target, device=_worker_device(cfg.device, worker), dtype=cfg.dtype,
-                       trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+    before = torch_state.capture()
+    try:
+        return load_target(cfg.target, device=_worker_device(cfg.device, worker),
+                           dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                           seed=cfg.seed)
+    finally:
+        _restore_torch_state(before, f"loading the target {cfg.target!r}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """Every case starts from the session's torch state (as pytest_configure found it,
+    before any drafter was made) and leaves it so: whatever a case changed in torch's
+    global settings (a drafter, its factory, a fixture) is set back after it, and
+    whatever changed them before or between cases is set back before the next."""
+    original = item.config.stash.get(TORCH_STATE_KEY, None)
+    if original is None or not _is_case(item):
+        return (yield)
+    _restore_torch_state(original)
+    try:
+        return (yield)
+    finally:
+        _restore_torch_state(original)
+
+
+def _restore_torch_state(state: Any, changed_by: str = "") -> None:
+    """Set torch's global settings back to `state`; warn when `changed_by` (a source
+    worth telling the user about) changed them, or when torch refuses a setting."""
+    import warnings
+
+    from pytest_specdec import torch_state
+
+    if torch_state.unchanged(state):
+        return
+    changes = torch_state.diff(state, torch_state.capture())
+    kept = torch_state.restore(state)
+    if changed_by:
+        warnings.warn(pytest.PytestWarning(
+            f"pytest-specdec: {changed_by} changed {torch_state.describe(changes)}; "
+            "set back for the cases"))
+    for name, why in kept:
+        warnings.warn(pytest.PytestWarning(
+            f"pytest-specdec: torch refused to set {name} back between cases ({why})"))
 
 
 def _worker_device(spec: str, worker: str) -> str:

@@ -42,10 +42,11 @@ Cost per step does not grow with the context:
   stored node by node but as its first node plus a reference into its sequence (a lazy
   chain), which is also why a new token costs nothing for the suffixes seen only once;
   a lazy node gets explicit children when its string occurs a second time.
-- the per-request trie's active nodes are its match set; for the global trie a set of
-  at most ``max_tree_depth`` cursors (the context's suffixes, which may begin in the
-  prompt) is advanced per accepted token, beside the current response's own active
-  nodes.
+- the per-request trie's active nodes are its match set. In the global trie the
+  current response's active nodes are the matches of up to len(response) tokens; the
+  longer ones begin in the prompt (which that trie lacks) and are followed by at most
+  ``max_tree_depth`` cursors, set up in ``begin`` and advanced per accepted token
+  until they fall off (at the latest when the response is ``max_tree_depth`` long).
 - growing a draft emits at most MAX_DRAFT_NODES nodes, each pushing at most
   1/min_token_prob children, found without a scan: children are kept sorted by count
   (O(1) per increment, as in Arctic Inference's sibling groups). At most
@@ -215,6 +216,24 @@ class SuffixTrie:
             return [((node, offset + 1), prob)]  # a string seen once goes on for sure
         return []
 
+    def first_level(self, cursor: Cursor, min_prob: float) -> tuple[float, float]:
+        """(largest, total) probability of the cursor's children with probability at
+        least min_prob, as ``continuations`` finds them, without building the list."""
+        node, offset = cursor
+        if offset == 0 and node.children is not None:
+            top = total = 0.0
+            for child in node.order:  # sorted by count: the first is the likeliest
+                prob = child.count / node.count
+                if prob < min_prob * (1 - 1e-9):
+                    break
+                self.visits += 1
+                top = max(top, prob)
+                total += prob
+            return top, total
+        if node.depth + offset < self.max_depth and node.end + offset + 1 < len(node.seq):
+            return 1.0, 1.0
+        return 0.0, 0.0
+
     def has_continuation(self, cursor: Cursor) -> bool:
         node, offset = cursor
         if offset == 0 and node.children is not None:
@@ -302,38 +321,41 @@ class SuffixDecoding(DrafterBase):
         self._text: list[int] = []  # prompt + response, extended per accepted token
         self._active = [self.request_trie.root]
         # the current response, added to the global trie token by token, and its
-        # active nodes there
+        # active nodes there: the context's suffixes within the response that occurred
+        # before, the global matches of up to len(response) tokens
         self._response: list[int] = []
         self._response_active = [self.global_trie.root]
-        # cursors of the context's suffixes in the global trie, deepest first; only the
-        # last max_tree_depth tokens can be part of a match
+        # cursors of the context's longer suffixes (they begin in the prompt) in the
+        # global trie; only the last max_tree_depth tokens can be part of a match
         self._global_cursors: list[Cursor] = []
         # what the last proposal came from: (trie, match length, score); None if empty
         self.last_match: tuple[str, int, float] | None = None
         for token in request.prompt_ids:
             self._add_to_request(token)
-        for token in request.prompt_ids[-self.max_tree_depth:]:
-            self._advance_global(token)
+        if self.use_global:
+            trie = self.global_trie
+            for token in request.prompt_ids[-self.max_tree_depth:]:
+                moved = [trie.step(cursor, token) for cursor in self._global_cursors]
+                moved.append(trie.step((trie.root, 0), token))
+                self._global_cursors = [cursor for cursor in moved if cursor is not None]
 
     def accept(self, tokens: Sequence[int]) -> None:
         for token in tokens:
             self._add_to_request(token)
             if self.use_global:
+                trie = self.global_trie
                 self._response.append(token)
-                self._response_active = self.global_trie.extend(
-                    self._response, len(self._response) - 1, self._response_active)
-            self._advance_global(token)
+                self._response_active = trie.extend(self._response, len(self._response) - 1,
+                                                    self._response_active)
+                # a suffix that begins in the prompt stays one, a token longer (the
+                # shorter ones are the response's active nodes)
+                if self._global_cursors:
+                    moved = [trie.step(cursor, token) for cursor in self._global_cursors]
+                    self._global_cursors = [cursor for cursor in moved if cursor is not None]
 
     def _add_to_request(self, token: int) -> None:
         self._text.append(token)
         self._active = self.request_trie.extend(self._text, len(self._text) - 1, self._active)
-
-    def _advance_global(self, token: int) -> None:
-        if self.use_global:
-            trie = self.global_trie
-            moved = [trie.step(cursor, token) for cursor in self._global_cursors]
-            moved.append(trie.step((trie.root, 0), token))
-            self._global_cursors = [cursor for cursor in moved if cursor is not None]
 
     def end(self) -> None:
         # the response is in the global trie already (added per accepted token)
@@ -354,6 +376,7 @@ class SuffixDecoding(DrafterBase):
             trie = self.global_trie
             cursors = [trie.normalize(cursor) for cursor in self._global_cursors]
             matches = [(cursor, cursor[0].depth + cursor[1]) for cursor in cursors]
+            matches += [((node, 0), node.depth) for node in self._response_active[1:]]
             candidates.append(("global", *self._best(trie, matches, k, longest)))
         # the higher score wins; a tie goes to the current text (listed first)
         source, length, best = candidates[0]
@@ -413,11 +436,7 @@ class SuffixDecoding(DrafterBase):
         room = min(k, self.max_tree_depth - length)
         if budget <= 0 or room <= 0:
             return 0.0
-        first = trie.continuations(cursor, 1.0, self.min_token_prob)
-        if not first:
-            return 0.0
-        top = max(prob for _, prob in first)
-        mass = sum(prob for _, prob in first)
+        top, mass = trie.first_level(cursor, self.min_token_prob)
         return min(budget * top, room * mass)
 
 #: Scores closer than this are a tie (they are sums of float ratios).

@@ -288,6 +288,8 @@ class PiaTrie(DrafterBase):
         reference's ``max_output_node``, 512).
     """
 
+    max_depth = 12  # the reference's branch length, the deepest draft
+
     def __init__(self, branch_length: int = 12, max_nodes: int = 63, max_prefix: int = 2,
                  max_output_nodes: int = 512):
         if not 1 <= branch_length <= MAX_DRAFT_NODES:

@@ -99,6 +99,7 @@ class TokenRecycling(DrafterBase):
     """
 
     needs = frozenset({"top_k"})
+    max_depth = 6  # the paper's static tree is 6 deep
 
     def __init__(self, max_nodes: int = 80, branching: str = "paper",
                  share_across_sequences: bool = True):

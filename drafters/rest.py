@@ -128,6 +128,8 @@ class Rest(DrafterBase):
     max_nodes: most draft tokens in the tree (the reference's 64).
     """
 
+    max_depth = 10  # the k its cases run with; rest:max_depth=N sets it per case
+
     def __init__(self, datastore: str = "", share_group: bool = True, max_suffix: int = 16,
                  min_suffix: int = 2, max_depth: int = 10, max_matches: int = 256,
                  max_nodes: int = 64):

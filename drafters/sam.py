@@ -166,6 +166,7 @@ class SamDecoding(DrafterBase):
 
     # the default suite also runs SAM without the group automaton: what sharing is worth
     ablations = ({"share_group": "false"},)
+    max_depth = 40  # the cap; per step the reference drafts min(40, 1 + 4 * match length)
 
     def __init__(self, min_match: int = 1, share_group: bool = True):
         if isinstance(min_match, bool) or not isinstance(min_match, int) or min_match < 1:
@@ -210,6 +211,8 @@ class SamDecoding(DrafterBase):
         group_state, group_length = self._group_match
         if k < 1 or max(current_length, group_length) < self.min_match:
             return Draft()
+        # the reference's depth per step: 1 + 4 per matched token, capped by k (max_depth 40)
+        k = min(k, 1 + 4 * max(current_length, group_length))
         if group_length > current_length and self._earlier is not None:
             return Draft(self._earlier.continuation(group_state, k))
         end = self._current.first_end[current]

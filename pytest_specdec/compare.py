@@ -8,8 +8,10 @@ pytest-benchmark's ``extra_info`` (see :mod:`pytest_specdec.report`).
 Matching. A case is identified by (role, drafter, paradigm, temperature, target). When
 each run holds a single target and the two differ (a model upgrade), cases are matched
 without the target and a warning says so. Cases found in one run only are listed, never
-gated. Runs that differ in dtype, device, machine, k, problems or token budget are
+gated. Runs that differ in dtype, device, machine, problems or token budget are
 compared too, with a warning naming the difference: their MAT may differ for that reason.
+The draft depth k is a setting of each case (every drafter has its own), so it is
+compared case by case: one warning lists the compared cases whose k differs.
 
 Deltas. For speedup, MAT, acceptance rate, tokens/s and accuracy (all higher-is-better)
 the change is ``(new - base) / base``; it is undefined (``—``) where either side has no
@@ -55,14 +57,16 @@ from pytest_specdec.report import (
     PEER_PLAIN,
     ROLES,
     ReportError,
+    draft_depth_of,
     load_records,
 )
 
 NO_VALUE = "—"
 #: relative changes closer than this to a threshold count as equal to it (float noise)
 EPSILON = 1e-9
-#: fields whose differences between runs are warned about (when both runs carry them)
-SETTING_KEYS = ("target", "dtype", "device", "machine", "k", "problems", "max_new_tokens")
+#: fields whose differences between runs are warned about (when both runs carry them);
+#: k (the draft depth) differs between the cases of one run, so it is compared per case
+SETTING_KEYS = ("target", "dtype", "device", "machine", "problems", "max_new_tokens")
 
 FORMATS = ("table", "md", "json")
 
@@ -331,6 +335,7 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
     drops = dict(rules)
     cases = []
     single_round = 0
+    depth_changes = []  # compared cases whose draft depth k differs: "pld ...: 5 → 10"
     for key in dict.fromkeys([*old_index, *new_index]):
         old, now = old_index.get(key), new_index.get(key)
         shown = now if now is not None else old
@@ -355,6 +360,8 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
             case.single_round = not own_reference and (
                 len(old["wall_s_rounds"]) < 2 or len(now["wall_s_rounds"]) < 2)
             single_round += case.single_round
+            if draft_depth_of(old) != draft_depth_of(now):  # plain decoding has none
+                depth_changes.append(f"{case.label}: {draft_depth_of(old)} → {draft_depth_of(now)}")
             for metric, drop in drops.items():
                 delta = case.metrics[metric]
                 delta.rule = drop
@@ -363,6 +370,9 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
                                 and delta.change < -threshold - EPSILON)
         cases.append(case)
     cases.sort(key=_sort_key)
+    if depth_changes:
+        warnings.append(f"the runs differ in k (draft depth) of {len(depth_changes)} compared "
+                        f"case(s), {base_name} → {new_name}: " + "; ".join(depth_changes))
     if single_round and "speedup" in drops:
         warnings.append(f"{single_round} compared case(s) have a single timed round in a run: "
                         "their speedup has no noise floor (use --specdec-timed-rounds 3)")

@@ -20,6 +20,11 @@ earlier ones.
 A drafter that needs target internals declares them in ``needs`` (see
 :data:`TARGET_SIGNALS`); the engine then calls ``observe(signals)`` after each target
 forward with exactly those, and nothing else about the target reaches the drafter.
+
+A drafter declares its draft depth in ``max_depth``: the k its cases run with (the
+depth of the method's reference implementation, for the built-ins), unless
+``--specdec-k`` overrides it for every drafter. A drafter without it runs at
+:data:`DEFAULT_MAX_DEPTH`; see :func:`draft_depth`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import functools
 import operator
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, Sequence, runtime_checkable
+from typing import ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -94,6 +99,9 @@ class Draft:
 
 #: Most nodes one draft may carry (a tree's width is not bounded by k, only its depth).
 MAX_DRAFT_NODES = 256
+#: The draft depth of a drafter that declares no ``max_depth`` (one written for a
+#: version of the protocol without it): the k every drafter ran with before.
+DEFAULT_MAX_DEPTH = 5
 #: Most probe nodes one draft may carry.
 MAX_PROBES = 512
 
@@ -127,9 +135,17 @@ class Drafter(Protocol):
     Register a factory (usually the class itself) under the entry-point group
     ``pytest_specdec.drafters``; its keyword parameters, with defaults and type
     annotations, become the drafter's options (``--specdec-drafter NAME:key=value``).
+
+    ``max_depth``, declared on the factory (a class attribute), is the draft depth the
+    drafter's cases run with: the k every ``propose`` gets (less near the end of the
+    token budget), unless ``--specdec-k`` overrides it for every drafter. Optional: a
+    factory without it runs at :data:`DEFAULT_MAX_DEPTH`. A method whose depth varies
+    per step (SAM-Decoding: min(40, 1 + 4 * match length)) declares the cap and
+    applies its own rule inside ``propose``, never proposing deeper than k.
     """
 
     needs: ClassVar[frozenset[str]]
+    max_depth: ClassVar[int]
 
     def begin(self, request: DraftRequest) -> None: ...
 
@@ -149,9 +165,13 @@ class DrafterBase:
     ``ablations``: option sets (as command-line strings) that the default suite runs
     beside the drafter's defaults, to show what an option is worth, e.g.
     ``({"share_group": "false"},)``.
+
+    ``max_depth``: the draft depth the drafter's cases run with (see :class:`Drafter`);
+    :data:`DEFAULT_MAX_DEPTH` unless a subclass declares its method's own.
     """
 
     needs: ClassVar[frozenset[str]] = frozenset()
+    max_depth: ClassVar[int] = DEFAULT_MAX_DEPTH
     ablations: ClassVar[tuple[dict[str, str], ...]] = ()
 
     def begin(self, request: DraftRequest) -> None:
@@ -168,6 +188,27 @@ class DrafterBase:
 
     def end(self) -> None:
         pass
+
+
+def draft_depth(factory: object, *, override: int | None = None,
+                options: Mapping[str, object] | None = None, drafter: str = "drafter") -> int:
+    """The k a drafter's cases run with: ``override`` (``--specdec-k``) when given;
+    else the case's own ``max_depth`` option when the drafter has one and it was set
+    (``rest:max_depth=16``: a drafter whose depth is an option names it so); else the
+    ``max_depth`` its factory declares; else :data:`DEFAULT_MAX_DEPTH`.
+
+    A depth that is not a positive int (bool excluded), or one above
+    :data:`MAX_DRAFT_NODES` (no chain that deep fits in one draft), is a
+    :class:`DraftError` naming ``drafter``: it fails that drafter's own cases.
+    """
+    if override is not None:
+        return override
+    options = options or {}
+    depth = options.get("max_depth", getattr(factory, "max_depth", DEFAULT_MAX_DEPTH))
+    if type(depth) is not int or not 1 <= depth <= MAX_DRAFT_NODES:
+        raise DraftError(drafter, f"max_depth is an int in [1, {MAX_DRAFT_NODES}]",
+                         f"declared {_describe(depth)}")
+    return depth
 
 
 @dataclass

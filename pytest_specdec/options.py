@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
+from pytest_specdec.drafter import DEFAULT_MAX_DEPTH, MAX_DRAFT_NODES
 from pytest_specdec.paradigms import PARADIGM_NAMES
 
 
@@ -51,6 +52,18 @@ def _at_least(convert: Callable[[str], Any], minimum: float, what: str) -> Calla
 
 
 _positive_int = _at_least(int, 1, "a positive integer")
+
+
+def _draft_depth(text: str) -> int:
+    """--specdec-k: a depth in [1, MAX_DRAFT_NODES] (a deeper chain fits in no draft)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_DRAFT_NODES:
+        raise argparse.ArgumentTypeError(
+            f"expected a draft depth in 1..{MAX_DRAFT_NODES}, got {text!r}")
+    return value
 _non_negative_int = _at_least(int, 0, "an integer >= 0")
 _non_negative_float = _at_least(float, 0, "a number >= 0")
 
@@ -172,8 +185,10 @@ OPTIONS = (
                 "(multi_round 0, best_of_n 0.6)"),
     Option("--specdec-seed", "specdec_seed", default=0, type=_non_negative_int, metavar="SEED",
            help="base seed of coupled sampling (default: 0)"),
-    Option("--specdec-k", "specdec_k", default=5, type=_positive_int, metavar="K",
-           help="maximum draft length per step (default: 5)"),
+    Option("--specdec-k", "specdec_k", type=_draft_depth, metavar="K",
+           help="draft depth (tokens one step can accept) for every drafter, overriding "
+                "each drafter's own max_depth; hf_pld follows pld's (default: each "
+                f"drafter's own; {DEFAULT_MAX_DEPTH} for one that declares none)"),
     Option("--specdec-timed-rounds", "specdec_timed_rounds", default=1, type=_positive_int,
            metavar="N", help="timed rounds per case after one warm-up; the median is "
                              "reported (default: 1)"),
@@ -229,7 +244,7 @@ class SpecdecConfig:
     rounds: int
     temperatures: tuple[float, ...] | None  # None: each paradigm's default
     seed: int
-    k: int
+    k: int | None  # None: each drafter's own max_depth (drafter.draft_depth)
     timed_rounds: int
     report_dir: Path
     peer: bool

@@ -386,7 +386,7 @@ def specdec_peer(request: pytest.FixtureRequest) -> str:
 def _write_session_report(config: pytest.Config, records: list[dict]) -> list[Path]:
     """The session's report files: a free name at the first write (never an earlier
     report's), the same name replaced atomically at every later one."""
-    from pytest_specdec.report import write_reports
+    from pytest_specdec.report import depth_text, write_reports
 
     cfg = config.stash[CONFIG_KEY]
     stem = config.stash.get(REPORT_STEM_KEY, None)
@@ -401,7 +401,8 @@ def _write_session_report(config: pytest.Config, records: list[dict]) -> list[Pa
         "dataset": cfg.dataset,
         "problems": str(records[0]["problems"]),
         "max_new_tokens": str(cfg.max_new_tokens),
-        "k": str(cfg.k),
+        # one k, or each drafter's own (the details show each case's)
+        "k": depth_text(records) + (" (--specdec-k)" if cfg.k is not None else ""),
         "timed_rounds": str(cfg.timed_rounds),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": _machine_line(cfg),

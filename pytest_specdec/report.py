@@ -210,9 +210,36 @@ def select_records(records: Iterable[dict], *, drafters: Sequence[str] | None = 
 
 
 def report_meta(records: Sequence[dict]) -> dict[str, str]:
-    """The Markdown meta block: each field's distinct values, in order of appearance."""
+    """The Markdown meta block: each field's distinct values, in order of appearance;
+    ``k`` as :func:`depth_text` gives it."""
     sources = {"date": "run_date"}
-    return {key: _distinct_text(records, sources.get(key, key)) for key in META_KEYS}
+    return {key: depth_text(records) if key == "k" else _distinct_text(records, sources.get(key, key))
+            for key in META_KEYS}
+
+
+def draft_depth_of(record: dict) -> int | None:
+    """The draft depth a case ran with: its ``k``, for the cases that draft (our
+    drafters and hf_pld); None for plain decoding (the baseline, hf_generate)."""
+    k = record.get("k")
+    if record["role"] == "baseline" or record["drafter"] == PEER_PLAIN or not k:
+        return None
+    return k
+
+
+def depth_text(records: Sequence[dict]) -> str:
+    """The meta block's ``k``: the one draft depth every drafting case ran with, or,
+    where they differ (each drafter at its own depth), each drafter's, in table order:
+    ``lookahead 4, pld 10, sam 40, hf_pld 10`` (``pld 5/10`` for a drafter that ran at
+    several); ``—`` without drafting cases."""
+    depths: dict[str, dict[str, None]] = {}
+    for record in sorted(records, key=lambda r: _row_order(_row_key(r))):
+        k = draft_depth_of(record)
+        if k is not None:
+            depths.setdefault(record["drafter"], {})[str(k)] = None
+    distinct = {k for ks in depths.values() for k in ks}
+    if len(distinct) <= 1:
+        return next(iter(distinct), NO_VALUE)
+    return ", ".join(f"{drafter} {'/'.join(ks)}" for drafter, ks in depths.items())
 
 
 def _distinct_text(records: Sequence[dict], key: str) -> str:
@@ -459,16 +486,21 @@ def _markdown_summary(records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-DETAIL_HEADERS = ["drafter", "paradigm", "T", "speedup", "MAT", "acceptance", "draft share",
+DETAIL_HEADERS = ["drafter", "paradigm", "T", "k", "speedup", "MAT", "acceptance", "draft share",
                   "tokens/s median (min–max)", "wall s median (min–max)", "accuracy",
                   "lossless", "output"]
+
+
+def _depth_text(record: dict) -> str:
+    k = draft_depth_of(record)
+    return NO_VALUE if k is None else str(k)
 
 
 def _detail_row(record: dict) -> list[str]:
     """The details of one record; the last cell is the output hash, unformatted."""
     return [
         record["drafter"], record["paradigm"], _temperature_text(record["temperature"]),
-        _speedup_text(record["speedup"]), _number(record["mat"]),
+        _depth_text(record), _speedup_text(record["speedup"]), _number(record["mat"]),
         _percent(record["acceptance_rate"]), _percent(record["draft_share"]),
         _tokens_per_s_text(record), _wall_text(record), _percent(record["accuracy"]),
         record["lossless"], record["output_sha256"],
@@ -599,7 +631,9 @@ in one session on one machine (hf_pld is measured against hf_generate the same w
 **MAT** (mean accepted tokens) is the number of tokens one target forward yields on
 average, the bonus token included: 1.00 without speculation. A higher MAT means fewer
 target forwards; the speedup is what remains after paying for drafting (see draft share).
-Acceptance is accepted draft tokens ÷ drafted tokens. Lossless says whether the output was
+Acceptance is accepted draft tokens ÷ drafted tokens. **k** is the draft depth a case ran
+with, the most draft tokens one step can accept: each drafter's own (its reference's), or
+the one --specdec-k set for all; hf_pld drafts as deep as pld. Lossless says whether the output was
 identical to the baseline's (exact), differed only where the target's top choices were
 nearly tied (near_tie), or was not checked."""
 

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pytest_specdec.drafter import draft_depth
 from pytest_specdec.lossless import check_lossless
 from pytest_specdec.metrics import mat_by_index, median_round, speedup
 from pytest_specdec.options import DrafterSpec, SpecdecConfig
@@ -17,7 +18,7 @@ from pytest_specdec.paradigms import make_paradigm
 from pytest_specdec.peer import hf_method
 from pytest_specdec.problems import Problem
 from pytest_specdec.registry import Registry
-from pytest_specdec.report import PEER_ORDER, SCHEMA_VERSION
+from pytest_specdec.report import OUR_PLD, PEER_ORDER, SCHEMA_VERSION
 from pytest_specdec.runner import DecodeSettings, Method, RunResult, engine_method, run_paradigm
 from pytest_specdec.target import Target
 
@@ -166,7 +167,9 @@ class SpecdecSession:
         base = self.baseline(case)
         registered = self.registry.get(spec.name)
         options = registered.convert_options(dict(spec.options))
-        target, k = self.target, self.config.k
+        # the drafter's own depth (its max_depth), unless --specdec-k overrides it
+        target, k = self.target, draft_depth(registered.factory, override=self.config.k,
+                                             options=options, drafter=spec.label)
         measured = self.measure(
             case, lambda: engine_method(target, registered.create(**options), k=k,
                                         drafter_name=spec.label,
@@ -186,7 +189,9 @@ class SpecdecSession:
                             drafter_options=dict(spec.options), k=k)
 
     def run_peer_case(self, peer: str, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
-        target, k = self.target, self.config.k
+        pld = self.registry.drafters.get(OUR_PLD)  # hf_pld drafts as deep as our pld
+        target, k = self.target, draft_depth(pld and pld.factory, override=self.config.k,
+                                             drafter=OUR_PLD)
         if peer == "hf_generate":
             measured = reference = self.peer_plain(case, benchmark)
         else:

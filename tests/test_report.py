@@ -174,15 +174,18 @@ def test_markdown_title_meta_and_summary(markdown):
 
 def test_markdown_details_per_record(markdown):
     rows = markdown_rows(markdown)
-    assert ["drafter", "paradigm", "T", "speedup", "MAT", "acceptance", "draft share",
+    assert ["drafter", "paradigm", "T", "k", "speedup", "MAT", "acceptance", "draft share",
             "tokens/s median (min–max)", "wall s median (min–max)", "accuracy", "lossless",
             "output"] in rows
     # tokens/s per round: new tokens / that round's wall time (2048 / 20.61 .. 2048 / 20.39)
-    assert ["pld", "multi_round", "0", "2.00x", "2.29", "32.1%", "4.2%", "100.0 (99.4–100.4)",
-            "20.48 (20.39–20.61)", "75.0%", "exact", "`3f9a1c0e5b7d2a48`"] in rows
-    assert ["hf_generate", "best_of_n", "0.6", "1.00x", "1.00", "—", "0.0%", "40.0 (39.8–40.2)",
-            "102.40 (102.00–102.90)", "50.0%", "not_checked", "`9e2d4b6a0c1f3857`"] in rows
-    assert ["pld", "best_of_n", "0.6", "1.60x", "1.60", "24.0%", "3.1%", "81.9 (81.4–82.2)",
+    # k: the depth each drafting case ran with; plain decoding (hf_generate) drafts nothing
+    assert ["pld", "multi_round", "0", "10", "2.00x", "2.29", "32.1%", "4.2%",
+            "100.0 (99.4–100.4)", "20.48 (20.39–20.61)", "75.0%", "exact",
+            "`3f9a1c0e5b7d2a48`"] in rows
+    assert ["hf_generate", "best_of_n", "0.6", "—", "1.00x", "1.00", "—", "0.0%",
+            "40.0 (39.8–40.2)", "102.40 (102.00–102.90)", "50.0%", "not_checked",
+            "`9e2d4b6a0c1f3857`"] in rows
+    assert ["pld", "best_of_n", "0.6", "10", "1.60x", "1.60", "24.0%", "3.1%", "81.9 (81.4–82.2)",
             "50.00 (49.80–50.30)", "75.0%", "near_tie", "`c05d29e8a1f4b736`"] in rows
 
 

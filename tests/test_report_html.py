@@ -119,8 +119,8 @@ def test_html_holds_every_section_of_the_report(records):
     assert summary == EXPECTED_SUMMARY
     assert page.best["summary"] == ["2.00x · MAT 2.29", "1.60x · MAT 1.60"]
     (details,) = page.tables["details"]
-    assert details[0][7] == "tokens/s median (min–max)"
-    assert ["pld", "multi_round", "0", "2.00x", "2.29", "32.1%", "4.2%", "100.0 (99.4–100.4)",
+    assert details[0][3] == "k" and details[0][8] == "tokens/s median (min–max)"
+    assert ["pld", "multi_round", "0", "10", "2.00x", "2.29", "32.1%", "4.2%", "100.0 (99.4–100.4)",
             "20.48 (20.39–20.61)", "75.0%", "exact", "3f9a1c0e5b7d2a48"] in details
     assert len(details) == 1 + 8
     (positions,) = page.tables["per-position"]

@@ -136,8 +136,9 @@ def verify_tree(target: Target, sampler: Sampler, cache: Any, context: list[int]
     """Verify a tree draft, and score its probes, with one target forward.
 
     Acceptance rule: each node sits at position len(context) - 1 + depth and attends
-    to the context and its own ancestors only, so its logits are those its root path
-    would give as a chain. From the root (the last context token) the walk moves to
+    to the context and its own ancestors only (on sliding-window layers, those less
+    than a window behind it: see :meth:`Target.forward`), so its logits are those its
+    root path would give as a chain. From the root (the last context token) the walk moves to
     the first child, in draft order, whose token equals the target's choice for the
     next position, and stops where none does; the choice there is the bonus token.
     A choice depends only on (logits, seed, position), as in plain decoding, so the
@@ -190,13 +191,29 @@ def verify_tree(target: Target, sampler: Sampler, cache: Any, context: list[int]
 
 def keep_path(cache: Any, base: int, path: list[int], fed: int) -> None:
     """The cache holds `base` context positions then `fed` tree nodes: keep the nodes of
-    `path` (increasing indices), moved to base, base + 1, ..., and drop the rest."""
+    `path` (increasing indices), moved to base, base + 1, ..., and drop the rest.
+
+    A sliding-window layer holds fewer context positions than a full one (only those
+    its window still needs), but every layer holds the `fed` nodes last, so they are
+    indexed from the end of each layer. A sliding layer must record the past (as
+    :meth:`Target.new_cache` sets it up): one that trims to its window on update may
+    have dropped context the path still needs, or nodes themselves."""
     if path != list(range(len(path))):
-        source = torch.tensor([base + i for i in path])
         for layer in cache.layers:
+            if getattr(layer, "is_sliding", False) and not getattr(layer, "record_past", False):
+                raise RuntimeError(f"{type(layer).__name__} does not record past states, so a "
+                                   "tree's path cannot be moved into place; call "
+                                   "cache.activate_past_recording() before the tree forward")
+            if getattr(layer, "keys", None) is None:
+                continue  # a layer that stores nothing (an uninitialised or shared one)
+            start = layer.keys.shape[-2] - fed
+            if start < 0 or (not getattr(layer, "is_sliding", False) and start != base):
+                raise RuntimeError(f"a cache layer holds {layer.keys.shape[-2]} positions; "
+                                   f"expected {base} context positions then {fed} tree nodes")
+            source = torch.tensor([start + i for i in path], device=layer.keys.device)
             for name in ("keys", "values"):
                 states = getattr(layer, name)
-                states[..., base:base + len(path), :] = states[..., source.to(states.device), :]
+                states[..., start:start + len(path), :] = states[..., source, :]
     if fed > len(path):
         cache.crop(-(fed - len(path)))
 

@@ -27,6 +27,9 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 #: Attention implementations that take a custom 4D mask (tree verification needs one).
 TREE_ATTENTION = frozenset({"eager", "sdpa"})
+#: Attention layer types a tree forward builds a mask for.
+FULL, SLIDING = "full_attention", "sliding_attention"
+TREE_LAYER_TYPES = frozenset({FULL, SLIDING})
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -92,9 +95,33 @@ class Target:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     def new_cache(self) -> Any:
+        """The model's own DynamicCache (sliding-window layers included), with its
+        sliding layers recording the past: they keep what a forward adds until the next
+        ``crop``, so rejected draft tokens can be rolled back (``crop(-n)``) and a tree's
+        accepted path moved into place even past the window."""
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicSlidingWindowLayer
 
-        return DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config)
+        for layer in cache.layers:
+            # the exact class: hybrids with a linear-attention state subclass it, and
+            # recording would change how that state is kept
+            if type(layer) is DynamicSlidingWindowLayer:
+                layer.activate_past_recording()
+        return cache
+
+    def layer_types(self) -> tuple[list[str], int | None]:
+        """The attention type of each decoder layer and the sliding window (None when
+        there is none), read from the config as the model and its cache read it: its
+        ``layer_types``, else every layer sliding when ``sliding_window`` is set."""
+        config = self.model.config
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") \
+            else config
+        window = getattr(text, "sliding_window", None)
+        types = list(getattr(text, "layer_types", None) or ())
+        if not types:
+            types = [SLIDING if window is not None else FULL] * int(text.num_hidden_layers)
+        return types, window
 
     def forward(self, token_ids: Sequence[int], cache: Any, *, keep_logits: int = 0,
                 hidden_states: bool = False, positions: Sequence[int] | None = None,
@@ -106,42 +133,95 @@ class Target:
         start, so rolling back n tokens is `cache.crop(-n)`. A tree forward passes
         explicit `positions` (one per token) and `attend`, a bool matrix
         [len(token_ids), cache length + len(token_ids)]: True where a token may attend.
+        `attend` is what full-attention layers use; sliding-window layers get it
+        restricted to keys less than a window behind each query's position, over the
+        keys their cache returns (see :meth:`_masks`).
         """
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         extra: dict[str, Any] = {}
         if positions is not None:
             extra["position_ids"] = torch.tensor([list(positions)], dtype=torch.long,
                                                  device=self.device)
+        _trim_sliding(cache)
         if attend is not None:
-            # an additive float mask: what eager attention adds and SDPA also accepts
-            blocked = torch.finfo(self.dtype).min
-            mask = torch.zeros(attend.shape, dtype=self.dtype, device=self.device)
-            extra["attention_mask"] = mask.masked_fill_(~attend.to(self.device), blocked)[None, None]
+            extra["attention_mask"] = self._masks(attend, cache, extra.get("position_ids"))
         out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=keep_logits,
                          output_hidden_states=hidden_states, **extra)
         hidden = out.hidden_states[-1][0] if hidden_states else None
         return out.logits[0], hidden
 
+    def _masks(self, attend: torch.Tensor, cache: Any, position_ids: torch.Tensor | None) -> Any:
+        """The additive float mask of each layer type (what eager attention adds and SDPA
+        also accepts): one tensor when all layers share a type, else a dict keyed by
+        type, which transformers' models with mixed layer types take as-is.
+
+        A sliding layer's cache returns only the keys from ``kv_offset`` on (its last
+        window - 1 positions, then the new tokens), and a query at position p may see
+        key positions > p - window: the same rule the model's own sliding masks apply,
+        so ancestors deeper than the window drop out of a node's view as they would in
+        a chain. Columns before ``kv_offset`` are more than a window behind every query
+        (all new tokens sit at or after the cache length), so dropping them loses nothing.
+        """
+        attend = attend.to(self.device)
+        queries, width = attend.shape
+        past = width - queries
+        types, window = self.layer_types()
+        masks: dict[str, torch.Tensor] = {}
+        for kind in dict.fromkeys(types):
+            allowed = attend
+            if kind == SLIDING:
+                allowed = self._sliding(attend, cache, position_ids, past, window)
+            blocked = torch.finfo(self.dtype).min
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+            masks[kind] = mask.masked_fill_(~allowed, blocked)[None, None]
+        return next(iter(masks.values())) if len(masks) == 1 else masks
+
+    def _sliding(self, attend: torch.Tensor, cache: Any, position_ids: torch.Tensor | None,
+                 past: int, window: int | None) -> torch.Tensor:
+        queries = attend.shape[0]
+        if window is None:
+            raise TargetError(f"target {self.name!r} has sliding_attention layers but no "
+                              "sliding_window in its config")
+        at = position_ids[0] if position_ids is not None else \
+            torch.arange(past, past + queries, device=self.device)
+        key_at = torch.cat([torch.arange(past, device=self.device), at])
+        sliding = [i for i, s in enumerate(getattr(cache, "is_sliding", ())) if s]
+        # a cache without sliding layers keeps every position: the mask alone is the window
+        length, offset = cache.get_mask_sizes(queries, sliding[0]) if sliding else (past + queries, 0)
+        if offset + length != past + queries:
+            raise RuntimeError(f"the sliding cache returns keys {offset}..{offset + length - 1} "
+                               f"for {past} cached and {queries} new tokens: it lost positions "
+                               "(crop it only by tokens the last forward added)")
+        near = at[:, None] - key_at[None, offset:] < window
+        return attend[:, offset:] & near
+
     def tree_support(self) -> str:
         """Why this target cannot verify tree drafts, or "" when it can.
 
-        A tree forward needs attention that takes a custom 4D mask (eager, SDPA) and a
-        cache whose layers all keep every position (no sliding window), so that the
-        accepted path can be moved into place.
+        A tree forward needs attention that takes a custom 4D mask (eager, SDPA), and
+        layers whose masks it can build: full attention, and sliding-window attention
+        whose cache layers record what a forward adds (see :meth:`new_cache`), so that
+        the accepted path can be moved into place.
         """
         config = self.model.config
         attn = getattr(config, "_attn_implementation", None) or "eager"
         if attn not in TREE_ATTENTION:
             return (f"its attention implementation {attn!r} takes no custom mask "
                     f"(tree drafts need one of: {', '.join(sorted(TREE_ATTENTION))})")
-        layer_types = getattr(config, "layer_types", None) or ()
-        sliding = [t for t in layer_types if t != "full_attention"]
-        if not layer_types and getattr(config, "sliding_window", None) and \
-                getattr(config, "use_sliding_window", True):
-            sliding = ["sliding_attention"]
-        if sliding:
-            return (f"it has {sorted(set(sliding))} layers, whose window one custom mask "
-                    "cannot express")
+        types, window = self.layer_types()
+        if unknown := sorted(set(types) - TREE_LAYER_TYPES):
+            return (f"it has {unknown} layers, for which no tree mask is built "
+                    f"(tree drafts need {sorted(TREE_LAYER_TYPES)} layers)")
+        layers = self.new_cache().layers
+        sliding = [bool(getattr(layer, "is_sliding", False)) for layer in layers]
+        if len(layers) != len(types) or sliding != [t == SLIDING for t in types]:
+            return (f"its cache's layers (sliding: {sliding}) do not match its layer types "
+                    f"{types}")
+        windows = {getattr(layer, "sliding_window", window) for layer in layers
+                   if getattr(layer, "is_sliding", False)}
+        if windows - {window}:
+            return (f"its sliding layers' windows {sorted(windows)} differ from the "
+                    f"config's sliding_window {window}")
         return ""
 
     def encode_prompt(self, user_text: str) -> list[int]:
@@ -155,6 +235,18 @@ class Target:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def _trim_sliding(cache: Any) -> None:
+    """Sliding layers record the past until a crop (see :meth:`Target.new_cache`);
+    before a forward, drop what lies beyond their window - 1 so memory stays bounded
+    when a step rolled nothing back (plain decoding never does)."""
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "is_sliding", False) and getattr(layer, "record_past", False) \
+                and getattr(layer, "is_initialized", False) \
+                and layer.get_seq_length() >= layer.sliding_window \
+                and layer.keys.shape[-2] > layer.sliding_window - 1:
+            layer.crop(0)
 
 
 def eos_ids_of(model: Any, tokenizer: Any = None) -> frozenset[int]:

@@ -1,6 +1,7 @@
 """Tree verification: the exact accepted path on hand-built trees, the cache keeping
 only that path, probes scored and never accepted, output equal to the baseline on two
-architectures at T=0 and T>0, and a clear error where a target cannot take a tree."""
+architectures at T=0 and T>0, and a clear error where a target cannot take a tree.
+Sliding-window targets: tests/test_sliding.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from pytest_specdec.drafter import Draft, DraftError, DrafterBase
+from pytest_specdec.drafter import Draft, DrafterBase
 from pytest_specdec.engine import GenerationRequest, generate, speculative_step
 from pytest_specdec.sampling import Sampler
 from pytest_specdec.target import Target, wrap_model
@@ -168,28 +169,6 @@ def test_tree_with_eager_attention_equals_baseline():
     truth = run(eager, max_new_tokens=30, temperature=0.6, seed=3)
     assert eager.tree_support() == ""
     assert run(eager, NoisyTree(truth, 3), temperature=0.6, seed=3, max_new_tokens=30) == truth
-
-
-def test_tree_on_a_sliding_window_target_fails_clearly_and_chains_still_run():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         use_sliding_window=True, sliding_window=64, max_window_layers=0)
-    sliding = wrap_model(Qwen2ForCausalLM(config).eval(), name="tiny-qwen2-sliding")
-    assert "sliding_attention" in sliding.tree_support()
-    truth = run(sliding, max_new_tokens=12)
-    with pytest.raises(DraftError, match="tree drafts need a target that can verify them") as info:
-        run(sliding, NoisyTree(truth, 0), max_new_tokens=12)
-    assert "tiny-qwen2-sliding" in str(info.value) and "noisy" not in str(info.value)
-
-    class TrueChain(DrafterBase):
-        def propose(self, context, k):
-            done = len(context) - len(PROMPT)
-            return Draft(tuple(truth[done:done + k]))
-
-    assert run(sliding, TrueChain(), max_new_tokens=12) == truth
 
 
 def test_attention_without_custom_masks_is_named():

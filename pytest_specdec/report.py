@@ -458,7 +458,7 @@ def render_markdown(records: Sequence[dict], *, title: str, meta: Mapping[str, s
     for section in (_markdown_per_position(records), _markdown_mat_by_sequence(records)):
         if section:
             sections.append(section)
-    peers = peer_ratio_lines(records)
+    peers = peer_ratio_lines(records) + peer_settings_lines(records)
     if peers:
         sections.append("## Compared with Hugging Face generate\n\n" + "\n".join(peers))
     sections.append(HOW_TO_READ)
@@ -605,6 +605,27 @@ def peer_ratio_lines(records: Sequence[dict]) -> list[str]:
                 prefix = f"{label}, {name}" if len(groups) > 1 else name
                 lines.append(f"- {prefix}: " + "; ".join(ratios))
     return lines
+
+
+def peer_settings_lines(records: Sequence[dict]) -> list[str]:
+    """How each peer ran (``peer_settings`` of its records: prompt lookup depth and
+    n-gram size, copied from our pld, and the coupled sampling), and where a peer's
+    tokens differed from our baseline's (half precision only: in fp32 that fails the
+    case). Records written before peers stored their settings show nothing here."""
+    settings: dict[str, dict[str, None]] = {}
+    lines = []
+    for record in sorted(records, key=lambda r: _row_order(_row_key(r))):
+        if record["role"] != "peer":
+            continue
+        if isinstance(record.get("peer_settings"), dict):
+            text = ", ".join(f"{key} {value}" for key, value in record["peer_settings"].items())
+            settings.setdefault(record["drafter"], {})[text] = None
+        if record.get("peer_divergence"):
+            where = str(record["peer_divergence"]).splitlines()[0]
+            lines.append(f"- {record['drafter']}, {record['paradigm']} "
+                         f"T={_temperature_text(record['temperature'])}: differs from our "
+                         f"baseline ({record['dtype']}) first at {where}")
+    return [f"- {peer} settings: {'; '.join(texts)}" for peer, texts in settings.items()] + lines
 
 
 def _peer_ratios(by_cell: Mapping[tuple[str, Column], dict], column: Column) -> list[str]:

@@ -15,7 +15,7 @@ from pytest_specdec.lossless import check_lossless
 from pytest_specdec.metrics import mat_by_index, median_round, speedup
 from pytest_specdec.options import DrafterSpec, SpecdecConfig
 from pytest_specdec.paradigms import make_paradigm
-from pytest_specdec.peer import hf_method
+from pytest_specdec.peer import check_peer, hf_method, plain_peer_settings, pld_peer_settings
 from pytest_specdec.problems import Problem
 from pytest_specdec.registry import Registry
 from pytest_specdec.report import OUR_PLD, PEER_ORDER, SCHEMA_VERSION
@@ -189,24 +189,34 @@ class SpecdecSession:
                             drafter_options=dict(spec.options), k=k)
 
     def run_peer_case(self, peer: str, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
-        pld = self.registry.drafters.get(OUR_PLD)  # hf_pld drafts as deep as our pld
-        target, k = self.target, draft_depth(pld and pld.factory, override=self.config.k,
-                                             drafter=OUR_PLD)
+        """transformers' generate (plain, or prompt lookup with our pld's settings),
+        timed like a drafter and checked against our baseline in every timed round:
+        in fp32 a difference raises PeerMismatch (see peer.py)."""
+        target, k = self.target, 0
         if peer == "hf_generate":
             measured = reference = self.peer_plain(case, benchmark)
+            settings = plain_peer_settings()
         else:
+            pld = self.registry.drafters.get(OUR_PLD)  # hf_pld copies our pld's settings
+            pld_settings = pld_peer_settings(pld and pld.factory, self.config.k)
+            k = pld_settings.prompt_lookup_num_tokens
             reference = self.peer_plain(case)
             measured = self.measure(
-                case, lambda: hf_method(target, prompt_lookup_tokens=k), benchmark=benchmark, k=k)
-        # HF samples with its own generator: only greedy output is comparable to ours
-        if case.temperature == 0:
-            ours = self.baseline(case).last.outputs
-            same = all(ours[key].tokens == g.tokens for key, g in measured.last.outputs.items())
-            lossless = "exact" if same else "differs"
-        else:
-            lossless = "not_checked"
-        return self._record("peer", peer, case, measured, reference, lossless=lossless,
-                            k=k if peer == "hf_pld" else 0)
+                case, lambda: hf_method(target, prompt_lookup_tokens=k,
+                                        max_ngram=pld_settings.max_matching_ngram_size),
+                benchmark=benchmark, k=k)
+            settings = pld_settings.as_record()
+        verdict = check_peer(self.baseline(case).last.outputs,
+                             [run.outputs for run in measured.runs], peer=peer,
+                             dtype=target.dtype, decode=target.decode)
+        if verdict.description is not None:
+            log.warning("%s differs from our baseline in half precision (timed round %s): %s",
+                        peer, verdict.timed_round, verdict.description)
+        record = self._record("peer", peer, case, measured, reference, lossless=verdict.label, k=k)
+        record["peer_settings"] = settings
+        if verdict.description is not None:
+            record["peer_divergence"] = verdict.description
+        return record
 
     def _record(self, role: str, drafter: str, case: ParadigmCase, measured: Measured,
                 reference: Measured, *, lossless: str, drafter_options: dict[str, str] | None = None,

@@ -158,7 +158,7 @@ def _long_context(target: Target, done: int = 20) -> tuple[list[int], list[int],
     """PROMPT + `done` baseline tokens, all but the last cached; and the tokens after."""
     key = (target.name, done)
     if key not in _TRUTH:
-        _TRUTH[key] = run(target, max_new_tokens=done + 6)
+        _TRUTH[key] = run(target, max_new_tokens=done + 10)
     truth = _TRUTH[key]
     context = [*PROMPT, *truth[:done]]
     cache = target.new_cache()
@@ -206,6 +206,19 @@ def test_cache_after_a_branch_equals_a_fresh_prefill(sliding):
         after_tree, _ = sliding.forward(context[-1:], cache)
         from_scratch, _ = sliding.forward(context[-1:], fresh)
     torch.testing.assert_close(after_tree[-1], from_scratch[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_probes_past_the_window_see_what_a_chain_would(sliding):
+    """Lookahead's probes go through the same masks: a probe chain on the true path,
+    deeper than the window, chooses the true next tokens; none is ever accepted."""
+    context, after, cache = _long_context(sliding)
+    probes = tuple(after[:WINDOW + 1])
+    draft = Draft((after[0],), probe_tokens=probes, probe_parents=tuple(range(-1, WINDOW)))
+    with torch.inference_mode():
+        step = speculative_step(sliding, Sampler(), cache, context, len(context) - 1, draft)
+    assert step.emitted == after[:2]
+    assert step.probe_choices == tuple(after[1:WINDOW + 2])
+    assert cache.get_seq_length() == len(context) + 1
 
 
 def test_sliding_layers_stay_bounded_without_rollbacks():

@@ -287,8 +287,9 @@ class SuffixDecoding(DrafterBase):
         floor(max_spec_factor * m + max_spec_offset) nodes (at most MAX_DRAFT_NODES,
         at most k deep): longer matches are trusted with bigger drafts.
     min_token_prob: a draft node needs an empirical probability of at least this.
-    use_global: also draft from the responses of earlier sequences in this case (every
-        sample, round and problem); prompts are never added to the global trie.
+    use_global: also draft from the global trie of this case's responses (every
+        sample, round and problem, the current response as it is generated); prompts
+        are never added to it.
     """
 
     # what the earlier responses are worth (the method's global tree)

@@ -12,6 +12,7 @@ tokens is a length change (``cache.crop(-n)``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 from pytest_specdec import torch_state
 from pytest_specdec.drafter import (TARGET_SIGNALS, Draft, DraftError, DraftRequest, Drafter,
                                     TargetSignals, validate_draft)
+from pytest_specdec.exact import row_invariant
 from pytest_specdec.metrics import SpecDecodingStats, StepRecord
 from pytest_specdec.sampling import Sampler
 from pytest_specdec.target import Target
@@ -47,9 +49,6 @@ class Generation:
     tokens: list[int]  # new tokens, prompt excluded, EOS included if reached
     stop: str  # "eos" or "budget"
     stats: SpecDecodingStats
-    # baseline only: top-2 margin of the choice scores at each new token, so that a
-    # divergence in half precision can be judged a near-tie or a real error
-    margins: list[float] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)  # one per target forward
 
 
@@ -94,9 +93,12 @@ class StepResult:
 
 def speculative_step(target: Target, sampler: Sampler, cache: Any, context: list[int],
                      cached: int, draft: Draft, *, hidden_states: bool = False,
-                     top_k: int = 0) -> StepResult:
+                     top_k: int = 0, exact: bool = False) -> StepResult:
     """Verify a draft after the context with one target forward; trees and probes
     go through :func:`verify_tree`, chains (the common case) take this fast path.
+    In exact mode (see :mod:`pytest_specdec.exact`) every step takes the tree path,
+    whose explicit mask the row-invariant attention reads, with at least two rows:
+    a lone row would take other matmul kernels than a verify forward's rows.
 
     Acceptance rule: the forward scores the uncached context and every draft token;
     c_j, the target's choice for absolute position len(context) + j, comes from the
@@ -106,7 +108,10 @@ def speculative_step(target: Target, sampler: Sampler, cache: Any, context: list
     the bonus token. So each emitted token is exactly what plain decoding would have
     chosen at that position: the output cannot depend on the drafter.
     """
-    if not draft.is_chain or draft.probe_tokens:
+    if exact and len(context) - cached + len(draft.tokens) + len(draft.probe_tokens) < 2:
+        # a probe after the last token: scored, never accepted, dropped from the cache
+        draft = Draft(draft.tokens, draft.parents, (context[-1],), (-1,))
+    if exact or not draft.is_chain or draft.probe_tokens:
         return verify_tree(target, sampler, cache, context, cached, draft,
                            hidden_states=hidden_states, top_k=top_k)
     tokens = draft.tokens
@@ -220,7 +225,8 @@ def keep_path(cache: Any, base: int, path: list[int], fed: int) -> None:
 
 @torch.inference_mode()
 def generate(target: Target, request: GenerationRequest, drafter: Drafter | None = None,
-             *, k: int = 0, drafter_name: str = "drafter", step_timeout: float = 0.0) -> Generation:
+             *, k: int = 0, drafter_name: str = "drafter", step_timeout: float = 0.0,
+             exact: bool = False) -> Generation:
     """Decode one sequence; with a drafter, speculatively. Stops at EOS or the budget,
     exactly where plain decoding stops (a draft never runs past either).
 
@@ -230,6 +236,11 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     (seconds, 0 = no limit) bounds each single call (begin, propose, observe, accept,
     end). Python cannot safely interrupt a running call, so the limit is checked when
     the call returns: a drafter that never returns is not stopped by it.
+
+    ``exact`` (``--specdec-lossless exact``): the prompt but its last token is
+    prefilled alone, then every forward runs the row-invariant attention of
+    :mod:`pytest_specdec.exact`, so that the baseline and every drafter compute each
+    position's logits bit for bit alike in any dtype.
     """
     prompt = list(request.prompt_ids)
     if not prompt:
@@ -239,62 +250,70 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     stats = SpecDecodingStats()
     started = time.perf_counter()
     cache = target.new_cache()
-    context, new, stop, margins = prompt, [], "budget", []
+    context, new, stop = prompt, [], "budget"
     cached = 0  # context tokens the cache holds
+    exact_attention = contextlib.nullcontext()
+    if exact:
+        if refusal := target.tree_support():
+            raise ValueError(f"--specdec-lossless exact needs a target whose forward takes an "
+                             f"explicit mask; target {target.name!r} cannot: {refusal}")
+        if len(prompt) > 1:  # the same forward in every path, so any kernel will do
+            target.forward(prompt[:-1], cache, keep_logits=1)
+            cached = len(prompt) - 1
+        exact_attention = row_invariant(target.model)
     steps: list[StepRecord] = []
-    tree_refusal: str | None = None  # why the target cannot verify trees ("" if it can)
+    # why the target cannot verify trees ("" if it can; exact mode asked already)
+    tree_refusal: str | None = "" if exact else None
     guarded = _Guard(drafter, drafter_name, step_timeout, context) if drafter is not None else None
     needs = guarded.needs() if guarded is not None else frozenset()
     if guarded is not None:
         guarded.call("begin", DraftRequest(tuple(prompt), request.group, request.sample,
                                            request.round))
-    while len(new) < request.max_new_tokens:
-        # each step emits at most len(draft) + 1 tokens: cap the draft by the budget
-        room = min(k, request.max_new_tokens - len(new) - 1)
-        t0 = time.perf_counter()
-        draft = Draft()
-        if guarded is not None and room > 0:
-            draft = guarded.propose(room, target.vocab_size)
-        t1 = time.perf_counter()
-        if not draft.is_chain or draft.probe_tokens:
-            if tree_refusal is None:  # asked once per sequence, at its first tree
-                tree_refusal = target.tree_support()
-            if tree_refusal:
-                raise DraftError(drafter_name, "tree drafts need a target that can verify them",
-                                 f"target {target.name!r} cannot: {tree_refusal}")
-        step = speculative_step(target, request.sampler, cache, context, cached, draft,
-                                hidden_states="hidden_states" in needs,
-                                top_k=SIGNAL_TOP_K if "top_k" in needs else 0)
-        cached = len(context) + len(step.emitted) - 1  # all but the bonus token
-        t2 = time.perf_counter()
-        emitted = step.emitted
-        eos_at = next((i for i, t in enumerate(emitted) if t in target.eos_ids), None)
-        if eos_at is not None:
-            emitted, stop = emitted[: eos_at + 1], "eos"
-        if drafter is None:
-            top2 = step.scores[: len(emitted)].topk(2, dim=-1).values
-            margins.extend((top2[:, 0] - top2[:, 1]).tolist())
-        context.extend(emitted)
-        new.extend(emitted)
-        # draft tokens past an EOS are agreed with but never output: not counted
-        accepted = min(len(step.emitted) - 1, len(emitted))
-        record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted,
-                            emitted=len(emitted), propose_s=t1 - t0, target_s=t2 - t1)
-        steps.append(record)
-        stats.add_step(record)
-        if guarded is not None:
-            guarded.appended(emitted)
-            if needs:
-                guarded.call("observe", _signals(step, needs, context[-len(emitted) - 1], draft,
-                                                 len(emitted)))
-            guarded.call("accept", tuple(emitted))
-        if stop == "eos":
-            break
+    with exact_attention:
+        while len(new) < request.max_new_tokens:
+            # each step emits at most len(draft) + 1 tokens: cap the draft by the budget
+            room = min(k, request.max_new_tokens - len(new) - 1)
+            t0 = time.perf_counter()
+            draft = Draft()
+            if guarded is not None and room > 0:
+                draft = guarded.propose(room, target.vocab_size)
+            t1 = time.perf_counter()
+            if not draft.is_chain or draft.probe_tokens:
+                if tree_refusal is None:  # asked once per sequence, at its first tree
+                    tree_refusal = target.tree_support()
+                if tree_refusal:
+                    raise DraftError(drafter_name, "tree drafts need a target that can verify them",
+                                     f"target {target.name!r} cannot: {tree_refusal}")
+            step = speculative_step(target, request.sampler, cache, context, cached, draft,
+                                    hidden_states="hidden_states" in needs,
+                                    top_k=SIGNAL_TOP_K if "top_k" in needs else 0, exact=exact)
+            cached = len(context) + len(step.emitted) - 1  # all but the bonus token
+            t2 = time.perf_counter()
+            emitted = step.emitted
+            eos_at = next((i for i, t in enumerate(emitted) if t in target.eos_ids), None)
+            if eos_at is not None:
+                emitted, stop = emitted[: eos_at + 1], "eos"
+            context.extend(emitted)
+            new.extend(emitted)
+            # draft tokens past an EOS are agreed with but never output: not counted
+            accepted = min(len(step.emitted) - 1, len(emitted))
+            record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted,
+                                emitted=len(emitted), propose_s=t1 - t0, target_s=t2 - t1)
+            steps.append(record)
+            stats.add_step(record)
+            if guarded is not None:
+                guarded.appended(emitted)
+                if needs:
+                    guarded.call("observe", _signals(step, needs, context[-len(emitted) - 1], draft,
+                                                     len(emitted)))
+                guarded.call("accept", tuple(emitted))
+            if stop == "eos":
+                break
     if guarded is not None:
         guarded.call("end")
         guarded.check_whole_context()
     stats.wall_s = time.perf_counter() - started
-    return Generation(tokens=new, stop=stop, stats=stats, margins=margins, steps=steps)
+    return Generation(tokens=new, stop=stop, stats=stats, steps=steps)
 
 
 def _signals(step: StepResult, needs: frozenset[str], root: int, draft: Draft,
@@ -304,8 +323,8 @@ def _signals(step: StepResult, needs: frozenset[str], root: int, draft: Draft,
     top_k = after = probes = None
     if "top_k" in needs:
         top_k, after = step.top_k, (root, *draft.tokens)
-    if "probe_choices" in needs:
-        probes = step.probe_choices
+    if "probe_choices" in needs:  # not the probe exact mode may add to a lone row
+        probes = step.probe_choices[:len(draft.probe_tokens)]
     hidden = step.hidden[:n] if step.hidden is not None else None
     return TargetSignals(top_k=top_k, top_k_after=after, hidden_states=hidden,
                          probe_choices=probes)

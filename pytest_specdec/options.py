@@ -68,6 +68,27 @@ _non_negative_int = _at_least(int, 0, "an integer >= 0")
 _non_negative_float = _at_least(float, 0, "a number >= 0")
 
 
+def _tie_margin(text: str) -> float | None:
+    """--specdec-tie-margin: 'auto' (None: the dtype's own) or a number of logits >= 0."""
+    if text == "auto":
+        return None
+    try:
+        return _non_negative_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or a number of logits >= 0, got {text!r}") from None
+
+
+LOSSLESS_MODES = ("auto", "exact")
+
+
+def _lossless_mode(text: str) -> str:
+    if text not in LOSSLESS_MODES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(LOSSLESS_MODES)}, got {text!r}")
+    return text
+
+
 def _temperatures(text: str) -> tuple[float, ...]:
     """Comma-separated temperatures, each >= 0."""
     values = tuple(_non_negative_float(t.strip()) for t in text.split(",") if t.strip())
@@ -197,11 +218,17 @@ OPTIONS = (
                 "under the rootdir); never overwrites"),
     Option("--specdec-no-peer", "specdec_no_peer", action="store_true", default=False,
            help="skip the Hugging Face generate peer cases"),
+    Option("--specdec-lossless", "specdec_lossless", default="auto", type=_lossless_mode,
+           metavar="MODE",
+           help="auto: equality with plain decoding in float32, every token judged "
+                "teacher-forced in float16/bfloat16; exact: row-invariant attention in "
+                "baseline and speculative forwards, equality in every dtype (default: auto)"),
     Option("--specdec-strict", "specdec_strict", action="store_true", default=False,
            help="fail a case on a half-precision near-tie divergence too"),
-    Option("--specdec-tie-margin", "specdec_tie_margin", default=0.25, type=_non_negative_float,
-           metavar="M", help="in fp16/bf16, a divergence where the baseline's top-2 score "
-                             "margin is <= M is a near-tie (default: 0.25)"),
+    Option("--specdec-tie-margin", "specdec_tie_margin", default=None, type=_tie_margin,
+           metavar="M", help="in float16/bfloat16, a token within M logits of the target's "
+                             "teacher-forced choice is a near-tie; auto: bfloat16 "
+                             "1.5, float16 0.25 (default: auto)"),
     Option("--specdec-step-timeout", "specdec_step_timeout", default=10.0,
            type=_non_negative_float, metavar="S",
            help="fail a drafter's case when one of its calls (propose, accept, ...) takes "
@@ -249,10 +276,12 @@ class SpecdecConfig:
     report_dir: Path
     peer: bool
     strict: bool
-    tie_margin: float
+    tie_margin: float | None  # None: the dtype's own (lossless.AUTO_TIE_MARGIN)
     step_timeout: float  # seconds; 0: no limit
     compare: Path | None
     compare_fail: tuple[tuple[str, float], ...]
+    # --specdec-lossless exact: row-invariant forwards, equality in every dtype
+    exact: bool = False
 
 
 def read_config(config: pytest.Config) -> SpecdecConfig:
@@ -272,7 +301,7 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
         temperatures=get("specdec_temperatures"), seed=get("specdec_seed"), k=get("specdec_k"),
         timed_rounds=get("specdec_timed_rounds"), report_dir=report_dir,
         peer=not get("specdec_no_peer"), strict=get("specdec_strict"),
-        tie_margin=get("specdec_tie_margin"), step_timeout=get("specdec_step_timeout"),
+        tie_margin=get("specdec_tie_margin"), exact=get("specdec_lossless") == "exact", step_timeout=get("specdec_step_timeout"),
         compare=Path(get("specdec_compare")).expanduser() if get("specdec_compare") else None,
         compare_fail=get("specdec_compare_fail") or (),
     )

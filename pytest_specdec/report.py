@@ -455,7 +455,8 @@ def render_markdown(records: Sequence[dict], *, title: str, meta: Mapping[str, s
         sections.append("## Charts\n\n" + "\n\n".join(f"![{name}]({file})"
                                                       for name, file in charts.items()))
     sections.append(_markdown_details(records))
-    for section in (_markdown_per_position(records), _markdown_mat_by_sequence(records)):
+    for section in (_markdown_lossless(records), _markdown_per_position(records),
+                    _markdown_mat_by_sequence(records)):
         if section:
             sections.append(section)
     peers = peer_ratio_lines(records) + peer_settings_lines(records)
@@ -519,6 +520,47 @@ def _markdown_details(records: Sequence[dict]) -> str:
     headers, rows = _details_table(records)
     rows = [row[:-1] + [f"`{row[-1]}`"] for row in rows]
     return "## Details\n\n" + _markdown_table(headers, rows)
+
+
+LOSSLESS_NOTE = (
+    "Every token of each speculative case, judged by `method`: `equality` with plain "
+    "decoding (float32, or `--specdec-lossless exact`), or `teacher_forced` (half "
+    "precision: each token against the target's choice given the sequence's own prefix, "
+    "near-ties within the margin accepted). *departed*: sequences that differ from plain "
+    "decoding's, and the first token where one does (problem / sample / round / token). "
+    "*check s*: seconds spent in the teacher-forced forwards, and their share of the "
+    "case's time (timed rounds + check).")
+LOSSLESS_HEADERS = ["drafter", "paradigm", "T", "method", "exact tokens", "near-ties",
+                    "largest margin", "departed", "first departure", "check s (share)"]
+
+
+def _lossless_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """Per speculative case: what the losslessness check found (records from before
+    the check reported it have no row)."""
+    rows = []
+    for r in _report_order(records):
+        if r.get("role") != "speculative" or "tokens_exact" not in r:
+            continue
+        first = r.get("first_departure")
+        where = NO_VALUE if not first else (
+            f"{first['problem']} / {first['sample']} / {first['round']} / {first['token']}")
+        check_s = r.get("check_s") or 0.0
+        case_s = check_s + sum(r.get("wall_s_rounds") or [r["wall_s"]])
+        rows.append([
+            r["drafter"], r["paradigm"], _temperature_text(r["temperature"]),
+            r.get("lossless_method", NO_VALUE), str(r["tokens_exact"]),
+            str(r.get("tokens_near_tie", 0)),
+            _number(r.get("max_tie_margin")) if r.get("tokens_near_tie") else NO_VALUE,
+            str(r.get("sequences_departed", 0)), where,
+            f"{check_s:.1f} ({_percent(check_s / case_s if case_s else 0.0)})"])
+    return LOSSLESS_HEADERS, rows
+
+
+def _markdown_lossless(records: Sequence[dict]) -> str:
+    headers, rows = _lossless_table(records)
+    if not rows:
+        return ""
+    return "## Losslessness\n\n" + LOSSLESS_NOTE + "\n\n" + _markdown_table(headers, rows)
 
 
 def _series_table(records: Sequence[dict], series: Callable[[dict], Sequence[float]],
@@ -668,6 +710,8 @@ CSV_FIELDS = (
     "k", "problems", "max_new_tokens", "new_tokens", "steps", "drafted", "accepted",
     "mat", "acceptance_rate", "per_position_acceptance", "draft_share", "tokens_per_s",
     "wall_s", "wall_s_rounds", "baseline_wall_s", "speedup", "accuracy", "lossless",
+    "lossless_method", "tokens_exact", "tokens_near_tie", "max_tie_margin",
+    "sequences_departed", "first_departure", "check_s",
     "output_sha256", "specdec_schema", "source", "run_date", "machine",
 )
 

@@ -10,7 +10,8 @@ import re
 from typing import Any, Mapping, Sequence
 
 from pytest_specdec.report import (HOW_TO_READ, MAT_BY_SEQUENCE_NOTE, PER_POSITION_NOTE,
-                                   _details_table, _group_by_target, _mat_by_sequence_table,
+                                   LOSSLESS_NOTE, _details_table, _group_by_target,
+                                   _lossless_table, _mat_by_sequence_table,
                                    _per_position_table, peer_ratio_lines, summary_table)
 
 class _Best(str):
@@ -46,6 +47,7 @@ def render_html(records: Sequence[dict], *, title: str, meta: Mapping[str, str],
     sections.append(_html_section("details", "Details", None,
                                   _html_table(headers, rows, code_last=True)))
     for section_id, name, note, (headers, rows) in (
+            ("lossless", "Losslessness", LOSSLESS_NOTE, _lossless_table(records)),
             ("per-position", "Per-position acceptance", PER_POSITION_NOTE,
              _per_position_table(records)),
             ("mat-by-sequence", "MAT by round and sample", MAT_BY_SEQUENCE_NOTE,

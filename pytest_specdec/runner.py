@@ -49,17 +49,21 @@ Method = Callable[[GenerationRequest], Generation]
 
 
 def engine_method(target: Target, drafter: Drafter | None, *, k: int, drafter_name: str,
-                  step_timeout: float = 0.0) -> Method:
+                  step_timeout: float = 0.0, exact: bool = False) -> Method:
     """Our engine; one drafter instance serves every sequence of the run, so it can
     share what it learns across the samples and rounds of a problem. step_timeout
-    bounds each call into the drafter (seconds, 0: no limit; see engine.generate)."""
+    bounds each call into the drafter (seconds, 0: no limit); exact selects the
+    row-invariant forwards of exact mode (see engine.generate)."""
     return lambda request: generate(target, request, drafter, k=k, drafter_name=drafter_name,
-                                    step_timeout=step_timeout)
+                                    step_timeout=step_timeout, exact=exact)
 
 
 @dataclass
 class RunResult:
     outputs: dict[SequenceKey, Generation] = field(default_factory=dict)
+    # what each sequence was asked: its prompt (in multi-round, built from the earlier
+    # rounds' own outputs) and its sampler; the losslessness check replays them
+    requests: dict[SequenceKey, GenerationRequest] = field(default_factory=dict)
     outcomes: list[Outcome] = field(default_factory=list)
     stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
     wall_s: float = 0.0
@@ -82,6 +86,7 @@ def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Seque
     def generate_fn(prompt: str, *, group: str, sample: int, round: int) -> Completion:
         request = settings.request(target.encode_prompt(prompt), group, sample, round)
         generation = method(request)
+        result.requests[(group, sample, round)] = request
         result.outputs[(group, sample, round)] = generation
         result.stats.merge(generation.stats)
         return Completion(target.decode(generation.tokens), tuple(generation.tokens))

@@ -146,7 +146,8 @@ class SpecdecSession:
         if case not in self._baselines or benchmark is not None:
             target = self.target
             self._baselines[case] = self.measure(
-                case, lambda: engine_method(target, None, k=0, drafter_name="baseline"),
+                case, lambda: engine_method(target, None, k=0, drafter_name="baseline",
+                                            exact=self.config.exact),
                 benchmark=benchmark)
         return self._baselines[case]
 
@@ -173,20 +174,20 @@ class SpecdecSession:
         measured = self.measure(
             case, lambda: engine_method(target, registered.create(**options), k=k,
                                         drafter_name=spec.label,
-                                        step_timeout=self.config.step_timeout),
+                                        step_timeout=self.config.step_timeout,
+                                        exact=self.config.exact),
             benchmark=benchmark, k=k)
-        label = "exact"
-        for run in measured.runs:  # every timed round must be lossless, not just one
-            verdict = check_lossless(
-                base.last.outputs, {key: g.tokens for key, g in run.outputs.items()},
-                dtype=target.dtype, tie_margin=self.config.tie_margin,
-                strict=self.config.strict, decode=target.decode)
-            if verdict.near_ties:
-                label = "near_tie"
-                for d in verdict.near_ties:
-                    log.warning("near-tie divergence (%s): %s", spec.label, d.describe())
-        return self._record("speculative", spec.label, case, measured, base, lossless=label,
-                            drafter_options=dict(spec.options), k=k)
+        # every token of every timed round is judged, not just one round's
+        verdict = check_lossless(target, base.last.outputs,
+                                 [(run.requests, run.outputs) for run in measured.runs],
+                                 exact_mode=self.config.exact, tie_margin=self.config.tie_margin,
+                                 strict=self.config.strict, decode=target.decode)
+        for tie in verdict.near_ties:
+            log.info("near-tie accepted (%s): %s", spec.label, tie.describe(target.decode))
+        record = self._record("speculative", spec.label, case, measured, base,
+                              lossless=verdict.label, drafter_options=dict(spec.options), k=k)
+        record.update(verdict.summary())
+        return record
 
     def run_peer_case(self, peer: str, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
         """transformers' generate (plain, or prompt lookup with our pld's settings),

@@ -121,3 +121,12 @@ def default_target(embedded_folder):
     from pytest_specdec.target import load_target
 
     return load_target("embedded", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def default_bf16(embedded_folder):
+    """The default model in bfloat16: a trained model, whose logits depend on context
+    as a random tiny one's hardly do, and whose rounding shows half precision's flips."""
+    from pytest_specdec.target import load_target
+
+    return load_target("embedded", device="cpu", dtype="bfloat16")

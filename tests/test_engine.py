@@ -83,8 +83,6 @@ def test_baseline_equals_naive_decoding(target, prompt):
     out = run(target, max_new_tokens=40, prompt=prompt)
     assert out.tokens == naive_greedy(target, prompt, 40)
     assert out.stop == "budget"
-    assert len(out.margins) == 40
-    assert all(m >= 0 for m in out.margins)
 
 
 def test_baseline_stats(llama):

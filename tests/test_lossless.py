@@ -1,25 +1,27 @@
-"""The losslessness check: exact equality in fp32, near-ties allowed only in half
-precision (and refused under strict mode), clear messages on any divergence."""
+"""The losslessness check: equality with plain decoding in float32 (and exact mode);
+in half precision every token judged teacher-forced against the target given the
+sequence's own prefix, near-ties measured in logit units, clear messages."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pytest_specdec.engine import Generation
-from pytest_specdec.lossless import (CONTEXT_TOKENS, LosslessError, check_lossless,
-                                     first_divergence)
+from pytest_specdec.engine import Generation, GenerationRequest, generate
+from pytest_specdec.lossless import (AUTO_TIE_MARGIN, CONTEXT_TOKENS, LosslessError,
+                                     check_lossless, first_divergence, judge_sequence)
 from pytest_specdec.metrics import SpecDecodingStats
+from pytest_specdec.paradigms import MultiRound
+from pytest_specdec.problems import Problem
+from pytest_specdec.runner import DecodeSettings, run_paradigm
+from pytest_specdec.sampling import Sampler
+from pytest_specdec.target import wrap_model
+from conftest import tiny_model
 
 TOKENS = [100 + i for i in range(20)]  # 100, 101, ..., 119
 KEY = ("embedded-007", 2, 1)
 OTHER = ("embedded-003", 0, 0)
-TIE = 0.05
-
-
-def generation(tokens, margins=None, stop="budget") -> Generation:
-    margins = [1.0] * len(tokens) if margins is None else margins
-    return Generation(tokens=list(tokens), stop=stop, stats=SpecDecodingStats(), margins=margins)
+PROMPT = (5, 17, 33, 9, 41, 17, 33, 9)
 
 
 def changed_at(tokens, position, value=999):
@@ -28,183 +30,295 @@ def changed_at(tokens, position, value=999):
     return out
 
 
-def check(baseline, speculative, dtype=torch.float32, **kwargs):
-    return check_lossless(baseline, speculative, dtype=dtype, tie_margin=TIE, **kwargs)
+def peaked_target(dtype: torch.dtype, scale: float = 60.0):
+    """A tiny random Llama whose logits are spread (std of several logits), so that a
+    wrong token is far from the target's choice, as on a trained model."""
+    model = tiny_model("llama", seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return wrap_model(model.to(dtype), name=f"tiny-peaked-{dtype}")
 
 
-# --- exact outputs ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_equal_outputs_pass(dtype):
-    baseline = {KEY: generation(TOKENS), OTHER: generation(TOKENS[:5])}
-    speculative = {KEY: list(TOKENS), OTHER: tuple(TOKENS[:5])}
-    verdict = check(baseline, speculative, dtype=dtype, strict=True)
-    assert verdict.sequences == 2
-    assert verdict.near_ties == []
-    assert verdict.label == "exact"
+@pytest.fixture(scope="module")
+def bf16():
+    return peaked_target(torch.bfloat16)
 
 
-def test_empty_runs_pass():
-    verdict = check({}, {})
-    assert (verdict.sequences, verdict.label) == (0, "exact")
+@pytest.fixture(scope="module")
+def fp32():
+    return peaked_target(torch.float32)
 
 
-def test_a_changed_token_fails_with_position_key_and_both_windows():
-    baseline = {OTHER: generation(TOKENS[:3]), KEY: generation(TOKENS)}
-    speculative = {OTHER: TOKENS[:3], KEY: changed_at(TOKENS, 7)}
-    with pytest.raises(LosslessError) as info:
-        check(baseline, speculative)
-    message = str(info.value)
-    assert "output differs from plain decoding" in message
-    assert "problem 'embedded-007' sample 2 round 1, new token 7" in message
-    # CONTEXT_TOKENS before the position, and one after
-    assert f"baseline    ...{TOKENS[0:9]}" in message
-    assert f"speculative ...{changed_at(TOKENS, 7)[0:9]}" in message
-    assert "margin there: 1" in message
+def plain(target, sampler=Sampler(), prompt=PROMPT, budget=24) -> tuple[GenerationRequest, Generation]:
+    request = GenerationRequest(tuple(prompt), budget, sampler)
+    return request, generate(target, request)
 
 
-def test_lossless_error_is_an_assertion_error():
-    assert issubclass(LosslessError, AssertionError)
+def with_tokens(generation: Generation, tokens) -> Generation:
+    return Generation(tokens=list(tokens), stop=generation.stop, stats=SpecDecodingStats())
 
 
-def test_message_decodes_both_windows_when_a_decoder_is_given():
-    baseline = {KEY: generation(TOKENS)}
-    with pytest.raises(LosslessError) as info:
-        check(baseline, {KEY: changed_at(TOKENS, 12)},
-              decode=lambda ids: " ".join(f"t{i}" for i in ids))
-    message = str(info.value)
-    assert "new token 12" in message
-    assert "baseline text    ...'t104 t105" in message and "t112 t113'" in message
-    assert "speculative text ...'t104" in message and "t999 t113'" in message
+@torch.inference_mode()
+def scores_at(target, request, tokens, position):
+    """The sampler's scores and the logits for new token `position`, given the prefix."""
+    ids = [*request.prompt_ids, *tokens[:position]]
+    cache = target.new_cache()
+    logits, _ = target.forward(ids, cache, keep_logits=1)
+    t = torch.tensor([len(ids)])
+    return request.sampler.scores(logits, t)[0], logits[0].float()
 
 
 # --- first_divergence ---------------------------------------------------------------------
 
 DIVERGENCE_CASES = [
-    # id, baseline, speculative, position, baseline window, speculative window
+    # id, reference, other, position, reference window, other window
     ("equal", TOKENS, TOKENS, None, None, None),
     ("first-token", TOKENS, changed_at(TOKENS, 0), 0, (100, 101), (999, 101)),
     ("position-7", TOKENS, changed_at(TOKENS, 7), 7, tuple(TOKENS[0:9]),
      tuple(changed_at(TOKENS, 7)[0:9])),
     ("window-clipped-both-sides", TOKENS, changed_at(TOKENS, 19), 19, tuple(TOKENS[11:20]),
      tuple(changed_at(TOKENS, 19)[11:20])),
-    ("speculative-shorter", TOKENS, TOKENS[:10], 10, tuple(TOKENS[2:12]), tuple(TOKENS[2:10])),
-    ("speculative-longer", TOKENS[:10], TOKENS, 10, tuple(TOKENS[2:10]), tuple(TOKENS[2:12])),
-    ("speculative-empty", TOKENS[:3], [], 0, (100, 101), ()),
+    ("other-shorter", TOKENS, TOKENS[:10], 10, tuple(TOKENS[2:12]), tuple(TOKENS[2:10])),
+    ("other-longer", TOKENS[:10], TOKENS, 10, tuple(TOKENS[2:10]), tuple(TOKENS[2:12])),
+    ("other-empty", TOKENS[:3], [], 0, (100, 101), ()),
     ("first-of-two-differences", TOKENS, changed_at(changed_at(TOKENS, 15), 4), 4,
      tuple(TOKENS[0:6]), (100, 101, 102, 103, 999, 105)),
 ]
 
 
-@pytest.mark.parametrize("baseline, speculative, position, base_window, spec_window",
+@pytest.mark.parametrize("reference, other, position, ref_window, other_window",
                          [c[1:] for c in DIVERGENCE_CASES], ids=[c[0] for c in DIVERGENCE_CASES])
-def test_first_divergence(baseline, speculative, position, base_window, spec_window):
-    margins = [float(i) for i in range(len(baseline))]
-    found = first_divergence(KEY, generation(baseline, margins), speculative)
+def test_first_divergence(reference, other, position, ref_window, other_window):
+    found = first_divergence(KEY, reference, other)
     if position is None:
         assert found is None
         return
-    assert found.key == KEY
-    assert found.position == position
-    assert found.baseline == base_window
-    assert found.speculative == spec_window
-    # a margin only where both outputs have a token: an early end is never a near-tie
-    both_have_a_token = position < min(len(baseline), len(speculative))
-    assert found.margin == (float(position) if both_have_a_token else None)
+    assert (found.key, found.position) == (KEY, position)
+    assert (found.baseline, found.speculative) == (ref_window, other_window)
     assert CONTEXT_TOKENS == 8
 
 
-# --- lengths and keys ---------------------------------------------------------------------
+# --- equality: float32 and exact mode -----------------------------------------------------
 
-@pytest.mark.parametrize("speculative", [TOKENS[:12], TOKENS + [120], []],
-                         ids=["shorter", "longer", "empty"])
-def test_length_mismatch_fails(speculative):
+def test_float32_equal_outputs_pass_and_count_every_token(fp32):
+    request, base = plain(fp32)
+    verdict = check_lossless(fp32, {KEY: base}, [({KEY: request}, {KEY: base})] * 3)
+    assert (verdict.method, verdict.label) == ("equality", "exact")
+    # three identical rounds: the sequence is judged once
+    assert (verdict.sequences, verdict.tokens, verdict.exact) == (1, 24, 24)
+    assert verdict.summary()["first_departure"] is None
+
+
+@pytest.mark.parametrize("exact_mode, target", [(False, "fp32"), (True, "bf16")])
+def test_equality_fails_on_a_changed_token_naming_it(exact_mode, target, request):
+    target = request.getfixturevalue(target)
+    req, base = plain(target)
+    changed = with_tokens(base, changed_at(base.tokens, 7, (base.tokens[7] + 1) % 512))
     with pytest.raises(LosslessError, match="output differs from plain decoding") as info:
-        check({KEY: generation(TOKENS)}, {KEY: speculative})
-    assert f"new token {min(len(speculative), len(TOKENS))}" in str(info.value)
+        check_lossless(target, {KEY: base}, [({KEY: req}, {KEY: changed})],
+                       exact_mode=exact_mode, decode=lambda ids: " ".join(f"t{i}" for i in ids))
+    message = str(info.value)
+    assert "problem 'embedded-007' sample 2 round 1, new token 7" in message
+    assert f"baseline    ...{base.tokens[0:9]}" in message
+    assert "baseline text    ...'t" in message
 
 
-@pytest.mark.parametrize("baseline_keys, speculative_keys, named", [
-    ([KEY, OTHER], [KEY], OTHER),
-    ([KEY], [KEY, OTHER], OTHER),
-    ([KEY], [("embedded-007", 2, 0)], ("embedded-007", 2, 0)),
-])
-def test_missing_or_extra_sequences_fail(baseline_keys, speculative_keys, named):
-    baseline = {key: generation(TOKENS) for key in baseline_keys}
-    speculative = {key: list(TOKENS) for key in speculative_keys}
+def test_missing_sequences_fail(fp32):
+    request, base = plain(fp32)
     with pytest.raises(LosslessError, match="different sequences") as info:
-        check(baseline, speculative)
-    assert repr(named) in str(info.value)
+        check_lossless(fp32, {KEY: base, OTHER: base}, [({KEY: request}, {KEY: base})])
+    assert repr(OTHER) in str(info.value)
 
 
-# --- near-ties ----------------------------------------------------------------------------
+# --- teacher-forced: half precision -------------------------------------------------------
 
-def near_tie_case(margin_at_7: float):
-    margins = [1.0] * len(TOKENS)
-    margins[7] = margin_at_7
-    return {KEY: generation(TOKENS, margins)}, {KEY: changed_at(TOKENS, 7)}
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("margin", [0.0, 0.01, TIE])
-def test_half_precision_near_tie_is_reported_not_raised(dtype, margin):
-    baseline, speculative = near_tie_case(margin)
-    verdict = check(baseline, speculative, dtype=dtype)
-    assert verdict.sequences == 1
-    assert verdict.label == "near_tie"
-    [tie] = verdict.near_ties
-    assert (tie.key, tie.position, tie.margin) == (KEY, 7, margin)
-    assert tie.speculative[7] == 999
+@pytest.mark.parametrize("temperature", [0.0, 0.6])
+def test_half_precision_plain_decoding_passes_token_by_token(bf16, temperature):
+    request, base = plain(bf16, Sampler(temperature, seed=11))
+    verdict = check_lossless(bf16, {KEY: base}, [({KEY: request}, {KEY: base})])
+    assert verdict.method == "teacher_forced"
+    assert verdict.tokens == 24 == verdict.exact + len(verdict.near_ties)
+    assert verdict.check_s > 0
 
 
-def test_only_the_near_tie_sequences_are_listed():
-    baseline, speculative = near_tie_case(0.01)
-    baseline[OTHER] = generation(TOKENS)
-    speculative[OTHER] = list(TOKENS)
-    verdict = check(baseline, speculative, dtype=torch.bfloat16)
-    assert verdict.sequences == 2
-    assert [t.key for t in verdict.near_ties] == [KEY]
+def test_a_wrong_token_fails_at_its_position_with_both_tokens_and_the_margin(bf16):
+    request, base = plain(bf16)
+    scores, _ = scores_at(bf16, request, base.tokens, 5)
+    worst = int(scores.argmin())
+    tokens = changed_at(base.tokens, 5, worst)
+    with pytest.raises(LosslessError, match="outside the near-tie margin 1.5") as info:
+        check_lossless(bf16, {KEY: base}, [({KEY: request}, {KEY: with_tokens(base, tokens)})])
+    message = str(info.value)
+    assert f"new token 5: emitted {worst}" in message
+    assert f"the target chose {base.tokens[5]}" in message
+    margin = float(scores.max() - scores[worst])
+    assert f"margin {margin:.3g} logits" in message
 
 
-def test_half_precision_near_tie_fails_under_strict():
-    baseline, speculative = near_tie_case(0.01)
-    with pytest.raises(LosslessError, match="near-tie in half precision") as info:
-        check(baseline, speculative, dtype=torch.bfloat16, strict=True)
-    assert "new token 7" in str(info.value)
-    assert "--specdec-strict" in str(info.value)
+def test_a_wrong_token_after_a_changed_prefix_is_judged_on_that_prefix(bf16):
+    # tokens after a departure are judged given the departed prefix, not the baseline's
+    request, base = plain(bf16)
+
+    def runner_up(position):  # the best token other than plain decoding's, and its margin
+        scores, _ = scores_at(bf16, request, base.tokens, position)
+        token = next(int(t) for t in scores.topk(3).indices if int(t) != base.tokens[position])
+        return token, float(scores.max() - scores[token])
+
+    # flip where the runner-up is clearly behind (bf16 logits this spread are coarse)
+    at, (token, margin) = max(((p, runner_up(p)) for p in range(2, 9)), key=lambda c: c[1][1])
+    tokens = [*base.tokens[:at], token]
+    # continue by plain decoding from the changed prefix: every later token is the target's
+    rest = generate(bf16, GenerationRequest((*PROMPT, *tokens), 24 - len(tokens))).tokens
+    departed = with_tokens(base, tokens + rest)
+    verdict = check_lossless(bf16, {KEY: base}, [({KEY: request}, {KEY: departed})],
+                             tie_margin=margin + 0.01)
+    first, *later = verdict.near_ties
+    assert (first.position, first.emitted, first.margin) == (at, token, pytest.approx(margin))
+    assert verdict.departure.position == at and verdict.departed == 1
+    # the continuation was decoded, not teacher-forced: at most rounding-sized near-ties
+    rounding = max((t.margin for t in later), default=0.0)
+    assert rounding < margin / 2
+    # below the flip's margin the same token fails, and strict refuses even a near-tie
+    with pytest.raises(LosslessError, match=f"new token {at}:"):
+        check_lossless(bf16, {KEY: base}, [({KEY: request}, {KEY: departed})],
+                       tie_margin=margin / 2)
+    with pytest.raises(LosslessError, match="--specdec-strict"):
+        check_lossless(bf16, {KEY: base}, [({KEY: request}, {KEY: departed})],
+                       tie_margin=margin + 0.01, strict=True)
 
 
-def test_half_precision_wide_margin_fails():
-    baseline, speculative = near_tie_case(TIE * 2)
-    with pytest.raises(LosslessError, match="output differs from plain decoding") as info:
-        check(baseline, speculative, dtype=torch.bfloat16)
-    assert "new token 7" in str(info.value)
-    assert "margin there: 0.1" in str(info.value)
+def test_margins_at_a_temperature_are_in_logit_units(bf16):
+    # at T > 0 the choice is argmax(logits / T + G): the margin is T times the score gap,
+    # i.e. the logit gap with the noise kept at the position's own value
+    sampler = Sampler(0.6, seed=5)
+    request, base = plain(bf16, sampler)
+    scores, logits = scores_at(bf16, request, base.tokens, 4)
+    chosen, other = int(scores.argmax()), int(scores.topk(2).indices[1])
+    noise = scores - logits / 0.6
+    expected = float((logits[chosen] - logits[other]) + 0.6 * (noise[chosen] - noise[other]))
+    tokens = changed_at(base.tokens, 4, other)[:5]
+    exact, ties = judge_sequence(bf16, request, tokens, KEY, tie_margin=1e9)
+    assert exact == 4
+    [tie] = ties
+    assert (tie.position, tie.emitted, tie.chosen) == (4, other, chosen)
+    assert tie.margin == pytest.approx(expected, rel=1e-4)
+    assert tie.margin == pytest.approx(0.6 * float(scores[chosen] - scores[other]), rel=1e-4)
 
 
-def test_float32_near_tie_fails():
-    baseline, speculative = near_tie_case(0.0)
-    with pytest.raises(LosslessError, match="output differs from plain decoding") as info:
-        check(baseline, speculative, dtype=torch.float32)
-    assert "new token 7" in str(info.value)
+def test_long_sequences_are_judged_in_chunks_alike(bf16):
+    request, base = plain(bf16, budget=40)
+    whole = judge_sequence(bf16, request, base.tokens, KEY, tie_margin=1.5)
+    chunked = judge_sequence(bf16, request, base.tokens, KEY, tie_margin=1.5, chunk=7)
+    assert whole[0] + len(whole[1]) == chunked[0] + len(chunked[1]) == 40
 
 
-def test_a_near_tie_in_one_sequence_does_not_hide_an_error_in_another():
-    baseline, speculative = near_tie_case(0.0)
-    baseline[OTHER] = generation(TOKENS)
-    speculative[OTHER] = changed_at(TOKENS, 3)
-    with pytest.raises(LosslessError, match="new token 3"):
-        check(baseline, speculative, dtype=torch.bfloat16)
+def test_auto_margin_per_dtype():
+    assert AUTO_TIE_MARGIN == {torch.bfloat16: 1.5, torch.float16: 0.25}
 
 
-def test_longer_speculative_output_is_never_a_near_tie():
-    # past the baseline's end there is no margin: always an error
-    baseline = {KEY: generation(TOKENS, [0.0] * len(TOKENS), stop="eos")}
-    with pytest.raises(LosslessError, match="output differs"):
-        check(baseline, {KEY: TOKENS + [7]}, dtype=torch.bfloat16)
+# --- a corrupted verification is caught at its first bad token ---------------------------
+
+class RepeatLast:
+    """Always drafts: every step goes through a multi-token verify forward."""
+
+    needs = frozenset()
+
+    def begin(self, request): pass
+    def propose(self, context, k):
+        from pytest_specdec.drafter import Draft
+        return Draft(tuple(context[-1:]) * k)
+    def accept(self, tokens): pass
+    def end(self): pass
 
 
-def test_truncated_speculative_output_is_never_a_near_tie():
-    baseline = {KEY: generation(TOKENS, [0.0] * len(TOKENS))}
-    with pytest.raises(LosslessError, match="output differs"):
-        check(baseline, {KEY: TOKENS[:12]}, dtype=torch.bfloat16)
+#: A position error large enough to matter on the default model. A shift of a few
+#: positions moves its logits by less than the bf16 near-tie margin (measured: +3 gives
+#: departures at margins 0.1-0.5), which no margin-based check can tell from rounding;
+#: exact mode (equality) catches those too.
+OFFSET = 64
+
+
+def corrupt_forward(monkeypatch, kind: str):
+    """Break verification the way an engine bug would: positions shifted, or the
+    first context position masked out, in every multi-token forward after prefill."""
+    from pytest_specdec.target import Target
+
+    original = Target.forward
+
+    def forward(self, token_ids, cache, **kwargs):
+        held = cache.get_seq_length()
+        if held and len(token_ids) > 1:
+            if kind == "position-offset":
+                kwargs["positions"] = [held + OFFSET + i for i in range(len(token_ids))]
+            else:  # a dropped mask entry: no row may see the first context token
+                attend = torch.ones(len(token_ids), held + len(token_ids), dtype=torch.bool)
+                attend[:, held:] = attend[:, held:].tril()
+                attend[:, 0] = False
+                kwargs["attend"] = attend
+                kwargs.setdefault("positions", list(range(held, held + len(token_ids))))
+        return original(self, token_ids, cache, **kwargs)
+
+    monkeypatch.setattr(Target, "forward", forward)
+
+
+@pytest.mark.parametrize("kind", ["position-offset", "dropped-mask-entry"])
+def test_a_corrupted_verification_fails_at_the_first_bad_token(default_bf16, monkeypatch, kind):
+    target = default_bf16
+    prompt = target.encode_prompt("What is 12 times 7? Answer briefly.")
+    request, base = plain(target, prompt=prompt, budget=16)
+    corrupt_forward(monkeypatch, kind)
+    bad = generate(target, request, RepeatLast(), k=4)
+    monkeypatch.undo()
+    first = first_divergence(KEY, base.tokens, bad.tokens)
+    assert first is not None, "the corruption must change the output"
+    with pytest.raises(LosslessError, match="outside the near-tie margin") as info:
+        check_lossless(target, {KEY: base}, [({KEY: request}, {KEY: bad})])
+    # everything before the first departure is the target's own: that is where it fails
+    assert f"new token {first.position}:" in str(info.value)
+
+
+# --- multi-round: a near-tie in round 1 does not fail round 2 -----------------------------
+
+def test_multi_round_with_a_round_one_near_tie_passes_in_round_two(bf16):
+    problem = Problem(key="p1", question="q", answer="1")
+    paradigm = MultiRound(rounds=2)
+    settings = DecodeSettings(temperature=0.0, seed=0, max_new_tokens=12)
+    prompts = {"q": [5, 17, 33, 9]}
+
+    class Tok:  # the runner's text <-> ids, enough for a paradigm on a tiny target
+        def encode_prompt(self, text):
+            return prompts.setdefault(text, [7 + sum(map(ord, text)) % 400, 19, 3])
+
+    bf16_with_text = bf16
+    bf16_with_text.encode_prompt = Tok().encode_prompt
+    bf16_with_text.decode = lambda ids: " ".join(map(str, ids))
+    try:
+        base = run_paradigm(bf16, paradigm, [problem],
+                            lambda r: generate(bf16, r), settings)
+
+        def flip_round_one(request):
+            # plain decoding, but round 1's token 2 is the runner-up (a near-tie flip)
+            out = generate(bf16, request)
+            if request.round != 0:
+                return out
+            scores, _ = scores_at(bf16, request, out.tokens, 2)
+            top2 = scores.topk(2)
+            flip_margin.append(float(top2.values[0] - top2.values[1]))
+            flipped = [*out.tokens[:2], int(top2.indices[1])]
+            rest = generate(bf16, GenerationRequest((*request.prompt_ids, *flipped),
+                                                    12 - 3)).tokens
+            return with_tokens(out, flipped + rest)
+
+        flip_margin: list[float] = []
+
+        spec = run_paradigm(bf16, paradigm, [problem], flip_round_one, settings)
+    finally:
+        del bf16.encode_prompt, bf16.decode
+    assert spec.requests[("p1", 0, 1)].prompt_ids != base.requests[("p1", 0, 1)].prompt_ids
+    # the default bfloat16 margin, or the flip's own if it is wider
+    margin = max(AUTO_TIE_MARGIN[torch.bfloat16], flip_margin[0] + 0.01)
+    verdict = check_lossless(bf16, base.outputs, [(spec.requests, spec.outputs)],
+                             tie_margin=margin)
+    assert (verdict.near_ties[0].key, verdict.near_ties[0].position) == (("p1", 0, 0), 2)
+    assert verdict.departed == 2  # both rounds differ from plain decoding's
+    assert verdict.sequences == 2 and verdict.tokens == 24

@@ -244,7 +244,7 @@ CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine wit
                  id="unknown-drafter"),
     pytest.param(["--specdec-drafter", "pld:bogus=1"],
                  "*--specdec-drafter pld:bogus=1: drafter 'pld' has no option 'bogus' "
-                 "(accepted: max_ngram, min_ngram, share_group)*",
+                 "(accepted: match, max_ngram, min_ngram, share_group)*",
                  id="unknown-drafter-option"),
     pytest.param(["--specdec-drafter", "pld:max_ngram=abc"],
                  "*--specdec-drafter pld:max_ngram=abc: drafter 'pld' option max_ngram='abc': "

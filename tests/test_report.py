@@ -476,3 +476,23 @@ def test_write_reports_replace_rewrites_its_own_stem(records, tmp_path):
     assert [p.name for p in again] == [p.name for p in first]
     assert len(json.loads(again[2].read_text())["records"]) == len(records)
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in first)  # no temp files
+
+
+def test_lossless_section_shows_what_the_check_found(records):
+    from pytest_specdec.report import _lossless_table, render_markdown
+
+    spec = next(r for r in records if r["role"] == "speculative")
+    checked = dict(spec, lossless="near_tie", lossless_method="teacher_forced",
+                   tokens_exact=410, tokens_near_tie=2, max_tie_margin=0.625,
+                   sequences_departed=3, check_s=1.5, wall_s_rounds=[4.0, 4.5],
+                   first_departure={"problem": "embedded-001", "sample": 0, "round": 1,
+                                    "token": 17})
+    headers, rows = _lossless_table([checked, *[r for r in records if r is not spec]])
+    assert headers[3:] == ["method", "exact tokens", "near-ties", "largest margin",
+                           "departed", "first departure", "check s (share)"]
+    assert rows == [[spec["drafter"], spec["paradigm"], "0", "teacher_forced", "410", "2",
+                     "0.62", "3", "embedded-001 / 0 / 1 / 17", "1.5 (15.0%)"]]
+    assert "## Losslessness" in render_markdown([checked], title="t", meta={})
+    # records written before the check reported its counts get no row, and no section
+    assert _lossless_table(records)[1] == []
+    assert "## Losslessness" not in render_markdown(records, title="t", meta={})

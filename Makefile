@@ -11,7 +11,7 @@ NAME ?= default
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test cost setup clean-venv
+.PHONY: bench test cost setup clean-venv gpu-prepare gpu-check
 
 setup: $(STAMP)
 
@@ -36,3 +36,15 @@ clean-venv:
 # per-step drafting cost at 1k..128k tokens of context (benchmarks/)
 cost: $(STAMP)
 	$(BIN)/python -m pytest benchmarks/ --benchmark-save=cost-$(NAME) $(ARGS)
+
+# the GPU check (benchmarks/gpu/check.sh): prepare here (PyPI, the embedded model), then
+# run `make gpu-check` on a GPU machine without network; build/gpu/ travels with it
+gpu-prepare: $(STAMP)
+	mkdir -p build/gpu/wheels
+	$(BIN)/python -c "import shutil, pytest_specdec.target as t; f = t.embedded_folder(); \
+	[shutil.copy(f / n, 'build/gpu/') for n in ('tokenizer.json', 'tokenizer_config.json', \
+	'special_tokens_map.json') if (f / n).exists()]"
+	$(BIN)/pip download -q --only-binary=:all: -d build/gpu/wheels pytest-benchmark tabulate py-cpuinfo
+
+gpu-check:
+	bash benchmarks/gpu/check.sh

@@ -63,13 +63,17 @@ class Divergence:
     baseline: tuple[int, ...]  # tokens around the position
     speculative: tuple[int, ...]
 
-    def describe(self, decode: Callable[[Sequence[int]], str] | None = None) -> str:
-        lines = [_where(self.key, self.position),
-                 f"  baseline    ...{list(self.baseline)}",
-                 f"  speculative ...{list(self.speculative)}"]
+    def describe(self, decode: Callable[[Sequence[int]], str] | None = None,
+                 names: tuple[str, str] = ("baseline", "speculative")) -> str:
+        """Where, then both token windows (and their text, given `decode`), labelled
+        by `names` (the reference's, the other's)."""
+        width = max(map(len, names))
+        windows = tuple(zip(names, (self.baseline, self.speculative)))
+        lines = [_where(self.key, self.position)]
+        lines += [f"  {name:<{width}} ...{list(tokens)}" for name, tokens in windows]
         if decode is not None:
-            lines += [f"  baseline text    ...{decode(self.baseline)!r}",
-                      f"  speculative text ...{decode(self.speculative)!r}"]
+            lines += [f"  {name + ' text':<{width + 5}} ...{decode(tokens)!r}"
+                      for name, tokens in windows]
         return "\n".join(lines)
 
 

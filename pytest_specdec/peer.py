@@ -203,14 +203,7 @@ class PeerMismatch(LosslessError):
 def describe_peer_divergence(divergence: Divergence, peer: str,
                              decode: Callable[[Sequence[int]], str] | None = None) -> str:
     """Where the peer and our baseline first differ, with both token windows."""
-    group, sample, round = divergence.key
-    lines = [f"problem {group!r} sample {sample} round {round}, new token {divergence.position}",
-             f"  our baseline ...{list(divergence.baseline)}",
-             f"  {peer:<12} ...{list(divergence.speculative)}"]
-    if decode is not None:
-        lines += [f"  our baseline text ...{decode(divergence.baseline)!r}",
-                  f"  {peer} text{' ' * max(0, 8 - len(peer))} ...{decode(divergence.speculative)!r}"]
-    return "\n".join(lines)
+    return divergence.describe(decode, names=("our baseline", peer))
 
 
 @dataclass(frozen=True)

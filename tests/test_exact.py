@@ -89,12 +89,12 @@ class Chains(DrafterBase):
     """Drafts the baseline's own next tokens, with a wrong one every third step: chains
     of every length are verified, accepted in part and rolled back."""
 
-    def __init__(self, truth):
-        self.truth, self.calls = truth, 0
+    def __init__(self, truth, prompt=PROMPT):
+        self.truth, self.calls, self.prompt_length = truth, 0, len(prompt)
 
     def propose(self, context, k):
         self.calls += 1
-        done = len(context) - len(PROMPT)
+        done = len(context) - self.prompt_length
         draft = list(self.truth[done:done + k])
         if self.calls % 3 == 0 and draft:
             draft[-1] = (draft[-1] + 1) % 512

@@ -190,12 +190,32 @@ class DrafterBase:
         pass
 
 
+#: ``--specdec-depth-profile``: ``reference`` runs each drafter at its reference's depth;
+#: ``cpu`` caps it at :data:`CPU_PROFILE_DEPTH`, because on a CPU a verify forward of k
+#: tokens costs about 1 + k/4 decode steps, so a deep draft that is mostly wrong (T>0)
+#: loses more than it wins; ``auto`` is ``cpu`` for a target on a CPU, else ``reference``.
+DEPTH_PROFILES = ("auto", "reference", "cpu")
+CPU_PROFILE_DEPTH = 5
+
+
+def depth_profile(profile: str, device_type: str) -> str:
+    """The profile ``auto`` stands for on a device type ("cpu", "cuda", ...)."""
+    if profile not in DEPTH_PROFILES:
+        raise ValueError(f"depth profile {profile!r} is not one of {', '.join(DEPTH_PROFILES)}")
+    if profile == "auto":
+        return "cpu" if device_type == "cpu" else "reference"
+    return profile
+
+
 def draft_depth(factory: object, *, override: int | None = None,
-                options: Mapping[str, object] | None = None, drafter: str = "drafter") -> int:
+                options: Mapping[str, object] | None = None, drafter: str = "drafter",
+                profile: str = "reference") -> int:
     """The k a drafter's cases run with: ``override`` (``--specdec-k``) when given;
     else the case's own ``max_depth`` option when the drafter has one and it was set
     (``rest:max_depth=16``: a drafter whose depth is an option names it so); else the
-    ``max_depth`` its factory declares; else :data:`DEFAULT_MAX_DEPTH`.
+    ``max_depth`` its factory declares; else :data:`DEFAULT_MAX_DEPTH`. Under the
+    ``cpu`` profile (see :data:`DEPTH_PROFILES`) the last two are capped at
+    :data:`CPU_PROFILE_DEPTH`; an explicit ``--specdec-k`` is not.
 
     A depth that is not a positive int (bool excluded), or one above
     :data:`MAX_DRAFT_NODES` (no chain that deep fits in one draft), is a
@@ -208,7 +228,7 @@ def draft_depth(factory: object, *, override: int | None = None,
     if type(depth) is not int or not 1 <= depth <= MAX_DRAFT_NODES:
         raise DraftError(drafter, f"max_depth is an int in [1, {MAX_DRAFT_NODES}]",
                          f"declared {_describe(depth)}")
-    return depth
+    return min(depth, CPU_PROFILE_DEPTH) if profile == "cpu" else depth
 
 
 @dataclass

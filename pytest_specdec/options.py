@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import pytest
 
-from pytest_specdec.drafter import DEFAULT_MAX_DEPTH, MAX_DRAFT_NODES
+from pytest_specdec.drafter import (CPU_PROFILE_DEPTH, DEFAULT_MAX_DEPTH, DEPTH_PROFILES,
+                                    MAX_DRAFT_NODES)
 from pytest_specdec.paradigms import PARADIGM_NAMES
 
 
@@ -77,6 +78,13 @@ def _tie_margin(text: str) -> float | None:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected 'auto' or a number of logits >= 0, got {text!r}") from None
+
+
+def _depth_profile(text: str) -> str:
+    if text not in DEPTH_PROFILES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(DEPTH_PROFILES)}, got {text!r}")
+    return text
 
 
 LOSSLESS_MODES = ("auto", "exact")
@@ -210,6 +218,11 @@ OPTIONS = (
            help="draft depth (tokens one step can accept) for every drafter, overriding "
                 "each drafter's own max_depth; hf_pld follows pld's (default: each "
                 f"drafter's own; {DEFAULT_MAX_DEPTH} for one that declares none)"),
+    Option("--specdec-depth-profile", "specdec_depth_profile", default="auto",
+           type=_depth_profile, metavar="PROFILE",
+           help="draft depths: reference (each drafter's reference depth), cpu (those "
+                f"capped at {CPU_PROFILE_DEPTH}: deep drafts that are mostly wrong lose on "
+                "a CPU), auto (cpu for a target on a CPU, else reference; default)"),
     Option("--specdec-timed-rounds", "specdec_timed_rounds", default=1, type=_positive_int,
            metavar="N", help="timed rounds per case after one warm-up; the median is "
                              "reported (default: 1)"),
@@ -282,6 +295,7 @@ class SpecdecConfig:
     compare_fail: tuple[tuple[str, float], ...]
     # --specdec-lossless exact: row-invariant forwards, equality in every dtype
     exact: bool = False
+    depth_profile: str = "auto"  # --specdec-depth-profile (drafter.DEPTH_PROFILES)
 
 
 def read_config(config: pytest.Config) -> SpecdecConfig:
@@ -301,7 +315,8 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
         temperatures=get("specdec_temperatures"), seed=get("specdec_seed"), k=get("specdec_k"),
         timed_rounds=get("specdec_timed_rounds"), report_dir=report_dir,
         peer=not get("specdec_no_peer"), strict=get("specdec_strict"),
-        tie_margin=get("specdec_tie_margin"), exact=get("specdec_lossless") == "exact", step_timeout=get("specdec_step_timeout"),
+        tie_margin=get("specdec_tie_margin"), exact=get("specdec_lossless") == "exact",
+        depth_profile=get("specdec_depth_profile"), step_timeout=get("specdec_step_timeout"),
         compare=Path(get("specdec_compare")).expanduser() if get("specdec_compare") else None,
         compare_fail=get("specdec_compare_fail") or (),
     )

@@ -156,12 +156,13 @@ class PldPeerSettings:
                 "sampling": PEER_SAMPLING}
 
 
-def pld_draft_length(pld_factory: Callable[..., Any], k: int | None) -> int:
+def pld_draft_length(pld_factory: Callable[..., Any], k: int | None,
+                     profile: str = "reference") -> int:
     """The draft length hf_pld runs with: the one our ``pld`` case runs with, i.e.
     ``--specdec-k`` when given (``k``), else the ``max_depth`` the registered ``pld``
     drafter declares (:func:`pytest_specdec.drafter.draft_depth`). This is the one
     place to change when that rule changes."""
-    return draft_depth(pld_factory, override=k, drafter=OUR_PLD)
+    return draft_depth(pld_factory, override=k, drafter=OUR_PLD, profile=profile)
 
 
 def pld_max_ngram(pld_factory: Callable[..., Any]) -> int:
@@ -173,14 +174,15 @@ def pld_max_ngram(pld_factory: Callable[..., Any]) -> int:
     return parameter.default
 
 
-def pld_peer_settings(pld_factory: Callable[..., Any] | None, k: int | None) -> PldPeerSettings:
+def pld_peer_settings(pld_factory: Callable[..., Any] | None, k: int | None,
+                      profile: str = "reference") -> PldPeerSettings:
     """hf_pld's settings from our ``pld`` drafter's factory (None: nothing is registered
     under that name, and our drafters/pld.py is copied)."""
     if pld_factory is None:
         from drafters.pld import PromptLookup
 
         pld_factory = PromptLookup
-    return PldPeerSettings(prompt_lookup_num_tokens=pld_draft_length(pld_factory, k),
+    return PldPeerSettings(prompt_lookup_num_tokens=pld_draft_length(pld_factory, k, profile),
                            max_matching_ngram_size=pld_max_ngram(pld_factory))
 
 

@@ -383,6 +383,19 @@ def specdec_peer(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def _depth_profile_text(records: list[dict], cfg: SpecdecConfig) -> str:
+    """Which draft depths the cases ran with (the details show each case's k)."""
+    from pytest_specdec.drafter import CPU_PROFILE_DEPTH
+
+    profiles = dict.fromkeys(r["depth_profile"] for r in records if r.get("depth_profile"))
+    if cfg.k is not None:
+        return "none: --specdec-k sets every drafter's depth"
+    texts = {"reference": "reference (each drafter at its reference's depth)",
+             "cpu": f"cpu (each drafter's reference depth capped at {CPU_PROFILE_DEPTH}; "
+                    "--specdec-depth-profile reference for the references' own)"}
+    return ", ".join(texts.get(p, p) for p in profiles) or "—"
+
+
 def _write_session_report(config: pytest.Config, records: list[dict]) -> list[Path]:
     """The session's report files: a free name at the first write (never an earlier
     report's), the same name replaced atomically at every later one."""
@@ -403,6 +416,8 @@ def _write_session_report(config: pytest.Config, records: list[dict]) -> list[Pa
         "max_new_tokens": str(cfg.max_new_tokens),
         # one k, or each drafter's own (the details show each case's)
         "k": depth_text(records) + (" (--specdec-k)" if cfg.k is not None else ""),
+        "depth profile": _depth_profile_text(records, cfg),
+        "lossless": "exact mode (row-invariant forwards)" if cfg.exact else "auto",
         "timed_rounds": str(cfg.timed_rounds),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": _machine_line(cfg),

@@ -57,7 +57,8 @@ PEER_ORDER = ("hf_generate", "hf_pld")
 OUR_PLD, PEER_PLD, PEER_PLAIN = "pld", "hf_pld", "hf_generate"
 
 #: Meta block of the Markdown report, in this order.
-META_KEYS = ("target", "dtype", "device", "problems", "max_new_tokens", "k", "date", "machine")
+META_KEYS = ("target", "dtype", "device", "problems", "max_new_tokens", "k", "depth_profile",
+             "date", "machine")
 
 REPORT_SUFFIXES = (".md", ".csv", ".json", ".html")
 #: Chart files, ``<stem><suffix>``, written only when asked for (``--charts``).

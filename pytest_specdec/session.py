@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pytest_specdec.drafter import draft_depth
+from pytest_specdec.drafter import depth_profile, draft_depth
 from pytest_specdec.lossless import check_lossless
 from pytest_specdec.metrics import mat_by_index, median_round, speedup
 from pytest_specdec.options import DrafterSpec, SpecdecConfig
@@ -104,6 +104,12 @@ class SpecdecSession:
             self._target = self.load_target()
         return self._target
 
+    @property
+    def depth_profile(self) -> str:
+        """``reference`` or ``cpu``: what ``--specdec-depth-profile`` means for this
+        session's target (``auto``: ``cpu`` on a CPU)."""
+        return depth_profile(self.config.depth_profile, self.target.device.type)
+
     def settings(self, case: ParadigmCase, k: int = 0) -> DecodeSettings:
         return DecodeSettings(case.temperature, self.config.seed, self.config.max_new_tokens, k)
 
@@ -182,7 +188,8 @@ class SpecdecSession:
         options = registered.convert_options(dict(spec.options))
         # the drafter's own depth (its max_depth), unless --specdec-k overrides it
         target, k = self.target, draft_depth(registered.factory, override=self.config.k,
-                                             options=options, drafter=spec.label)
+                                             options=options, drafter=spec.label,
+                                             profile=self.depth_profile)
         measured = self.measure(
             case, lambda: engine_method(target, registered.create(**options), k=k,
                                         drafter_name=spec.label,
@@ -211,7 +218,8 @@ class SpecdecSession:
             settings = plain_peer_settings()
         else:
             pld = self.registry.drafters.get(OUR_PLD)  # hf_pld copies our pld's settings
-            pld_settings = pld_peer_settings(pld and pld.factory, self.config.k)
+            pld_settings = pld_peer_settings(pld and pld.factory, self.config.k,
+                                             self.depth_profile)
             k = pld_settings.prompt_lookup_num_tokens
             reference = self.peer_plain(case)
             measured = self.measure(
@@ -248,6 +256,7 @@ class SpecdecSession:
             "device": str(target.device),
             "worker": self.worker,
             "k": k,
+            "depth_profile": self.depth_profile,
             "problems": len(self.problems),
             "max_new_tokens": cfg.max_new_tokens,
             "sequences": len(run.outputs),

@@ -241,31 +241,42 @@ def largest_k(pytester: pytest.Pytester) -> dict[str, int]:
     return out
 
 
-def test_cases_run_at_each_drafters_depth(depth_suite, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("profile, pld_depth, profile_text", [
+    (["--specdec-depth-profile", "reference"], 10, "reference (each drafter at its "),
+    ([], 5, "cpu (each drafter's reference depth capped at 5;"),  # auto on a CPU
+    (["--specdec-depth-profile", "cpu"], 5, "cpu (each drafter's reference depth capped at 5;"),
+], ids=["reference", "auto-on-cpu", "cpu"])
+def test_cases_run_at_each_drafters_depth(depth_suite, tiny_model_dir, tmp_path, profile,
+                                          pld_depth, profile_text):
     reports = tmp_path / "reports"
     result = depth_suite.runpytest_subprocess(
-        *small_run(tiny_model_dir, reports, "pld", "legacy", "deep3", "bad_depth"), timeout=300)
+        *small_run(tiny_model_dir, reports, "pld", "legacy", "deep3", "bad_depth"), *profile,
+        timeout=300)
     result.assert_outcomes(passed=6, failed=1)
     result.stdout.fnmatch_lines(["*DraftError: drafter 'bad_depth' broke the rule "
                                  "'max_depth is an int in [[]1, 256[]]': declared 0 (int)*",
                                  "FAILED *test_speculative[[]bad_depth-multi_round[]]*"])
     data, markdown = session_report(reports)
     assert {r["drafter"]: r["k"] for r in data["records"]} == {
-        "baseline": 0, "legacy": DEFAULT_MAX_DEPTH, "deep3": 3, "pld": 10, "hf_generate": 0,
-        "hf_pld": 10}
+        "baseline": 0, "legacy": DEFAULT_MAX_DEPTH, "deep3": 3, "pld": pld_depth,
+        "hf_generate": 0, "hf_pld": pld_depth}
     # the first step of a sequence has room for 7 draft tokens (the budget is 8): the
     # largest k a propose got is the case's depth
     assert largest_k(depth_suite) == {"legacy": DEFAULT_MAX_DEPTH, "deep3": 3}
-    assert data["meta"]["k"] == "deep3 3, legacy 5, pld 10, hf_pld 10"
-    assert "- **k**: deep3 3, legacy 5, pld 10, hf_pld 10\n" in markdown
+    k_text = f"deep3 3, legacy 5, pld {pld_depth}, hf_pld {pld_depth}" if pld_depth != 5 else \
+        "deep3 3, legacy 5, pld 5, hf_pld 5"
+    assert data["meta"]["k"] == k_text
+    assert f"- **k**: {k_text}\n" in markdown
+    assert data["meta"]["depth profile"].startswith(profile_text)
+    assert f"- **depth profile**: {profile_text}" in markdown
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
             for line in markdown.split("## Details", 1)[1].split("\n## ", 1)[0].splitlines()
             if line.startswith("| ")}
     assert rows["drafter"][:4] == ["drafter", "paradigm", "T", "k"]
     assert {name: rows[name][3] for name in ("baseline", "legacy", "deep3", "pld", "hf_pld",
                                              "hf_generate")} == {
-        "baseline": "—", "legacy": "5", "deep3": "3", "pld": "10", "hf_pld": "10",
-        "hf_generate": "—"}
+        "baseline": "—", "legacy": "5", "deep3": "3", "pld": str(pld_depth),
+        "hf_pld": str(pld_depth), "hf_generate": "—"}
 
 
 def test_specdec_k_overrides_every_drafters_depth(depth_suite, tiny_model_dir, tmp_path):
@@ -289,3 +300,36 @@ def test_specdec_k_must_be_a_depth_the_drafts_can_have(suite, tiny_model_dir, va
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*error: argument --specdec-k: expected a draft depth in "
                                  f"1..{MAX_DRAFT_NODES}, got '{value}'*"])
+
+
+@pytest.mark.parametrize("profile, device, resolved", [
+    ("auto", "cpu", "cpu"), ("auto", "cuda", "reference"), ("reference", "cpu", "reference"),
+    ("cpu", "cuda", "cpu"),
+])
+def test_depth_profile_resolution(profile, device, resolved):
+    from pytest_specdec.drafter import depth_profile
+
+    assert depth_profile(profile, device) == resolved
+
+
+@pytest.mark.parametrize("declared, profile, override, options, expected", [
+    (40, "reference", None, {}, 40),
+    (40, "cpu", None, {}, 5),       # capped
+    (3, "cpu", None, {}, 3),        # below the cap: unchanged
+    (40, "cpu", 12, {}, 12),        # --specdec-k is never capped
+    (10, "cpu", None, {"max_depth": 16}, 5),  # nor raised by the profile
+])
+def test_cpu_profile_caps_declared_depths(declared, profile, override, options, expected):
+    from pytest_specdec.drafter import draft_depth
+
+    class Declares:
+        max_depth = declared
+
+    assert draft_depth(Declares, override=override, options=options, profile=profile) == expected
+
+
+def test_unknown_depth_profile_is_refused():
+    from pytest_specdec.drafter import depth_profile
+
+    with pytest.raises(ValueError, match="depth profile 'fast' is not one of auto, reference, cpu"):
+        depth_profile("fast", "cpu")

@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from pytest_specdec.drafter import Draft, DraftRequest, DrafterBase
+from pytest_specdec.drafting import ProblemMemory
 
 #: The occurrence a draft copies after: the reference's rule first.
 MATCH_RULES = ("first_full", "most_recent")
@@ -105,22 +106,33 @@ class PromptLookup(DrafterBase):
         self.match = match
         self._keep = "first" if match == "first_full" else "latest"
         self._current = self._new_index()
-        self._group_key = ""
-        # finished sequences of each problem, most recent last
-        self._groups: dict[str, list[NgramIndex]] = {}
+        # the open sequence's problem and, per problem, the indexes of its finished
+        # sequences (most recent last), filed when a sequence ends
+        self.memory: ProblemMemory[list[NgramIndex]] = ProblemMemory(self._file,
+                                                                     keep=share_group)
 
     def _new_index(self) -> NgramIndex:
         return NgramIndex(self.min_ngram, self.max_ngram, self._keep)
 
+    def _file(self, previous: list[NgramIndex] | None,
+              sequences: tuple[tuple[int, ...], ...]) -> list[NgramIndex]:
+        """The ProblemMemory index: the problem's list of n-gram indexes with the one of
+        its newest finished sequence added. That sequence's index is the live one (it
+        ends before begin replaces it), so nothing is rebuilt."""
+        assert self._current.tokens == list(sequences[-1])
+        filed = previous if previous is not None else []
+        filed.append(self._current)
+        return filed
+
     def begin(self, request: DraftRequest) -> None:
-        self._group_key = request.group
+        self.memory.begin(request)  # files a sequence left open, with its live index
         self._current = self._new_index()
         self._current.extend(request.prompt_ids)
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
         if k < 1:
             return Draft()
-        earlier = self._groups.get(self._group_key, []) if self.share_group else []
+        earlier = self.memory.index() or []
         for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
             suffix = tuple(context[-n:])
             for index in (self._current, *reversed(earlier)):
@@ -136,8 +148,8 @@ class PromptLookup(DrafterBase):
         return Draft()
 
     def accept(self, tokens: Sequence[int]) -> None:
+        self.memory.extend(tokens)
         self._current.extend(tokens)
 
     def end(self) -> None:
-        if self.share_group:
-            self._groups.setdefault(self._group_key, []).append(self._current)
+        self.memory.end()

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 from pytest_specdec.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
+from pytest_specdec.drafting import tree_draft
 
 
 class _Node:
@@ -387,9 +388,7 @@ class SuffixDecoding(DrafterBase):
         if best is None or not best.tokens:
             return Draft()
         self.last_match = (source, length, best.score)
-        if all(p == i - 1 for i, p in enumerate(best.parents)):
-            return Draft(tuple(best.tokens))
-        return Draft(tuple(best.tokens), tuple(best.parents))
+        return tree_draft(best.tokens, best.parents)
 
     def budget(self, match_len: int) -> int:
         """Draft nodes a match of ``match_len`` tokens may grow: the method's adaptive

@@ -276,6 +276,28 @@ def test_suffix_decoding_is_lossless_on_sliding_targets(arch, temperature):
     assert trees > 0 and accepted_in_trees > 0
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "mistral", "gpt_oss"])
+@pytest.mark.parametrize("name", ["suffix", "pia", "rest", "recycling", "lookahead"])
+def test_every_tree_drafter_is_lossless_on_sliding_targets(arch, name):
+    # each built-in tree drafter as registered (its own defaults), three samples of one
+    # problem (the later ones can draft from the earlier), contexts many windows long
+    from pytest_specdec.registry import load_registry
+
+    target = wrap_model(sliding_model(arch, window=6, vocab_size=32), name=arch)
+    drafter = load_registry().get(name).create()
+    prompt = (1, 7, 4, 9, 3, 5, 2)
+    drafted = 0
+    for sample, seed in enumerate([100, 101, 100]):
+        for temperature in (0.0, 0.6):
+            request = GenerationRequest(prompt, 24, Sampler(temperature, seed), group="p",
+                                        sample=sample)
+            baseline = generate(target, request)
+            speculative = generate(target, request, drafter, k=6, drafter_name=name)
+            assert speculative.tokens == baseline.tokens, (sample, temperature)
+            drafted += sum(step.drafted for step in speculative.steps)
+    assert drafted > 0  # the drafts were verified, not empty
+
+
 # --- what is still refused -----------------------------------------------------------------
 
 def test_layer_types_without_a_tree_mask_are_named():

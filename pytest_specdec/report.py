@@ -57,7 +57,7 @@ PEER_ORDER = ("hf_generate", "hf_pld")
 OUR_PLD, PEER_PLD, PEER_PLAIN = "pld", "hf_pld", "hf_generate"
 
 #: Meta block of the Markdown report, in this order.
-META_KEYS = ("target", "dtype", "device", "problems", "max_new_tokens", "k", "depth_profile",
+META_KEYS = ("target", "dtype", "device", "problems", "max_new_tokens", "k", "depth profile",
              "date", "machine")
 
 REPORT_SUFFIXES = (".md", ".csv", ".json", ".html")
@@ -213,7 +213,7 @@ def select_records(records: Iterable[dict], *, drafters: Sequence[str] | None = 
 def report_meta(records: Sequence[dict]) -> dict[str, str]:
     """The Markdown meta block: each field's distinct values, in order of appearance;
     ``k`` as :func:`depth_text` gives it."""
-    sources = {"date": "run_date"}
+    sources = {"date": "run_date", "depth profile": "depth_profile"}
     return {key: depth_text(records) if key == "k" else _distinct_text(records, sources.get(key, key))
             for key in META_KEYS}
 

@@ -75,6 +75,7 @@ def test_report_meta(records):
     assert report_meta(records) == {
         "target": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "float32", "device": "cpu",
         "problems": "4", "max_new_tokens": "256", "k": "10",
+        "depth profile": "—",  # the stored run predates depth profiles
         "date": "2025-06-01T12:34:56.789012+00:00",
         "machine": "bench-01, AMD EPYC 7763 64-Core Processor, Linux 6.8.0-60-generic, Python 3.12.3",
     }

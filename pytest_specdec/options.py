@@ -218,11 +218,12 @@ OPTIONS = (
            help="draft depth (tokens one step can accept) for every drafter, overriding "
                 "each drafter's own max_depth; hf_pld follows pld's (default: each "
                 f"drafter's own; {DEFAULT_MAX_DEPTH} for one that declares none)"),
-    Option("--specdec-depth-profile", "specdec_depth_profile", default="auto",
+    Option("--specdec-depth-profile", "specdec_depth_profile", default="reference",
            type=_depth_profile, metavar="PROFILE",
            help="draft depths: reference (each drafter's reference depth), cpu (those "
                 f"capped at {CPU_PROFILE_DEPTH}: deep drafts that are mostly wrong lose on "
-                "a CPU), auto (cpu for a target on a CPU, else reference; default)"),
+                "a CPU), auto (cpu for a target on a CPU, else reference); default: "
+                "reference"),
     Option("--specdec-timed-rounds", "specdec_timed_rounds", default=1, type=_positive_int,
            metavar="N", help="timed rounds per case after one warm-up; the median is "
                              "reported (default: 1)"),
@@ -295,7 +296,7 @@ class SpecdecConfig:
     compare_fail: tuple[tuple[str, float], ...]
     # --specdec-lossless exact: row-invariant forwards, equality in every dtype
     exact: bool = False
-    depth_profile: str = "auto"  # --specdec-depth-profile (drafter.DEPTH_PROFILES)
+    depth_profile: str = "reference"  # --specdec-depth-profile (drafter.DEPTH_PROFILES)
 
 
 def read_config(config: pytest.Config) -> SpecdecConfig:

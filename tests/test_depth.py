@@ -243,9 +243,10 @@ def largest_k(pytester: pytest.Pytester) -> dict[str, int]:
 
 @pytest.mark.parametrize("profile, pld_depth, profile_text", [
     (["--specdec-depth-profile", "reference"], 10, "reference (each drafter at its "),
-    ([], 5, "cpu (each drafter's reference depth capped at 5;"),  # auto on a CPU
+    ([], 10, "reference (each drafter at its "),  # the default
+    (["--specdec-depth-profile", "auto"], 5, "cpu (each drafter's reference depth capped at 5;"),
     (["--specdec-depth-profile", "cpu"], 5, "cpu (each drafter's reference depth capped at 5;"),
-], ids=["reference", "auto-on-cpu", "cpu"])
+], ids=["reference", "default", "auto-on-cpu", "cpu"])
 def test_cases_run_at_each_drafters_depth(depth_suite, tiny_model_dir, tmp_path, profile,
                                           pld_depth, profile_text):
     reports = tmp_path / "reports"

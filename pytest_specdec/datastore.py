@@ -21,7 +21,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -261,14 +261,21 @@ def _dataset_texts(name: str, config: str | None, text_field: str,
 
 def _column_texts(dataset: Iterable[dict], source: str, text_field: str) -> Iterator[str]:
     for number, row in enumerate(dataset):
-        if text_field not in row:
-            raise DatastoreError(f"dataset {source!r} row {number}: no column {text_field!r} "
-                                 f"(has: {', '.join(row)}); choose one with --column")
-        text = row[text_field]
-        if not isinstance(text, str):
-            raise DatastoreError(f"dataset {source!r} row {number}: column {text_field!r} is "
-                                 f"{type(text).__name__}, expected a string")
-        yield text
+        yield _text_of(row, text_field, f"dataset {source!r} row {number}", "column", "--column")
+
+
+def _text_of(record: Any, text_field: str, where: str, kind: str, option: str) -> str:
+    """The text of one row (a dataset's or a JSONL line's): a clear error naming
+    `where`, the missing or non-string `kind` (column, field) and the option to pick it."""
+    if not isinstance(record, dict) or text_field not in record:
+        has = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        raise DatastoreError(f"{where}: no {kind} {text_field!r} (has: {has}); "
+                             f"choose one with {option}")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise DatastoreError(f"{where}: {kind} {text_field!r} is {type(text).__name__}, "
+                             "expected a string")
+    return text
 
 
 def _paragraphs(path: Path) -> Iterator[str]:
@@ -293,12 +300,4 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DatastoreError(f"{path}:{number}: not valid JSON ({exc})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise DatastoreError(f"{path}:{number}: no field {text_field!r} (has: "
-                                     f"{fields}); choose one with --text-field")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DatastoreError(f"{path}:{number}: field {text_field!r} is "
-                                     f"{type(text).__name__}, expected a string")
-            yield text
+            yield _text_of(record, text_field, f"{path}:{number}", "field", "--text-field")

@@ -106,8 +106,8 @@ def target_states(target: Target, ids: torch.Tensor, attend: torch.Tensor,
                      if hasattr(model.config, "get_text_config")
                      else model.config.num_hidden_layers)
     for layer in layers:
-        if not 0 <= int(layer) <= num_layers:
-            raise TrainingError(f"layer {layer} is not in [0, {num_layers}] "
+        if not -num_layers - 1 <= int(layer) <= num_layers:
+            raise TrainingError(f"layer {layer} is not in [{-num_layers - 1}, {num_layers}] "
                                 f"(output_hidden_states indices of a {num_layers}-layer target)")
     with torch.no_grad():
         out = model(input_ids=ids.to(target.device), attention_mask=attend.to(target.device).long(),
@@ -149,3 +149,35 @@ def default_weights(kind: str, info: Any) -> Path:
         return cache_dir() / "smollm2-135m-instruct-fp32" / "drafters" / kind
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "target"
     return cache_dir() / "drafters" / safe / kind
+
+
+def target_signature(target: Any) -> dict[str, Any]:
+    """What names the target a drafter's weights fit: its name, hidden_size, vocab_size
+    and num_layers, from a TargetInfo or a Target. Trainables write it into config.json
+    under the key ``"target"``; :func:`weights_fit` compares it."""
+    if hasattr(target, "hidden_size"):  # TargetInfo
+        return {"name": str(target.name), "hidden_size": int(target.hidden_size),
+                "vocab_size": int(target.vocab_size), "num_layers": int(target.num_layers)}
+    config = target.model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return {"name": str(target.name), "hidden_size": int(text.hidden_size),
+            "vocab_size": int(target.vocab_size), "num_layers": int(text.num_hidden_layers)}
+
+
+def weights_fit(folder: Path, target: Any) -> str:
+    """"" when `folder` holds weights (config.json + model.safetensors) whose config's
+    ``"target"`` matches :func:`target_signature` of `target`; else why not."""
+    import json
+
+    folder = Path(folder)
+    config_path, weights = folder / "config.json", folder / "model.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        return f"{folder} has no config.json and model.safetensors"
+    try:
+        written = json.loads(config_path.read_text(encoding="utf-8")).get("target")
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{config_path} is not a JSON object: {exc}"
+    wanted = target_signature(target)
+    if written != wanted:
+        return f"{config_path} names target {written!r}, not {wanted!r}"
+    return ""

@@ -20,6 +20,11 @@ earlier ones.
 A drafter that needs target internals declares them in ``needs`` (see
 :data:`TARGET_SIGNALS`); the engine then calls ``observe(signals)`` after each target
 forward with exactly those, and nothing else about the target reaches the drafter.
+Before its first sequence the engine calls ``attach(info)`` (optional) with a
+:class:`TargetInfo`: the target's shape, device and dtype, its vocabulary, and the
+read-only parts named in ``needs`` (:data:`TARGET_RESOURCES`); a model drafter loads its
+weights there. A drafter that declares ``"hidden_states"`` picks the layers in
+``hidden_layers`` (read after ``attach``): EAGLE-3 fuses a low, a middle and a high one.
 
 A drafter declares its draft depth in ``max_depth``: the k its cases run with (the
 depth of the method's reference implementation, for the built-ins), unless
@@ -36,9 +41,16 @@ from typing import ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
-#: What a drafter may ask the engine for, by name, in ``Drafter.needs``; the fields of
-#: :class:`TargetSignals` say what each holds.
+from pytest_specdec.sampling import Sampler
+
+#: What a drafter may ask the engine for after each forward, by name, in
+#: ``Drafter.needs``; the fields of :class:`TargetSignals` say what each holds.
 TARGET_SIGNALS = frozenset({"top_k", "hidden_states", "probe_choices"})
+#: Read-only parts of the target a drafter may ask for in ``needs``, handed over once in
+#: ``attach`` (the fields of :class:`TargetInfo` say what each holds).
+TARGET_RESOURCES = frozenset({"embeddings", "output_head"})
+#: Everything ``needs`` may name.
+NEEDS = TARGET_SIGNALS | TARGET_RESOURCES
 
 
 @dataclass(frozen=True)
@@ -47,12 +59,18 @@ class DraftRequest:
 
     ``group`` names the problem; all samples (Best-of-N) and rounds (multi-round
     thinking) of one problem share it, so a drafter can pool what it saw across them.
+
+    ``sampler`` is the sequence's coupled sampler (temperature and seed): the target's
+    token at absolute position t is ``sampler.choose(logits, t)``. A model drafter that
+    drafts with the same rule on its own logits proposes exactly the target's choice
+    wherever the two models' logits agree (coupled drafting).
     """
 
     prompt_ids: tuple[int, ...]
     group: str
     sample: int = 0
     round: int = 0
+    sampler: Sampler = Sampler()
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,34 @@ MAX_PROBES = 512
 
 
 @dataclass(frozen=True)
+class TargetInfo:
+    """What a drafter learns of the target in ``attach``, before its first sequence.
+
+    ``embeddings`` (the input embedding weight) and ``output_head`` (the lm_head
+    weight), both [vocab_size, hidden_size], are given only to a drafter that names
+    them in ``needs``. They are the target's own tensors, lent read-only: writing to
+    them fails the drafter's case ("the target's tensors are read-only").
+    ``vocab`` is the tokenizer's vocabulary (token -> id; None for a target without a
+    tokenizer): a draft model checks it shares the target's.
+    """
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    device: torch.device
+    dtype: torch.dtype
+    eos_ids: frozenset[int]
+    vocab: Mapping[str, int] | None = None
+    embeddings: torch.Tensor | None = None
+    output_head: torch.Tensor | None = None
+
+    def lent(self) -> tuple[torch.Tensor, ...]:
+        """The target tensors handed to the drafter."""
+        return tuple(t for t in (self.embeddings, self.output_head) if t is not None)
+
+
+@dataclass(frozen=True)
 class TargetSignals:
     """What the last target forward produced; handed to ``observe`` before ``accept``.
 
@@ -116,8 +162,14 @@ class TargetSignals:
       token; ``top_k_after`` (m ids) names those tokens: the last accepted token
       first, then every draft node in draft order, accepted or not (Token Recycling's
       adjacency update).
-    - ``hidden_states`` [n, hidden]: the last layer's hidden states at the n newly
-      accepted positions (EAGLE-style heads).
+    - ``hidden_states`` [n, len(hidden_layers) * hidden_size]: the target's hidden
+      states at the drafter's ``hidden_layers`` (concatenated in declared order) for the
+      n context positions whose states it has not been given yet, the first at position
+      ``hidden_start``. Position i's state is computed from tokens 0..i (it predicts
+      token i + 1). The first observe of a sequence covers the whole prompt and the
+      accepted tokens; each later one, the token emitted last by the previous step and
+      this step's accepted draft tokens. The newest token (this step's bonus) has no
+      state yet: after each step, states cover positions [0, len(context) - 1).
     - ``probe_choices``: the target's greedy choice after each probe node, in
       ``probe_tokens`` order (Lookahead decoding's Jacobi update).
     """
@@ -125,6 +177,7 @@ class TargetSignals:
     top_k: torch.Tensor | None = None
     top_k_after: tuple[int, ...] | None = None
     hidden_states: torch.Tensor | None = None
+    hidden_start: int | None = None
     probe_choices: tuple[int, ...] | None = None
 
 
@@ -146,6 +199,13 @@ class Drafter(Protocol):
 
     needs: ClassVar[frozenset[str]]
     max_depth: ClassVar[int]
+
+    # optional (DrafterBase has both): ``attach(info: TargetInfo)``, called once per
+    # instance before its first ``begin``; ``hidden_layers: tuple[int, ...]``, read after
+    # it: the layers of the "hidden_states" signal, as indices into transformers'
+    # ``output_hidden_states`` (0 = the embedding output, i = the output of decoder layer
+    # i, num_layers = the final normed output; negative counts from the end). Default:
+    # the last, (num_layers,).
 
     def begin(self, request: DraftRequest) -> None: ...
 
@@ -173,6 +233,11 @@ class DrafterBase:
     needs: ClassVar[frozenset[str]] = frozenset()
     max_depth: ClassVar[int] = DEFAULT_MAX_DEPTH
     ablations: ClassVar[tuple[dict[str, str], ...]] = ()
+    #: the layers of the "hidden_states" signal (see :class:`Drafter`); () = the last
+    hidden_layers: tuple[int, ...] = ()
+
+    def attach(self, target: TargetInfo) -> None:
+        pass
 
     def begin(self, request: DraftRequest) -> None:
         pass
@@ -227,7 +292,7 @@ def draft_depth(factory: object, *, override: int | None = None,
     depth = options.get("max_depth", getattr(factory, "max_depth", DEFAULT_MAX_DEPTH))
     if type(depth) is not int or not 1 <= depth <= MAX_DRAFT_NODES:
         raise DraftError(drafter, f"max_depth is an int in [1, {MAX_DRAFT_NODES}]",
-                         f"declared {_describe(depth)}")
+                         f"declared {describe_value(depth)}")
     return min(depth, CPU_PROFILE_DEPTH) if profile == "cpu" else depth
 
 
@@ -244,7 +309,7 @@ class DraftError(Exception):
         return f"drafter {self.drafter!r} broke the rule '{self.rule}'{tail}"
 
 
-def _describe(value: object) -> str:
+def describe_value(value: object) -> str:
     """A bad value for an error message: its repr (shortened) and its type."""
     kind = type(value)
     module = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
@@ -275,7 +340,7 @@ def _check_id(token: object, *, drafter: str, rule: str, where: str, vocab_size:
     if type(token) is not int:
         convertible = hasattr(token, "__index__") and not isinstance(token, bool)
         hint = "; convert numpy or torch values with int()" if convertible else ""
-        raise DraftError(drafter, "token ids are ints", f"{where} is {_describe(token)}{hint}")
+        raise DraftError(drafter, "token ids are ints", f"{where} is {describe_value(token)}{hint}")
     if not 0 <= token < vocab_size:
         raise DraftError(drafter, rule, f"{where} is {token}")
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
+import types
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence, overload
@@ -21,8 +23,9 @@ from typing import Any, Iterator, Sequence, overload
 import torch
 
 from pytest_specdec import torch_state
-from pytest_specdec.drafter import (TARGET_SIGNALS, Draft, DraftError, DraftRequest, Drafter,
-                                    TargetSignals, validate_draft)
+from pytest_specdec.drafter import (NEEDS, TARGET_RESOURCES, Draft, DraftError, DraftRequest,
+                                    Drafter, TargetInfo, TargetSignals, describe_value,
+                                    validate_draft)
 from pytest_specdec.exact import row_invariant
 from pytest_specdec.metrics import SpecDecodingStats, StepRecord
 from pytest_specdec.sampling import Sampler
@@ -85,6 +88,8 @@ class StepResult:
     emitted: list[int]  # accepted draft tokens, then the target's bonus token
     logits: torch.Tensor  # target logits at the emitted positions, [len(emitted), vocab]
     scores: torch.Tensor  # the sampler's choice scores there (logits at T=0)
+    # hidden states of the newly cached context: the uncached context rows, then the
+    # accepted draft tokens' (see TargetSignals.hidden_states)
     hidden: torch.Tensor | None
     # top-k next tokens after the last context token, then after each draft node
     top_k: torch.Tensor | None = None
@@ -92,7 +97,7 @@ class StepResult:
 
 
 def speculative_step(target: Target, sampler: Sampler, cache: Any, context: list[int],
-                     cached: int, draft: Draft, *, hidden_states: bool = False,
+                     cached: int, draft: Draft, *, hidden_states: bool | Sequence[int] = False,
                      top_k: int = 0, exact: bool = False) -> StepResult:
     """Verify a draft after the context with one target forward; trees and probes
     go through :func:`verify_tree`, chains (the common case) take this fast path.
@@ -128,15 +133,15 @@ def speculative_step(target: Target, sampler: Sampler, cache: Any, context: list
     rejected = len(tokens) - n
     if rejected:
         cache.crop(-rejected)
-    if hidden is not None:
-        hidden = hidden[-(len(tokens) + 1):][: n + 1]
+    if hidden is not None:  # the uncached context, then the n accepted tokens
+        hidden = hidden[: len(context) - cached + n]
     return StepResult(emitted=[*tokens[:n], choices[n]], logits=logits[: n + 1],
                       scores=scores[: n + 1], hidden=hidden,
                       top_k=logits.topk(top_k, dim=-1).indices if top_k else None)
 
 
 def verify_tree(target: Target, sampler: Sampler, cache: Any, context: list[int],
-                cached: int, draft: Draft, *, hidden_states: bool = False,
+                cached: int, draft: Draft, *, hidden_states: bool | Sequence[int] = False,
                 top_k: int = 0) -> StepResult:
     """Verify a tree draft, and score its probes, with one target forward.
 
@@ -185,8 +190,8 @@ def verify_tree(target: Target, sampler: Sampler, cache: Any, context: list[int]
         path.append(here)
     keep_path(cache, len(context), path, len(nodes))
     rows = [0, *(1 + i for i in path)]
-    if hidden is not None:
-        hidden = hidden[-(len(nodes) + 1):][rows]
+    if hidden is not None:  # the uncached context, then the accepted path's nodes
+        hidden = hidden[[*range(uncached), *(uncached + i for i in path)]]
     return StepResult(
         emitted=[*(draft.tokens[i] for i in path), choices[rows[-1]]], logits=logits[rows],
         scores=scores[rows], hidden=hidden,
@@ -223,6 +228,85 @@ def keep_path(cache: Any, base: int, path: list[int], fed: int) -> None:
         cache.crop(-(fed - len(path)))
 
 
+def target_info(target: Target, needs: frozenset[str] = frozenset()) -> TargetInfo:
+    """What ``attach`` tells a drafter of `target`, with the read-only parts it named in
+    `needs` (detached views of the target's own weights: no copy)."""
+    model, tokenizer = target.model, target.tokenizer
+    embeddings = model.get_input_embeddings().weight
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    return TargetInfo(
+        name=target.name, vocab_size=target.vocab_size, hidden_size=int(embeddings.shape[-1]),
+        num_layers=target.num_layers, device=target.device, dtype=target.dtype,
+        eos_ids=target.eos_ids,
+        vocab=types.MappingProxyType(dict(get_vocab())) if callable(get_vocab) else None,
+        embeddings=embeddings.detach() if "embeddings" in needs else None,
+        output_head=(model.get_output_embeddings().weight.detach()
+                     if "output_head" in needs else None))
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A drafter attached to a target: what ``attach`` told it, the layers its
+    "hidden_states" signal carries, and the lent tensors' fingerprints (the version
+    counter, checked after every call; a checksum, after every sequence: a write
+    through ``.data`` leaves the counter alone)."""
+
+    info: TargetInfo
+    needs: frozenset[str]
+    hidden_layers: tuple[int, ...]
+    versions: tuple[int, ...]
+    checksums: tuple[float, ...]
+    originals: tuple[torch.Tensor, ...]  # copies, to undo a write
+
+    def lent_changed(self, *, full: bool = False) -> bool:
+        """Whether a lent tensor was written to; if so, it is set back first, so the
+        target stays intact for the cases after."""
+        lent = self.info.lent()
+        changed = tuple(t._version for t in lent) != self.versions or (
+            full and _checksums(lent) != self.checksums)
+        if changed:
+            with torch.inference_mode():
+                for tensor, original in zip(lent, self.originals):
+                    tensor.copy_(original)
+        return changed
+
+
+def _checksums(tensors: tuple[torch.Tensor, ...]) -> tuple[float, ...]:
+    return tuple(float(t.double().sum()) + float(t.double().abs().sum()) for t in tensors)
+
+
+# id(drafter) -> (id(target), its attachment): attach runs once per drafter instance
+_ATTACHED: dict[int, tuple[int, Attachment]] = {}
+
+
+def attach(target: Target, drafter: Drafter, name: str = "drafter", *,
+           step_timeout: float = 0.0) -> Attachment:
+    """Call ``drafter.attach(info)`` once per drafter instance and target (later calls
+    return the first attachment), under the guard: what it raises or breaks fails the
+    drafter's case, named. The runner attaches before the timed rounds, so loading a
+    model drafter's weights is never timed; ``generate`` attaches a drafter it is given
+    unattached."""
+    known = _ATTACHED.get(id(drafter))
+    if known is not None and known[0] == id(target):
+        return known[1]
+    with torch.inference_mode():  # as every later call: the guard compares grad mode too
+        guard = _Guard(drafter, name, step_timeout, None)
+        needs = guard.needs()
+        info = target_info(target, needs)
+        if callable(getattr(drafter, "attach", None)):
+            guard.call("attach", info)
+    layers = guard.hidden_layers(info.num_layers) if "hidden_states" in needs else ()
+    lent = info.lent()
+    attachment = Attachment(info, needs, layers, tuple(t._version for t in lent), _checksums(lent),
+                            tuple(t.clone() for t in lent))
+    try:  # forget it with the drafter (an object without weak references re-attaches)
+        weakref.finalize(drafter, _ATTACHED.pop, id(drafter), None)
+        _ATTACHED[id(drafter)] = (id(target), attachment)
+    except TypeError:
+        pass
+    return attachment
+
+
 @torch.inference_mode()
 def generate(target: Target, request: GenerationRequest, drafter: Drafter | None = None,
              *, k: int = 0, drafter_name: str = "drafter", step_timeout: float = 0.0,
@@ -252,23 +336,30 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     cache = target.new_cache()
     context, new, stop = prompt, [], "budget"
     cached = 0  # context tokens the cache holds
+    attachment = attach(target, drafter, drafter_name, step_timeout=step_timeout) \
+        if drafter is not None else None
+    needs = attachment.needs if attachment is not None else frozenset()
+    layers = attachment.hidden_layers if "hidden_states" in needs else False
+    prefilled: torch.Tensor | None = None  # exact mode's separate prefill's hidden states
     exact_attention = contextlib.nullcontext()
     if exact:
         if refusal := target.tree_support():
             raise ValueError(f"--specdec-lossless exact needs a target whose forward takes an "
                              f"explicit mask; target {target.name!r} cannot: {refusal}")
         if len(prompt) > 1:  # the same forward in every path, so any kernel will do
-            target.forward(prompt[:-1], cache, keep_logits=1)
+            _, prefilled = target.forward(prompt[:-1], cache, keep_logits=1, hidden_states=layers)
             cached = len(prompt) - 1
         exact_attention = row_invariant(target.model)
     steps: list[StepRecord] = []
     # why the target cannot verify trees ("" if it can; exact mode asked already)
     tree_refusal: str | None = "" if exact else None
-    guarded = _Guard(drafter, drafter_name, step_timeout, context) if drafter is not None else None
-    needs = guarded.needs() if guarded is not None else frozenset()
+    guarded = _Guard(drafter, drafter_name, step_timeout, context, attachment) \
+        if drafter is not None else None
+    given = 0  # context positions whose hidden states the drafter has been given
+    drafter_s = 0.0
     if guarded is not None:
         guarded.call("begin", DraftRequest(tuple(prompt), request.group, request.sample,
-                                           request.round))
+                                           request.round, request.sampler))
     with exact_attention:
         while len(new) < request.max_new_tokens:
             # each step emits at most len(draft) + 1 tokens: cap the draft by the budget
@@ -285,7 +376,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
                     raise DraftError(drafter_name, "tree drafts need a target that can verify them",
                                      f"target {target.name!r} cannot: {tree_refusal}")
             step = speculative_step(target, request.sampler, cache, context, cached, draft,
-                                    hidden_states="hidden_states" in needs,
+                                    hidden_states=layers,
                                     top_k=SIGNAL_TOP_K if "top_k" in needs else 0, exact=exact)
             cached = len(context) + len(step.emitted) - 1  # all but the bonus token
             t2 = time.perf_counter()
@@ -295,18 +386,25 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
                 emitted, stop = emitted[: eos_at + 1], "eos"
             context.extend(emitted)
             new.extend(emitted)
+            if guarded is not None:
+                guarded.appended(emitted)
+                if needs & NEEDS - TARGET_RESOURCES:
+                    hidden = step.hidden
+                    if prefilled is not None and hidden is not None:
+                        hidden, prefilled = torch.cat([prefilled, hidden]), None
+                    signals = _signals(step, needs, context[-len(emitted) - 1], draft, hidden,
+                                       given, len(context) - 1)
+                    given = len(context) - 1
+                    guarded.call("observe", signals)
+                guarded.call("accept", tuple(emitted))
+            t3 = time.perf_counter()
             # draft tokens past an EOS are agreed with but never output: not counted
             accepted = min(len(step.emitted) - 1, len(emitted))
             record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted,
-                                emitted=len(emitted), propose_s=t1 - t0, target_s=t2 - t1)
+                                emitted=len(emitted), drafter_s=(t1 - t0) + (t3 - t2),
+                                target_s=t2 - t1)
             steps.append(record)
             stats.add_step(record)
-            if guarded is not None:
-                guarded.appended(emitted)
-                if needs:
-                    guarded.call("observe", _signals(step, needs, context[-len(emitted) - 1], draft,
-                                                     len(emitted)))
-                guarded.call("accept", tuple(emitted))
             if stop == "eos":
                 break
     if guarded is not None:
@@ -317,17 +415,19 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
 
 
 def _signals(step: StepResult, needs: frozenset[str], root: int, draft: Draft,
-             n: int) -> TargetSignals:
+             hidden: torch.Tensor | None, given: int, known: int) -> TargetSignals:
     """What the drafter declared it needs from this step; `root` is the last context
-    token before the step, `n` the number of tokens the step appended."""
-    top_k = after = probes = None
+    token before the step; `hidden` holds states from position `given` on, of which
+    those before `known` (the newest token has none yet) are handed over."""
+    top_k = after = probes = start = None
     if "top_k" in needs:
         top_k, after = step.top_k, (root, *draft.tokens)
     if "probe_choices" in needs:  # not the probe exact mode may add to a lone row
         probes = step.probe_choices[:len(draft.probe_tokens)]
-    hidden = step.hidden[:n] if step.hidden is not None else None
+    if hidden is not None:  # an EOS cuts the step short: rows past it are dropped
+        hidden, start = hidden[: known - given], given
     return TargetSignals(top_k=top_k, top_k_after=after, hidden_states=hidden,
-                         probe_choices=probes)
+                         hidden_start=start, probe_choices=probes)
 
 
 class _ReadOnlyTokens(list):
@@ -349,6 +449,7 @@ class _ReadOnlyTokens(list):
 
 
 READ_ONLY = "the context is read-only"
+LENT = "the target's tensors are read-only"
 TORCH_STATE = "torch's global state is left unchanged"
 
 
@@ -384,12 +485,15 @@ class _Guard:
       raises has its changes undone too.
     """
 
-    def __init__(self, drafter: Any, name: str, timeout: float, context: list[int]):
+    def __init__(self, drafter: Any, name: str, timeout: float, context: list[int] | None,
+                 attachment: Attachment | None = None):
         self.drafter, self.name, self.timeout = drafter, name, timeout
-        self.context = context  # the engine's own list: never shown to the drafter
-        self.shadow = _ReadOnlyTokens(context)
+        # the engine's own list: never shown to the drafter (None: before a sequence)
+        self.context = context
+        self.shadow = _ReadOnlyTokens(context if context is not None else [])
         self.view = TokenView(self.shadow)
         self.torch_state = torch_state.capture()
+        self.attachment = attachment
 
     def needs(self) -> frozenset[str]:
         try:
@@ -397,11 +501,25 @@ class _Guard:
         except Exception as exc:
             raise DraftError(self.name, "needs is a set of target signal names",
                              _exception_text(exc)) from exc
-        if unknown := needs - TARGET_SIGNALS:
+        if unknown := needs - NEEDS:
             raise DraftError(self.name, "needs is a set of target signal names",
                              f"unknown {sorted(map(str, unknown))}; "
-                             f"available: {sorted(TARGET_SIGNALS)}")
+                             f"available: {sorted(NEEDS)}")
         return needs
+
+    def hidden_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The drafter's ``hidden_layers``, as non-negative indices ((num_layers,) if empty)."""
+        rule = (f"hidden_layers is a tuple of layer indices in [{-num_layers - 1}, {num_layers}] "
+                "(transformers' output_hidden_states numbering)")
+        try:
+            layers = getattr(self.drafter, "hidden_layers", ())
+            layers = tuple(layers) if isinstance(layers, (tuple, list)) else layers
+        except Exception as exc:
+            raise DraftError(self.name, rule, _exception_text(exc)) from exc
+        if not isinstance(layers, tuple) or not all(
+                type(i) is int and -num_layers - 1 <= i <= num_layers for i in layers):
+            raise DraftError(self.name, rule, f"got {describe_value(layers)}")
+        return tuple(i % (num_layers + 1) for i in layers) or (num_layers,)
 
     def call(self, method: str, *args: Any) -> Any:
         started = time.perf_counter()
@@ -416,7 +534,11 @@ class _Guard:
         elapsed = time.perf_counter() - started
         if not torch_state.unchanged(self.torch_state):
             self.torch_state_changed(method)
-        self.check_context(method)
+        if self.attachment is not None and self.attachment.lent_changed(full=method == "end"):
+            raise DraftError(self.name, LENT, f"{method} wrote to the target's "
+                             f"{' or '.join(sorted(self.attachment.needs & TARGET_RESOURCES))}")
+        if self.context is not None:
+            self.check_context(method)
         if self.timeout and elapsed > self.timeout:
             raise DraftError(self.name, f"each call returns within {self.timeout:g} s",
                              f"{method} took {elapsed:.3g} s")

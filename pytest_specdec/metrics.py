@@ -21,7 +21,7 @@ class StepRecord:
     depth: int  # draft positions: the chain's length, the tree's longest root path
     accepted: int  # of those, the ones that reached the output
     emitted: int  # tokens appended (accepted + the bonus, unless an EOS came first)
-    propose_s: float  # seconds in drafter.propose
+    drafter_s: float  # seconds in the drafter: propose, observe and accept
     target_s: float  # seconds in the forward and the choice of tokens
 
 
@@ -40,8 +40,9 @@ class SpecDecodingStats:
     drafted_at: list[int] = field(default_factory=list)
     # accepted_at[i]: forwards that accepted the draft token at position i
     accepted_at: list[int] = field(default_factory=list)
-    # seconds in drafter.propose, in target forwards (with token choice), end to end
-    propose_s: float = 0.0
+    # seconds in the drafter (propose, observe, accept: a draft model's forwards),
+    # in target forwards (with token choice), end to end
+    drafter_s: float = 0.0
     target_s: float = 0.0
     wall_s: float = 0.0
 
@@ -50,14 +51,14 @@ class SpecDecodingStats:
         self.drafted += step.drafted
         self.accepted += step.accepted
         self.new_tokens += step.emitted
-        self.propose_s += step.propose_s
+        self.drafter_s += step.drafter_s
         self.target_s += step.target_s
         _bump(self.drafted_at, step.depth)
         _bump(self.accepted_at, step.accepted)
 
     def merge(self, other: SpecDecodingStats) -> None:
         for name in ("new_tokens", "steps", "drafted", "accepted",
-                     "propose_s", "target_s", "wall_s"):
+                     "drafter_s", "target_s", "wall_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mine, theirs in ((self.drafted_at, other.drafted_at),
                              (self.accepted_at, other.accepted_at)):
@@ -82,8 +83,8 @@ class SpecDecodingStats:
 
     @property
     def draft_share(self) -> float:
-        """Share of the wall time spent in drafter.propose."""
-        return self.propose_s / self.wall_s if self.wall_s else 0.0
+        """Share of the wall time spent in the drafter (propose, observe, accept)."""
+        return self.drafter_s / self.wall_s if self.wall_s else 0.0
 
     @property
     def tokens_per_s(self) -> float:

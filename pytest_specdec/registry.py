@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping
 
-from pytest_specdec.drafter import TARGET_SIGNALS, Drafter
+from pytest_specdec.drafter import NEEDS, Drafter
 from pytest_specdec.options import DrafterSpec
 
 ENTRY_POINT_GROUP = "pytest_specdec.drafters"
@@ -74,10 +74,10 @@ class RegisteredDrafter:
         missing = [m for m in ("begin", "propose", "accept", "end") if not callable(getattr(drafter, m, None))]
         if missing:
             raise TypeError(f"drafter {self.name!r} from {self.origin} lacks {', '.join(missing)}")
-        unknown = set(getattr(drafter, "needs", frozenset())) - TARGET_SIGNALS
+        unknown = set(getattr(drafter, "needs", frozenset())) - NEEDS
         if unknown:
             raise TypeError(f"drafter {self.name!r} needs unknown target signals {sorted(unknown)} "
-                            f"(available: {sorted(TARGET_SIGNALS)})")
+                            f"(available: {sorted(NEEDS)})")
         return drafter
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from pytest_specdec.drafter import Drafter
-from pytest_specdec.engine import Generation, GenerationRequest, generate
+from pytest_specdec.engine import Generation, GenerationRequest, attach, generate
 from pytest_specdec.metrics import SpecDecodingStats, accuracy, output_digest
 from pytest_specdec.paradigms import Completion, MultiRound, BestOfN, Outcome
 from pytest_specdec.problems import Problem
@@ -53,7 +53,11 @@ def engine_method(target: Target, drafter: Drafter | None, *, k: int, drafter_na
     """Our engine; one drafter instance serves every sequence of the run, so it can
     share what it learns across the samples and rounds of a problem. step_timeout
     bounds each call into the drafter (seconds, 0: no limit); exact selects the
-    row-invariant forwards of exact mode (see engine.generate)."""
+    row-invariant forwards of exact mode (see engine.generate). The drafter is attached
+    to the target here, before any sequence is timed (a model drafter loads its
+    weights in ``attach``)."""
+    if drafter is not None:
+        attach(target, drafter, drafter_name, step_timeout=step_timeout)
     return lambda request: generate(target, request, drafter, k=k, drafter_name=drafter_name,
                                     step_timeout=step_timeout, exact=exact)
 

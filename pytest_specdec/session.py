@@ -140,16 +140,20 @@ class SpecdecSession:
             self._warm.add((case, stack))
         runs: list[RunResult] = []
 
-        def one_round() -> None:
-            runs.append(run_paradigm(self.target, paradigm, self.problems, make_method(),
+        def one_round(method: Method) -> None:
+            runs.append(run_paradigm(self.target, paradigm, self.problems, method,
                                      settings, progress=log.info))
 
+        def fresh_method() -> tuple[tuple[Method], dict]:  # untimed: a model drafter loads here
+            return (make_method(),), {}
+
         if benchmark is not None:
-            benchmark.pedantic(one_round, rounds=cfg.timed_rounds, iterations=1, warmup_rounds=0)
+            benchmark.pedantic(one_round, setup=fresh_method, rounds=cfg.timed_rounds,
+                               iterations=1, warmup_rounds=0)
         # without a benchmark, or with a disabled one (--benchmark-disable, which runs
         # its target once), the remaining rounds run here
         while len(runs) < cfg.timed_rounds:
-            one_round()
+            one_round(make_method())
         return Measured(runs)
 
     def baseline(self, case: ParadigmCase, benchmark: Any = None) -> Measured:

@@ -123,11 +123,22 @@ class Target:
             types = [SLIDING if window is not None else FULL] * int(text.num_hidden_layers)
         return types, window
 
+    @property
+    def num_layers(self) -> int:
+        config = self.model.config
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") \
+            else config
+        return int(text.num_hidden_layers)
+
     def forward(self, token_ids: Sequence[int], cache: Any, *, keep_logits: int = 0,
-                hidden_states: bool = False, positions: Sequence[int] | None = None,
+                hidden_states: bool | Sequence[int] = False,
+                positions: Sequence[int] | None = None,
                 attend: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run token_ids after what `cache` holds; returns logits [n, vocab] (the last
-        `keep_logits` positions if > 0) and, if asked, the last layer's hidden states.
+        `keep_logits` positions if > 0) and, if asked, hidden states [n, ...] at every
+        fed token: ``True`` the last layer's, a sequence of layer indices (transformers'
+        ``output_hidden_states`` numbering: 0 = embeddings, i = decoder layer i) those
+        layers' concatenated in that order.
 
         Positions are implicit by default: the cache length is where the new tokens
         start, so rolling back n tokens is `cache.crop(-n)`. A tree forward passes
@@ -146,8 +157,13 @@ class Target:
         if attend is not None:
             extra["attention_mask"] = self._masks(attend, cache, extra.get("position_ids"))
         out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=keep_logits,
-                         output_hidden_states=hidden_states, **extra)
-        hidden = out.hidden_states[-1][0] if hidden_states else None
+                         output_hidden_states=bool(hidden_states), **extra)
+        hidden = None
+        if hidden_states is True:
+            hidden = out.hidden_states[-1][0]
+        elif hidden_states:
+            states = out.hidden_states
+            hidden = torch.cat([states[i][0] for i in hidden_states], dim=-1)
         return out.logits[0], hidden
 
     def _masks(self, attend: torch.Tensor, cache: Any, position_ids: torch.Tensor | None) -> Any:

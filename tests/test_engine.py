@@ -151,7 +151,7 @@ def test_half_right_drafter_is_lossless_with_exact_stats(target, temperature):
     # the per-step records, one per target forward, in order
     assert [(r.drafted, r.accepted, r.emitted) for r in out.steps] == [
         (4, 2, 3), (4, 2, 3), (4, 2, 3), (2, 2, 3)]
-    assert all(r.propose_s >= 0 and r.target_s > 0 for r in out.steps)
+    assert all(r.drafter_s >= 0 and r.target_s > 0 for r in out.steps)
 
 
 def test_sampled_output_does_not_depend_on_the_drafter(llama):
@@ -331,7 +331,10 @@ def test_hidden_state_signals(llama):
     drafter = Recorder(truth, needs={"hidden_states"})
     run(llama, drafter, k=4, max_new_tokens=6)
     observed = [s for kind, s in drafter.events if kind == "observe"]
-    assert [tuple(s.hidden_states.shape) for s in observed] == [(3, 64), (3, 64)]
+    # the first observe covers the 7 prompt positions and the 2 accepted tokens; the
+    # next, the step's bonus token and 2 accepted ones (the newest token has no state)
+    assert [tuple(s.hidden_states.shape) for s in observed] == [(9, 64), (3, 64)]
+    assert [s.hidden_start for s in observed] == [0, 9]
     assert all(s.top_k is None for s in observed)
 
 

@@ -340,7 +340,7 @@ def test_keyboard_interrupt_is_not_contained(llama):
 
 
 @pytest.mark.parametrize("needs, detail", [
-    (frozenset({"logits"}), "unknown ['logits']; available: ['hidden_states', 'probe_choices', 'top_k']"),
+    (frozenset({"logits"}), "unknown ['logits']; available: ['embeddings', 'hidden_states', 'output_head', 'probe_choices', 'top_k']"),
     (42, "TypeError:"),
 ], ids=["unknown-signal", "not-iterable"])
 def test_needs_must_name_known_signals(llama, needs, detail):

@@ -1,0 +1,153 @@
+"""The protocol's model-drafter half: attach(TargetInfo), the read-only target parts,
+the hidden states of chosen layers at every context position, the coupled sampler in
+DraftRequest, and the drafter's time (observe and accept included)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pytest_specdec.drafter import Draft, DraftError, DrafterBase, TargetInfo
+from pytest_specdec.engine import GenerationRequest, attach, generate
+from pytest_specdec.sampling import Sampler
+
+PROMPT = (1, 17, 42, 99, 250, 3, 77)
+
+
+class Collector(DrafterBase):
+    """Drafts the known truth (a chain, or a tree with a wrong sibling first) and
+    keeps every hidden-state row it is given, by position."""
+
+    def __init__(self, truth, *, layers=(), needs=frozenset({"hidden_states"}), tree=False):
+        self.needs = frozenset(needs)
+        self.hidden_layers = layers
+        self.truth, self.tree = list(truth), tree
+        self.rows: dict[int, torch.Tensor] = {}
+        self.infos: list[TargetInfo] = []
+        self.requests = []
+
+    def attach(self, target):
+        self.infos.append(target)
+
+    def begin(self, request):
+        self.requests.append(request)
+
+    def propose(self, context, k):
+        done = len(context) - len(PROMPT)
+        chain = tuple(self.truth[done:done + min(k, 3)])
+        if not self.tree or not chain:
+            return Draft(chain)
+        wrong = (chain[0] + 1) % 100
+        return Draft((wrong, *chain), (-1, -1, *range(1, len(chain))))
+
+    def observe(self, signals):
+        start = signals.hidden_start
+        for i, row in enumerate(signals.hidden_states):
+            assert start + i not in self.rows, "a position was given twice"
+            self.rows[start + i] = row.clone()
+
+
+def reference_states(target, tokens, layers):
+    with torch.no_grad():
+        out = target.model(input_ids=torch.tensor([tokens]), output_hidden_states=True)
+    return torch.cat([out.hidden_states[i][0] for i in layers], dim=-1)
+
+
+@pytest.mark.parametrize("layers, resolved", [((), (2,)), ((1, -1), (1, 2)), ((0, 2, 1), (0, 2, 1))])
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])
+def test_hidden_states_cover_every_context_position_once(llama, layers, resolved, tree, exact):
+    truth = generate(llama, GenerationRequest(PROMPT, 10)).tokens
+    drafter = Collector(truth, layers=layers, tree=tree)
+    out = generate(llama, GenerationRequest(PROMPT, 10), drafter, k=4, exact=exact)
+    assert out.tokens == truth
+    sequence = [*PROMPT, *out.tokens]
+    # every position but the newest, each once, in order
+    assert sorted(drafter.rows) == list(range(len(sequence) - 1))
+    expected = reference_states(llama, sequence[:-1], resolved)
+    got = torch.stack([drafter.rows[i] for i in range(len(sequence) - 1)])
+    assert got.shape == (len(sequence) - 1, 64 * len(resolved))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_attach_runs_once_per_drafter_and_tells_the_target(llama):
+    truth = generate(llama, GenerationRequest(PROMPT, 6)).tokens
+    drafter = Collector(truth, needs={"embeddings", "output_head"})
+    for _ in range(3):
+        generate(llama, GenerationRequest(PROMPT, 6), drafter, k=4)
+    assert len(drafter.infos) == 1
+    info = drafter.infos[0]
+    assert (info.vocab_size, info.hidden_size, info.num_layers) == (llama.vocab_size, 64, 2)
+    assert info.dtype == torch.float32 and info.device == llama.device
+    assert info.embeddings.data_ptr() == llama.model.get_input_embeddings().weight.data_ptr()
+    assert info.output_head.shape == (llama.vocab_size, 64)
+    plain = Collector(truth, needs=())
+    generate(llama, GenerationRequest(PROMPT, 6), plain, k=4)
+    assert plain.infos[0].embeddings is None and plain.infos[0].output_head is None
+
+
+def test_the_request_carries_the_coupled_sampler(llama):
+    drafter = Collector((), needs=())
+    sampler = Sampler(0.6, 1234)
+    generate(llama, GenerationRequest(PROMPT, 4, sampler), drafter, k=4)
+    assert drafter.requests[0].sampler == sampler
+
+
+class Writer(Collector):
+    def __init__(self, when, how):
+        super().__init__((), needs={"embeddings"})
+        self.when, self.how = when, how
+
+    def attach(self, target):
+        self.weight = target.embeddings
+
+    def accept(self, tokens):
+        if self.when == "accept":
+            self.how(self.weight)
+
+    def end(self):
+        if self.when == "end":
+            self.how(self.weight)
+
+
+@pytest.mark.parametrize("when, how", [
+    ("accept", lambda w: w.add_(1.0)),
+    ("accept", lambda w: w[0].zero_()),
+    ("end", lambda w: w.data.mul_(2.0)),  # no version bump: caught by the checksum
+], ids=["in-place", "through-a-view", "through-data"])
+def test_writing_to_a_lent_tensor_fails_the_case_and_is_undone(llama, when, how):
+    before = llama.model.get_input_embeddings().weight.clone()
+    with pytest.raises(DraftError) as caught:
+        generate(llama, GenerationRequest(PROMPT, 4), Writer(when, how), k=4)
+    assert caught.value.rule == "the target's tensors are read-only"
+    assert "embeddings" in caught.value.detail
+    assert torch.equal(llama.model.get_input_embeddings().weight, before)
+
+
+@pytest.mark.parametrize("layers", [(3,), (-4,), ("1",), 2, (True,)])
+def test_bad_hidden_layers_fail_the_drafter(llama, layers):
+    drafter = Collector((), layers=layers)
+    with pytest.raises(DraftError, match=r"hidden_layers is a tuple of layer indices in \[-3, 2\]"):
+        attach(llama, drafter, "bad")
+
+
+def test_attach_that_raises_fails_the_case_naming_the_drafter(llama):
+    class Broken(DrafterBase):
+        def attach(self, target):
+            raise FileNotFoundError("no weights at /nowhere")
+
+    with pytest.raises(DraftError) as caught:
+        generate(llama, GenerationRequest(PROMPT, 4), Broken(), k=4, drafter_name="broken")
+    assert caught.value.drafter == "broken" and caught.value.rule == "attach does not raise"
+    assert "/nowhere" in caught.value.detail
+
+
+def test_observe_and_accept_count_as_drafter_time(llama):
+    import time
+
+    class Slow(Collector):
+        def accept(self, tokens):
+            time.sleep(0.01)
+
+    out = generate(llama, GenerationRequest(PROMPT, 4), Slow((), needs=()), k=4)
+    assert all(step.drafter_s >= 0.01 for step in out.steps)

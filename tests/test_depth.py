@@ -31,6 +31,7 @@ REFERENCE_DEPTHS = {
     "rest": 10,       # REST
     "recycling": 6,   # Token Recycling: the paper's static tree
     "lookahead": 4,   # Lookahead: N - 1 with N = 5
+    "sps": 32,        # SpS: the cap of transformers' adaptive draft length (starts at 5)
 }
 
 

@@ -243,6 +243,10 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     for name in sorted(registry.drafters):
         print(describe_drafter(registry.drafters[name]))
+    if len(registry.drafters) >= 2:  # a hybrid pairs two different drafters
+        from pytest_specdec.hybrid import LIST_NOTE
+
+        print(f"\nhybrids: {LIST_NOTE}")
     return 0
 
 

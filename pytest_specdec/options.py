@@ -114,13 +114,16 @@ def _paradigms(text: str) -> tuple[str, ...]:
     return names
 
 
-_DRAFTER = re.compile(r"^(?P<name>[A-Za-z_][\w.-]*)(?::(?P<opts>.*))?$")
+_NAME = r"[A-Za-z_][\w.-]*"
+#: NAME, or A+B (a hybrid of two drafters, pytest_specdec/hybrid.py), then :key=value,...
+_DRAFTER = re.compile(rf"^(?P<name>{_NAME}(?:\+{_NAME})?)(?::(?P<opts>.*))?$")
 
 
 def _drafter(text: str) -> DrafterSpec:
     match = _DRAFTER.match(text.strip())
     if not match:
-        raise argparse.ArgumentTypeError(f"expected NAME or NAME:key=value,..., got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME, A+B (a hybrid) or NAME:key=value,..., "
+                                         f"got {text!r}")
     options = []
     for item in filter(None, (match["opts"] or "").split(",")):
         key, sep, value = item.partition("=")

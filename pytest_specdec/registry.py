@@ -91,6 +91,10 @@ class Registry:
             self.problems.append(f"drafter {name!r} from {origin} is not callable "
                                  f"(got {type(factory).__name__}); skipped")
             return
+        if "+" in name:  # A+B names a hybrid (pytest_specdec/hybrid.py)
+            self.problems.append(f"drafter {name!r} from {origin}: '+' is kept for hybrids "
+                                 "(A+B); skipped")
+            return
         if name in self.drafters:
             self.problems.append(f"drafter {name!r} from {origin} shadows the one from "
                                  f"{self.drafters[name].origin}")
@@ -107,11 +111,18 @@ class Registry:
         return tuple(specs)
 
     def get(self, name: str) -> RegisteredDrafter:
+        """The drafter `name`; for "A+B", the hybrid of two registered drafters
+        (pytest_specdec.hybrid), built on each call. KeyError lists the registered names."""
+        if "+" in name and name not in self.drafters:
+            from pytest_specdec.hybrid import registered_hybrid
+
+            return registered_hybrid(name, self.get)
         try:
             return self.drafters[name]
         except KeyError:
             raise KeyError(f"unknown drafter {name!r}; registered: "
-                           f"{', '.join(sorted(self.drafters)) or 'none'}") from None
+                           f"{', '.join(sorted(self.drafters)) or 'none'}"
+                           "; any two combine as A+B") from None
 
 
 def load_registry() -> Registry:

@@ -1,0 +1,213 @@
+"""EAGLE-3 (Li et al. 2025): a one-layer draft head on the target's fused low, middle and
+high hidden states, drafting EAGLE-2's dynamic trees.
+
+Reference: SafeAILab/EAGLE, ``eagle/model/cnets.py`` (``Model.topK_genrate``) and
+``eagle/model/ea_model.py`` (``EaModel.from_pretrained``), with its defaults:
+``depth`` 7 (7 head forwards after the first: trees up to 8 tokens deep), ``top_k`` 10,
+``total_token`` 60 (the tree with its root, the last accepted token: 59 draft nodes).
+The head, its checkpoint layouts (the SafeAILab release, vLLM speculators, SGLang
+SpecForge) and its training are in :mod:`pytest_specdec.models.eagle3`; the tree in
+:mod:`pytest_specdec.models.tree`.
+
+Per step: the target states of the newly accepted positions (layers (2, L // 2, L - 3),
+or those the checkpoint names) are fused and run through the head, whose KV cache
+covers the context; its output at the last position scores the first level; each
+further level feeds the ``top_k`` best frontier nodes (each paired with its parent's
+output) through the head at once, attending to the context and the node's ancestors;
+then the ``total_tokens - 1`` best candidates by cumulative log-probability are drafted.
+The tree's keys and values are dropped afterwards (a length change of the head's cache).
+
+Deliberate differences from the reference:
+
+- sampling (T > 0): the reference drafts the same tree at every temperature and
+  verifies it by rejection sampling; here verification is the engine's coupled
+  sampling, so the head drafts coupled too: a child's log-probability is taken from
+  ``log_softmax(logits / T + G(seed, position))`` with the sequence's own Gumbel noise
+  (:class:`pytest_specdec.sampling.Sampler`), which puts the token the target picks if
+  its logits were the head's first. At T=0 this is the reference's ``log_softmax(logits)``.
+- the draft depth is ``min(k, depth + 1)``: the engine's k (``max_depth`` 8, the
+  reference's depth 7 plus the first level, unless ``--specdec-k`` or the cpu depth
+  profile lowers it) bounds the tree.
+- ``total_token=-1`` (the reference's timing-based auto-tuning of the tree size) is not
+  offered; ``total_tokens`` is fixed per case.
+- ties between equal scores go to the earlier candidate (see
+  :mod:`pytest_specdec.models.tree`); the reference's ``torch.topk`` leaves them open.
+- weights: ``model=""`` is this project's head trained on the target's own generations
+  (``pytest-specdec train eagle3``), not a published checkpoint (none exists for the
+  embedded SmolLM2 target).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from pytest_specdec.drafter import (MAX_DRAFT_NODES, Draft, DrafterBase, DraftRequest, TargetInfo,
+                                    TargetSignals)
+from pytest_specdec.models.eagle3 import (CheckpointError, HeadCache, check_fits, eagle_layers,
+                                          load_checkpoint)
+from pytest_specdec.models.tree import DynamicTree, dynamic_tree
+from pytest_specdec.sampling import Sampler, gumbel_noise
+
+
+def weights_folder(model: str, info: TargetInfo) -> Path:
+    """The folder of the weights named by the ``model`` option: "" is the default trained
+    for the target; else a folder, or a hub id already in the local Hugging Face cache."""
+    if not model:
+        from pytest_specdec.models.training import default_weights, weights_fit
+
+        folder = default_weights("eagle3", info)
+        why = weights_fit(folder, info)
+        if why:
+            raise FileNotFoundError(
+                f"eagle3 has no trained weights for target {info.name!r} ({why}); train them "
+                "with `pytest-specdec train eagle3`, or name a checkpoint with "
+                "--specdec-drafter eagle3:model=PATH_OR_HUB_ID")
+        return folder
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as exc:
+        raise FileNotFoundError(f"eagle3: model={model!r} is neither a folder nor a hub id in "
+                                f"the local Hugging Face cache ({type(exc).__name__})") from exc
+
+
+class Eagle3(DrafterBase):
+    """EAGLE-3 with EAGLE-2 dynamic trees (see the module docstring).
+
+    Options: ``model`` (a checkpoint folder or cached hub id; "" = this project's trained
+    head for the target), ``depth`` (head forwards after the first; the reference's 7),
+    ``top_k`` (children per frontier node and frontier width; 10), ``total_tokens``
+    (tokens verified per step, the last accepted one included; 60).
+    """
+
+    needs = frozenset({"hidden_states", "embeddings"})
+    max_depth = 8  # the reference's depth 7, plus the first level
+
+    def __init__(self, model: str = "", depth: int = 7, top_k: int = 10,
+                 total_tokens: int = 60):
+        for name, value, low in (("depth", depth, 0), ("top_k", top_k, 1),
+                                 ("total_tokens", total_tokens, 2)):
+            if type(value) is not int or value < low:
+                raise ValueError(f"eagle3: {name} must be an int >= {low}, got {value!r}")
+        if total_tokens - 1 > MAX_DRAFT_NODES:
+            raise ValueError(f"eagle3: total_tokens {total_tokens} exceeds "
+                             f"{MAX_DRAFT_NODES + 1} (at most {MAX_DRAFT_NODES} draft nodes)")
+        self.model, self.depth, self.top_k, self.total_tokens = model, depth, top_k, total_tokens
+        self.head = None
+        self.hidden_layers = ()
+        self.layout = ""
+        self._reset(Sampler())
+
+    def attach(self, target: TargetInfo) -> None:
+        folder = weights_folder(self.model, target)
+        head, self.layout = load_checkpoint(folder, device=target.device, dtype=target.dtype,
+                                            embeddings=target.embeddings)
+        check_fits(head, target, str(folder))
+        layers = head.config.hidden_layers or eagle_layers(target.num_layers)
+        if len(layers) != 3:
+            raise CheckpointError(f"{folder}: names {len(layers)} target layers {layers}; "
+                                  "EAGLE-3 fuses 3")
+        self.head, self.hidden_layers = head, tuple(layers)
+        self.device = next(head.parameters()).device
+        self.draft_to_target = head.target_ids()
+        self.vocab_size = target.vocab_size
+
+    def _reset(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.cache = HeadCache()
+        self.fed = 0  # context positions the head's cache covers
+        self.pending: list[torch.Tensor] = []  # target states not fed yet, from `fed` on
+        self.last_out: torch.Tensor | None = None  # the head's output at position fed - 1
+
+    def begin(self, request: DraftRequest) -> None:
+        self._reset(request.sampler)
+
+    def end(self) -> None:
+        self._reset(self.sampler)
+
+    def observe(self, signals: TargetSignals) -> None:
+        states, start = signals.hidden_states, signals.hidden_start
+        if states is None or start is None or states.shape[0] == 0:
+            return
+        waiting = self.fed + sum(p.shape[0] for p in self.pending)
+        if start < self.fed:  # states again for positions the head has: roll it back
+            self.cache.crop(start)
+            self.fed, self.pending, self.last_out = start, [], None
+        elif start != waiting:
+            raise ValueError(f"eagle3 got target states from position {start}; it expected "
+                             f"{waiting} (the next position without states)")
+        self.pending.append(states)
+
+    def _catch_up(self, context: Sequence[int]) -> None:
+        """Feed the pending target states, paired with each position's next token."""
+        if not self.pending:
+            return
+        states = torch.cat(self.pending)
+        self.pending = []
+        n, start = states.shape[0], self.fed
+        tokens = torch.tensor(context[start + 1:start + 1 + n], dtype=torch.long,
+                              device=self.device)
+        if tokens.shape[0] != n:
+            raise ValueError(f"eagle3 has states for positions {start}..{start + n - 1} but "
+                             f"the context has {len(context)} tokens")
+        positions = torch.arange(start, start + n, device=self.device)
+        out = self.head.step(self.head.fuse(states.to(self.device)), tokens, positions, self.cache)
+        self.last_out = out[-1]
+        self.fed += n
+
+    def _children(self, out: torch.Tensor, position: int) -> list[list[tuple[int, float]]]:
+        """Each output row's top_k children (target ids, log-probabilities), for the
+        token at absolute `position`."""
+        logits = self.head.logits(out).float()
+        if self.sampler.temperature > 0:
+            noise = gumbel_noise(self.sampler.seed, torch.tensor([position], device=logits.device),
+                                 self.vocab_size)[0, self.draft_to_target].float()
+            logits = logits / self.sampler.temperature + noise
+        top = torch.log_softmax(logits, dim=-1).topk(min(self.top_k, logits.shape[-1]), dim=-1)
+        ids = self.draft_to_target[top.indices].tolist()
+        return [list(zip(row_ids, row_p)) for row_ids, row_p in zip(ids, top.values.tolist())]
+
+    def propose(self, context: Sequence[int], k: int) -> Draft:
+        self._catch_up(context)
+        if self.last_out is None or self.fed != len(context) - 1:
+            return Draft()
+        levels = min(k, self.depth + 1)
+        budget = min(self.total_tokens - 1, MAX_DRAFT_NODES)
+        stable = self.fed
+        outputs: dict[int, torch.Tensor] = {}  # candidate -> the head's output row
+        slots: dict[int, int] = {}  # candidate -> its row in the tree part of the cache
+
+        def expand(frontier: Sequence[int], tree: DynamicTree) -> list[list[tuple[int, float]]]:
+            fed_before = self.cache.length
+            n = len(frontier)
+            visible = torch.zeros(n, fed_before + n, dtype=torch.bool, device=self.device)
+            visible[:, :stable] = True
+            for row, node in enumerate(frontier):
+                visible[row, fed_before + row] = True
+                for ancestor in tree.ancestors(node):
+                    visible[row, stable + slots[ancestor]] = True
+            state = torch.stack([outputs[p] if p >= 0 else self.last_out
+                                 for p in (tree.parents[node] for node in frontier)])
+            tokens = torch.tensor([tree.tokens[node] for node in frontier], device=self.device)
+            depth = tree.depths[frontier[0]]  # a frontier is one level
+            positions = torch.full((n,), stable + depth - 1, device=self.device)
+            out = self.head.step(state, tokens, positions, self.cache, visible)
+            for row, node in enumerate(frontier):
+                outputs[node] = out[row]
+                slots[node] = fed_before - stable + row
+            return self._children(out, len(context) + depth)
+
+        first = self._children(self.last_out[None], len(context))[0]
+        try:
+            tokens, parents = dynamic_tree(first, expand, top_k=self.top_k,
+                                           levels=levels, budget=budget)
+        finally:
+            self.cache.crop(stable)  # drop the tree's keys and values
+        return Draft(tokens, parents)

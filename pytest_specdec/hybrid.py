@@ -29,6 +29,11 @@ the rule judges the same match at every k, and the draft is then cut to k.
 
 Deliberate differences from the reference:
 
+- SAM's copy ends where the text ends, so its depth is also capped by the tokens that
+  follow the match's first occurrence: in text that repeats with a period p, ``sam``
+  drafts at most p tokens however long the match, and a loop shorter than the
+  threshold (21) goes to B, where the reference (match >= 5) picks SAM and pads its
+  draft; a lower ``threshold`` catches such loops;
 - the reference compares the group (static) automaton's match after subtracting
   ``len_bias`` (5); ``sam`` here takes the longer of its two matches unbiased, and the
   hybrid sees only the depth of the draft that ``sam`` picked;

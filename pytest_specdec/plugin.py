@@ -255,23 +255,31 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     cfg, registry = config.stash[CONFIG_KEY], config.stash[REGISTRY_KEY]
     # drafter first, then paradigm: ids read [pld-multi_round]
     if "specdec_drafter" in metafunc.fixturenames:
-        specs = cfg.drafters or registry.default_specs()
+        specs = cfg.drafters or registry.default_specs(ablations=cfg.ablations)
         metafunc.parametrize("specdec_drafter", specs, ids=[s.label for s in specs])
     if "specdec_peer" in metafunc.fixturenames:
+        # every peer, those not asked for deselected below (an empty parameter set
+        # would depend on the user's empty_parameter_set_mark)
         metafunc.parametrize("specdec_peer", PEERS, ids=list(PEERS))
     if "specdec_paradigm_case" in metafunc.fixturenames:
         cases = paradigm_cases(cfg)
         metafunc.parametrize("specdec_paradigm_case", cases, ids=[c.id for c in cases])
 
 
+def _peer_of(item: pytest.Item) -> str | None:
+    """The peer a case runs (its specdec_peer parameter), None for other items."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("specdec_peer") if callspec is not None else None
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
     cfg = config.stash[CONFIG_KEY]
-    if not cfg.peer:
-        is_peer = ["specdec_peer" in getattr(i, "fixturenames", ()) for i in items]
-        if any(is_peer):
-            config.hook.pytest_deselected(items=[i for i, p in zip(items, is_peer) if p])
-            items[:] = [i for i, p in zip(items, is_peer) if not p]
+    # the peers not in --specdec-peer (all of them with --specdec-no-peer)
+    is_peer = [_peer_of(i) not in (None, *cfg.peers) for i in items]
+    if any(is_peer):
+        config.hook.pytest_deselected(items=[i for i, p in zip(items, is_peer) if p])
+        items[:] = [i for i, p in zip(items, is_peer) if not p]
     cases = [i for i in items if _is_case(i)]
     if not cases:
         return

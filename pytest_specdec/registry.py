@@ -19,6 +19,8 @@ from pytest_specdec.drafter import NEEDS, Drafter
 from pytest_specdec.options import DrafterSpec
 
 ENTRY_POINT_GROUP = "pytest_specdec.drafters"
+#: Hybrids in the default run: the reference table's SAM[EAGLE-3]
+DEFAULT_HYBRIDS = ("sam+eagle3",)
 
 _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "int": int,
@@ -100,14 +102,18 @@ class Registry:
                                  f"{self.drafters[name].origin}")
         self.drafters[name] = RegisteredDrafter(name, factory, origin)
 
-    def default_specs(self) -> tuple[DrafterSpec, ...]:
+    def default_specs(self, *, ablations: bool = False) -> tuple[DrafterSpec, ...]:
         """What runs when no --specdec-drafter is given: every drafter with its
-        defaults, each followed by the variants it declares in ``ablations``."""
+        defaults, then the reference's hybrids (:data:`DEFAULT_HYBRIDS`) whose parts
+        are registered; with ``ablations`` (``--specdec-ablations``) each drafter is
+        followed by the variants it declares in ``ablations``."""
         specs = []
         for name in sorted(self.drafters):
             specs.append(DrafterSpec(name))
-            for variant in getattr(self.drafters[name].factory, "ablations", ()):
+            for variant in getattr(self.drafters[name].factory, "ablations", ()) if ablations else ():
                 specs.append(DrafterSpec(name, tuple(sorted(variant.items()))))
+        specs += [DrafterSpec(hybrid) for hybrid in DEFAULT_HYBRIDS
+                  if all(part in self.drafters for part in hybrid.split("+"))]
         return tuple(specs)
 
     def get(self, name: str) -> RegisteredDrafter:

@@ -32,6 +32,7 @@ REFERENCE_DEPTHS = {
     "recycling": 6,   # Token Recycling: the paper's static tree
     "lookahead": 4,   # Lookahead: N - 1 with N = 5
     "sps": 32,        # SpS: the cap of transformers' adaptive draft length (starts at 5)
+    "eagle3": 8,      # EAGLE-3: depth 7 below the first level (total_token 60, top_k 10)
 }
 
 
@@ -221,6 +222,7 @@ def small_run(tiny_model_dir: Path, reports: Path, *drafters: str) -> list[str]:
     args = ["-p", "no:cacheprovider", "--specdec-target", str(tiny_model_dir),
             "--specdec-problems", "1", "--specdec-max-new-tokens", "8",
             "--specdec-paradigm", "multi_round", "--benchmark-disable",
+            "--specdec-peer", "hf_generate,hf_pld",
             "--specdec-report-dir", str(reports), "-rf", "--tb=short"]
     for name in drafters:
         args += ["--specdec-drafter", name]

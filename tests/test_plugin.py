@@ -41,7 +41,7 @@ def collected_ids(result: pytest.RunResult) -> list[str]:
     return [line.split("::", 1)[1] for line in result.outlines if "test_cases.py::" in line]
 
 
-def case_ids(drafters: list[str], paradigm_ids: list[str], peers=("hf_generate", "hf_pld")) -> set[str]:
+def case_ids(drafters: list[str], paradigm_ids: list[str], peers=("hf_generate",)) -> set[str]:
     return ({f"test_baseline[{p}]" for p in paradigm_ids}
             | {f"test_speculative[{d}-{p}]" for d in drafters for p in paradigm_ids}
             | {f"test_hf_peer[{h}-{p}]" for h in peers for p in paradigm_ids})
@@ -80,19 +80,22 @@ def test_default_collection_ids_and_order(suite, small):
     result = run(suite, *small, "--collect-only", "-q")
     assert result.ret == pytest.ExitCode.OK
     ids = collected_ids(result)
-    # default: every registered drafter, each followed by its declared ablations
+    # default: every registered drafter, the reference's hybrid, no ablations; the
+    # hf_generate peer only
     drafters = [spec.label for spec in load_registry().default_specs()]
-    assert "pld" in drafters
-    assert len(ids) == len(set(ids)) == 2 + 2 * len(drafters) + 4
+    assert {"pld", "sps", "eagle3", "sam+eagle3"} <= set(drafters)
+    assert not any(":" in d for d in drafters)
+    assert len(ids) == len(set(ids)) == 2 + 2 * len(drafters) + 2
     assert set(ids) == case_ids(drafters, ["multi_round", "best_of_n"])
     for test_id in ("test_baseline[multi_round]", "test_baseline[best_of_n]",
                     "test_speculative[pld-multi_round]", "test_speculative[pld-best_of_n]",
-                    "test_hf_peer[hf_generate-multi_round]", "test_hf_peer[hf_pld-multi_round]"):
+                    "test_speculative[sam+eagle3-best_of_n]",
+                    "test_hf_peer[hf_generate-multi_round]"):
         assert test_id in ids
     # baselines first, then speculative cases, then the peers
     assert [kind_rank(i) for i in ids] == sorted(kind_rank(i) for i in ids)
     assert ids[:2] == ["test_baseline[multi_round]", "test_baseline[best_of_n]"]
-    result.stdout.fnmatch_lines([f"{len(ids)} tests collected*"])
+    result.stdout.fnmatch_lines([f"{len(ids)}/{len(ids) + 2} tests collected (2 deselected)*"])
 
 
 def test_default_specs_add_declared_ablations_after_each_drafter():
@@ -108,8 +111,44 @@ def test_default_specs_add_declared_ablations_after_each_drafter():
     registry = Registry()
     registry.add("zeta", DrafterBase, "test")
     registry.add("alpha", Shares, "test")
-    assert [s.label for s in registry.default_specs()] == [
+    assert [s.label for s in registry.default_specs(ablations=True)] == [
         "alpha", "alpha:share_group=false", "alpha:a=1,b=2", "zeta"]
+    assert [s.label for s in registry.default_specs()] == ["alpha", "zeta"]
+    registry.add("sam", DrafterBase, "test")
+    assert [s.label for s in registry.default_specs()] == ["alpha", "sam", "zeta"]
+    registry.add("eagle3", DrafterBase, "test")  # both parts of SAM[EAGLE-3]: the hybrid too
+    assert [s.label for s in registry.default_specs()] == [
+        "alpha", "eagle3", "sam", "zeta", "sam+eagle3"]
+
+
+@pytest.mark.parametrize("args, peers", [
+    ((), ["hf_generate"]),
+    (("--specdec-peer", "hf_pld,hf_generate"), ["hf_generate", "hf_pld"]),
+    (("--specdec-peer", "none"), []),
+    (("--specdec-no-peer",), []),
+])
+def test_peer_option_selects_the_peer_cases(suite, small, args, peers):
+    result = run(suite, *small, *args, "--specdec-drafter", "pld", "--specdec-paradigm",
+                 "multi_round", "--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.OK
+    assert [i for i in collected_ids(result) if i.startswith("test_hf_peer")] == [
+        f"test_hf_peer[{p}-multi_round]" for p in peers]
+
+
+def test_ablations_option_adds_the_declared_variants(suite, small):
+    result = run(suite, *small, "--specdec-ablations", "--specdec-paradigm", "multi_round",
+                 "--specdec-peer", "none", "--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.OK
+    ids = collected_ids(result)
+    for variant in ("sam:share_group=false", "suffix:use_global=false",
+                    "lookahead:share_pool=true"):
+        assert f"test_speculative[{variant}-multi_round]" in ids
+
+
+def test_bad_peer_name_is_a_usage_error(suite, small):
+    result = run(suite, *small, "--specdec-peer", "hf_eagle", "--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown peer 'hf_eagle'; available: hf_generate, hf_pld, or none*"])
 
 
 def test_baselines_come_first_whatever_the_definition_order(suite, small):
@@ -121,7 +160,7 @@ def test_baselines_come_first_whatever_the_definition_order(suite, small):
     assert result.ret == pytest.ExitCode.OK
     ids = collected_ids(result)
     assert set(ids) == case_ids(["pld"], ["multi_round", "best_of_n"])
-    assert [kind_rank(i) for i in ids] == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert [kind_rank(i) for i in ids] == [0, 0, 1, 1, 2, 2]
 
 
 def test_temperatures_and_drafter_options_in_ids(suite, small):
@@ -131,7 +170,7 @@ def test_temperatures_and_drafter_options_in_ids(suite, small):
     assert result.ret == pytest.ExitCode.OK
     ids = collected_ids(result)
     paradigm_ids = ["multi_round-T0", "multi_round-T0.6", "best_of_n-T0", "best_of_n-T0.6"]
-    assert len(ids) == 16
+    assert len(ids) == 12
     assert set(ids) == case_ids([drafter], paradigm_ids)
     assert "test_speculative[pld:share_group=true,max_ngram=2-best_of_n-T0.6]" in ids
     assert [kind_rank(i) for i in ids] == sorted(kind_rank(i) for i in ids)
@@ -142,8 +181,7 @@ def test_paradigm_option_restricts_the_cases(suite, small):
                  "--collect-only", "-q")
     assert result.ret == pytest.ExitCode.OK
     assert collected_ids(result) == ["test_baseline[multi_round]", "test_speculative[pld-multi_round]",
-                                     "test_hf_peer[hf_generate-multi_round]",
-                                     "test_hf_peer[hf_pld-multi_round]"]
+                                     "test_hf_peer[hf_generate-multi_round]"]
 
 
 def test_no_peer_deselects_the_hf_cases(suite, small):
@@ -167,6 +205,7 @@ def test_no_peer_does_not_depend_on_empty_parameter_set_mark(suite, small):
 def test_full_run_passes_and_writes_reports(suite, small, tmp_path):
     reports, storage = tmp_path / "reports", tmp_path / "benchmarks"
     result = run(suite, *small, "--specdec-drafter", "pld", "--specdec-report-dir", str(reports),
+                 "--specdec-peer", "hf_generate,hf_pld",
                  "--benchmark-save=myrun", f"--benchmark-storage={storage}")
     result.assert_outcomes(passed=8)
     result.stdout.fnmatch_lines([
@@ -292,7 +331,7 @@ def test_dataset_without_needed_columns_fails_before_any_case(suite, small, tmp_
     result = run(suite, *small, "--specdec-dataset", "problems.jsonl", "--specdec-report-dir", str(reports))
     assert result.ret == USAGE_ERROR
     result.stderr.fnmatch_lines([f"*--specdec-dataset 'problems.jsonl': {message}"])
-    result.stdout.fnmatch_lines(["*no tests ran*"])
+    result.assert_outcomes(deselected=2)  # only the peer not asked for; nothing ran
     result.stdout.no_fnmatch_line("*passed*")
     assert report_files(reports) == {}
 

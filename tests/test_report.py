@@ -434,6 +434,7 @@ def test_cli_list(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [
         "echo  (dummy-package (tests:EchoDrafter))",
+        "    draft depth 5 (no max_depth declared: the default)",
         "    window: int = 4",
         "    greedy: bool = True",
         "    mode: str = 'fast'",

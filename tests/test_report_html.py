@@ -370,7 +370,7 @@ def config_for(**changes):
                   drafters=None, paradigms=("multi_round",), dataset="embedded",
                   dataset_split="test", problems=1, max_new_tokens=8, n=2, rounds=2,
                   temperatures=None, seed=0, k=5, timed_rounds=1, report_dir=Path("reports"),
-                  peer=False, strict=False, tie_margin=None, step_timeout=10.0, compare=None,
+                  peers=(), strict=False, tie_margin=None, step_timeout=10.0, compare=None,
                   compare_fail=())
     values.update(changes)
     known = SpecdecConfig.__dataclass_fields__

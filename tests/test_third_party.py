@@ -73,7 +73,8 @@ def test_example_package_installs_lists_and_runs_lossless(tmp_path: Path, tiny_m
     assert listing.returncode == 0, listing.stderr
     assert listing.stderr == ""
     lines = listing.stdout.splitlines()
-    assert lines[lines.index(f"bigram  ({EXAMPLE_ORIGIN})") + 1] == "    share_group: bool = True"
+    bigram = lines.index(f"bigram  ({EXAMPLE_ORIGIN})")
+    assert lines[bigram + 1:bigram + 3] == ["    draft depth 5", "    share_group: bool = True"]
     assert "pld  (pytest-specdec (drafters.pld:PromptLookup))" in lines
 
     suites = tmp_path / "suites"
@@ -189,7 +190,7 @@ def test_conftest_drafter_is_a_default_case_with_options_and_origin(suite):
         "    return {'pld': DrafterBase}\n")
     result = suite.runpytest_subprocess("suites", "-p", "no:cacheprovider", *BROKEN,
                                         "--specdec-paradigm", "multi_round", "--specdec-no-peer",
-                                        "--collect-only", "-q", timeout=120)
+                                        "--specdec-ablations", "--collect-only", "-q", timeout=120)
     assert result.ret == pytest.ExitCode.OK
     ids = {line.split("::", 1)[1] for line in result.outlines if "test_cases.py::" in line}
     assert {"test_speculative[repeat_last-multi_round]",
@@ -239,7 +240,10 @@ def test_list_warns_about_broken_entry_points_naming_the_package_and_shows_the_o
         "(kaput_drafters_ok:NOT_A_FACTORY) is not callable (got int); skipped",
     ]
     lines = out.splitlines()
-    assert lines[lines.index("fine  (kaput-drafters (kaput_drafters_ok:Fine))") + 1] == \
-        "    depth: int = 2"
+    fine = lines.index("fine  (kaput-drafters (kaput_drafters_ok:Fine))")
+    # DrafterBase declares the default depth; then the option
+    assert lines[fine + 1:fine + 3] == ["    draft depth 5", "    depth: int = 2"]
+    pld = lines.index("pld  (pytest-specdec (drafters.pld:PromptLookup))")
+    assert lines[pld + 1] == "    draft depth 10"
     assert "pld  (pytest-specdec (drafters.pld:PromptLookup))" in lines
     assert not any(line.startswith(("kaput ", "constant ")) for line in lines)

@@ -55,6 +55,8 @@ CLIP_NORM = 1.0
 #: precompute the target's states for the whole data set when they take at most this
 #: many bytes (float32); larger sets compute them per batch
 KEEP_STATES_BYTES = 2 << 30
+#: batches' worth of sequences sorted by length together (less padding per batch)
+BUCKET = 8
 
 
 def _bench_problems() -> int:
@@ -123,16 +125,24 @@ class DistillData:
         return digest.hexdigest()[:16]
 
     def order(self, batch_size: int, seed: int) -> Iterator[list[int]]:
-        """The endless stream of batch index lists: a fresh seeded permutation per pass,
-        cut into batches of `batch_size` (a batch does not span two passes)."""
+        """The endless stream of batch index lists. Each pass shuffles the sequences
+        (seeded), sorts each run of BUCKET batches' worth by length and cuts it into
+        batches, so a batch holds sequences of similar lengths (the default data pad to
+        a mean width of 211 tokens instead of 255 at batch size 4), then shuffles the
+        batches. A batch does not span two passes."""
         if type(batch_size) is not int or batch_size < 1:
             raise TrainingError(f"batch_size {batch_size!r} must be an int >= 1")
         rng = random.Random(seed)
         while True:
             perm = list(range(len(self.sequences)))
             rng.shuffle(perm)
-            for i in range(0, len(perm), batch_size):
-                yield perm[i:i + batch_size]
+            batches = []
+            for at in range(0, len(perm), batch_size * BUCKET):
+                run = sorted(perm[at:at + batch_size * BUCKET],
+                             key=lambda i: len(self.sequences[i]))
+                batches += [run[i:i + batch_size] for i in range(0, len(run), batch_size)]
+            rng.shuffle(batches)
+            yield from batches
 
     def batches(self, target: Target, layers: Sequence[int], *, batch_size: int, seed: int,
                 start: int = 0, keep_bytes: int = KEEP_STATES_BYTES) -> Iterator[DistillBatch]:

@@ -69,13 +69,20 @@ def weights_folder(model: str, info: TargetInfo) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, local_files_only=True))
+    # the checkpoint's config and weights only (safetensors first; a .bin is read with
+    # weights_only=True), from the local Hugging Face cache, else downloaded
+    patterns = ["*.json", "*.safetensors", "*.bin"]
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as exc:
-        raise FileNotFoundError(f"eagle3: model={model!r} is neither a folder nor a hub id in "
-                                f"the local Hugging Face cache ({type(exc).__name__})") from exc
+        raise FileNotFoundError(f"eagle3: model={model!r} is neither a folder nor a Hugging Face "
+                                f"id that could be loaded ({type(exc).__name__}: {exc})") from exc
 
 
 class Eagle3(DrafterBase):

@@ -457,7 +457,7 @@ def render_markdown(records: Sequence[dict], *, title: str, meta: Mapping[str, s
                                                       for name, file in charts.items()))
     sections.append(_markdown_details(records))
     for section in (_markdown_lossless(records), _markdown_per_position(records),
-                    _markdown_mat_by_sequence(records)):
+                    _markdown_mat_by_sequence(records), _markdown_hybrid_parts(records)):
         if section:
             sections.append(section)
     peers = peer_ratio_lines(records) + peer_settings_lines(records)
@@ -648,6 +648,25 @@ def peer_ratio_lines(records: Sequence[dict]) -> list[str]:
                 prefix = f"{label}, {name}" if len(groups) > 1 else name
                 lines.append(f"- {prefix}: " + "; ".join(ratios))
     return lines
+
+
+def _markdown_hybrid_parts(records: Sequence[dict]) -> str:
+    """Which part of each hybrid (A+B) drafted how often (``hybrid_parts``: the steps
+    whose draft came from each part, and the tokens drafted in them)."""
+    lines = []
+    for record in sorted(records, key=lambda r: _row_order(_row_key(r))):
+        parts = record.get("hybrid_parts")
+        if not isinstance(parts, dict) or not parts:
+            continue
+        total = sum(int(c.get("steps", 0)) for c in parts.values()) or 1
+        text = "; ".join(f"{name} {c.get('steps', 0)} steps ({100 * c.get('steps', 0) / total:.0f}%), "
+                         f"{c.get('tokens', 0)} tokens" for name, c in parts.items())
+        lines.append(f"- {record['drafter']}, {record['paradigm']} "
+                     f"T={_temperature_text(record['temperature'])}: {text}")
+    if not lines:
+        return ""
+    return ("## Hybrids\n\nThe steps whose draft came from each part (the last timed round), "
+            "and the draft tokens proposed in them.\n\n" + "\n".join(lines))
 
 
 def peer_settings_lines(records: Sequence[dict]) -> list[str]:

@@ -194,12 +194,14 @@ class SpecdecSession:
         target, k = self.target, draft_depth(registered.factory, override=self.config.k,
                                              options=options, drafter=spec.label,
                                              profile=self.depth_profile)
-        measured = self.measure(
-            case, lambda: engine_method(target, registered.create(**options), k=k,
-                                        drafter_name=spec.label,
-                                        step_timeout=self.config.step_timeout,
-                                        exact=self.config.exact),
-            benchmark=benchmark, k=k)
+        made: list[Any] = []  # the drafter of each round: a hybrid counts its parts' drafts
+
+        def fresh_method() -> Method:
+            made.append(registered.create(**options))
+            return engine_method(target, made[-1], k=k, drafter_name=spec.label,
+                                 step_timeout=self.config.step_timeout, exact=self.config.exact)
+
+        measured = self.measure(case, fresh_method, benchmark=benchmark, k=k)
         # every token of every timed round is judged, not just one round's
         verdict = check_lossless(target, base.last.outputs,
                                  [(run.requests, run.outputs) for run in measured.runs],
@@ -210,6 +212,9 @@ class SpecdecSession:
         record = self._record("speculative", spec.label, case, measured, base,
                               lossless=verdict.label, drafter_options=dict(spec.options), k=k)
         record.update(verdict.summary())
+        parts = getattr(made[-1], "parts", None)  # the last timed round's
+        if isinstance(parts, dict):
+            record["hybrid_parts"] = {str(name): dict(counts) for name, counts in parts.items()}
         return record
 
     def run_peer_case(self, peer: str, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:

@@ -498,3 +498,21 @@ def test_lossless_section_shows_what_the_check_found(records):
     # records written before the check reported its counts get no row, and no section
     assert _lossless_table(records)[1] == []
     assert "## Losslessness" not in render_markdown(records, title="t", meta={})
+
+
+def test_markdown_hybrid_parts(records):
+    """A hybrid's record says which part drafted each step; the report lists it."""
+    like = find(records, "pld", "multi_round")
+    records = with_record(records, like, drafter="sam+pld",
+                          hybrid_parts={"sam": {"steps": 3, "tokens": 63},
+                                        "pld": {"steps": 1, "tokens": 10}})
+    text = render_markdown(records, title="t", meta=report_meta(records))
+    section = text.split("## Hybrids", 1)[1].split("\n## ", 1)[0]
+    assert "- sam+pld, multi_round T=0: sam 3 steps (75%), 63 tokens; pld 1 steps (25%), 10 tokens" \
+        in section
+    plain = render_markdown(find_all_but(records, "sam+pld"), title="t", meta=report_meta(records))
+    assert "## Hybrids" not in plain
+
+
+def find_all_but(records: list[dict], drafter: str) -> list[dict]:
+    return [r for r in records if r["drafter"] != drafter]

@@ -48,6 +48,7 @@ from pytest_specdec.drafter import (MAX_DRAFT_NODES, Draft, DrafterBase, DraftRe
                                     TargetSignals)
 from pytest_specdec.models.eagle3 import (CheckpointError, HeadCache, check_fits, eagle_layers,
                                           load_checkpoint)
+from pytest_specdec.models.training import training_summary
 from pytest_specdec.models.tree import DynamicTree, dynamic_tree
 from pytest_specdec.sampling import Sampler, gumbel_noise
 
@@ -122,6 +123,8 @@ class Eagle3(DrafterBase):
             raise CheckpointError(f"{folder}: names {len(layers)} target layers {layers}; "
                                   "EAGLE-3 fuses 3")
         self.head, self.hidden_layers = head, tuple(layers)
+        self.report_note = (f"checkpoint {self.model} ({self.layout} layout)" if self.model
+                            else f"head trained here: {training_summary(folder)}")
         self.device = next(head.parameters()).device
         self.draft_to_target = head.target_ids()
         self.vocab_size = target.vocab_size

@@ -148,6 +148,7 @@ class Rest(DrafterBase):
         self.max_suffix, self.min_suffix, self.max_depth = max_suffix, min_suffix, max_depth
         self.max_matches, self.max_nodes, self.share_group = max_matches, max_nodes, share_group
         self.corpus = open_datastore(datastore) if datastore else None
+        self.datastore_name = os.path.basename(datastore) if datastore else ""
         # per problem: its finished sequences and the datastore over them (rebuilt at end)
         self.memory: ProblemMemory[Datastore] = ProblemMemory(
             lambda previous, sequences: build_datastore(sequences), keep=share_group)
@@ -158,6 +159,14 @@ class Rest(DrafterBase):
         default), "corpus" (the datastore file only) or "corpus+group"."""
         return "+".join(name for name, used in (("corpus", self.corpus is not None),
                                                 ("group", self.share_group)) if used)
+
+    @property
+    def report_note(self) -> str:
+        if self.corpus is None:
+            return ("no datastore: retrieves only from the problem's earlier sequences "
+                    "(each problem's first sequence drafts nothing)")
+        return f"datastore {self.datastore_name}" + (
+            " and the problem's earlier sequences" if self.share_group else "")
 
     def begin(self, request: DraftRequest) -> None:
         self.memory.begin(request)

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import torch
 
 from pytest_specdec.drafter import Draft, DraftRequest, DrafterBase, TargetInfo
-from pytest_specdec.models.draft_lm import DraftModelError, load_draft_model
+from pytest_specdec.models.draft_lm import DraftModelError, derived_note, load_draft_model
 from pytest_specdec.sampling import Sampler
 from pytest_specdec.target import Target, wrap_model
 
@@ -112,6 +112,7 @@ class SpeculativeSampling(DrafterBase):
         spec = self.model_spec or str(default_draft_folder(target))
         model = load_draft_model(spec, target)
         self.runner = wrap_model(model, name=f"sps draft {spec}", device=target.device)
+        self.report_note = f"draft model {spec}" if self.model_spec else derived_note(spec)
         self.eos_ids = frozenset(target.eos_ids)
 
     def begin(self, request: DraftRequest) -> None:

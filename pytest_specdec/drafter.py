@@ -200,6 +200,9 @@ class Drafter(Protocol):
     needs: ClassVar[frozenset[str]]
     max_depth: ClassVar[int]
 
+    # optional: ``report_note: str``, a line the report shows beside the row (read after
+    # the case's last timed round): where the drafts come from when that is not
+    # obvious (REST without a datastore, a draft model derived from the target).
     # optional (DrafterBase has both): ``attach(info: TargetInfo)``, called once per
     # instance before its first ``begin``; ``hidden_layers: tuple[int, ...]``, read after
     # it: the layers of the "hidden_states" signal, as indices into transformers'
@@ -235,6 +238,8 @@ class DrafterBase:
     ablations: ClassVar[tuple[dict[str, str], ...]] = ()
     #: the layers of the "hidden_states" signal (see :class:`Drafter`); () = the last
     hidden_layers: tuple[int, ...] = ()
+    #: what the report should say about this row (see :class:`Drafter`); "" says nothing
+    report_note: str = ""
 
     def attach(self, target: TargetInfo) -> None:
         pass

@@ -297,6 +297,19 @@ class Hybrid:
     def end(self) -> None:
         self._both("end")
 
+    @property
+    def report_note(self) -> str:
+        """The parts' own report notes, each named."""
+        notes = []
+        for name, part in zip(self.names, self.part_list):
+            try:
+                note = str(getattr(part, "report_note", "") or "")
+            except Exception:  # a note is decoration: a broken one is left out
+                note = ""
+            if note:
+                notes.append(f"{name}: {note}")
+        return "; ".join(notes)
+
 
 # ------------------------------------------------------------------ the registry's side
 

@@ -457,7 +457,8 @@ def render_markdown(records: Sequence[dict], *, title: str, meta: Mapping[str, s
                                                       for name, file in charts.items()))
     sections.append(_markdown_details(records))
     for section in (_markdown_lossless(records), _markdown_per_position(records),
-                    _markdown_mat_by_sequence(records), _markdown_hybrid_parts(records)):
+                    _markdown_mat_by_sequence(records), _markdown_hybrid_parts(records),
+                    _markdown_drafter_notes(records)):
         if section:
             sections.append(section)
     peers = peer_ratio_lines(records) + peer_settings_lines(records)
@@ -648,6 +649,19 @@ def peer_ratio_lines(records: Sequence[dict]) -> list[str]:
                 prefix = f"{label}, {name}" if len(groups) > 1 else name
                 lines.append(f"- {prefix}: " + "; ".join(ratios))
     return lines
+
+
+def _markdown_drafter_notes(records: Sequence[dict]) -> str:
+    """What each drafter says about its rows (``drafter_note``: where its drafts come
+    from when that is not obvious), once per drafter and note."""
+    notes: dict[str, dict[str, None]] = {}
+    for record in sorted(records, key=lambda r: _row_order(_row_key(r))):
+        if record.get("drafter_note"):
+            notes.setdefault(record["drafter"], {})[str(record["drafter_note"])] = None
+    if not notes:
+        return ""
+    return "## Drafter notes\n\n" + "\n".join(
+        f"- {drafter}: {'; '.join(texts)}" for drafter, texts in notes.items())
 
 
 def _markdown_hybrid_parts(records: Sequence[dict]) -> str:

@@ -212,6 +212,12 @@ class SpecdecSession:
         record = self._record("speculative", spec.label, case, measured, base,
                               lossless=verdict.label, drafter_options=dict(spec.options), k=k)
         record.update(verdict.summary())
+        try:  # a note is decoration: a drafter whose note cannot be read shows none
+            note = str(getattr(made[-1], "report_note", "") or "")[:300]
+        except Exception:
+            note = ""
+        if note:
+            record["drafter_note"] = note
         parts = getattr(made[-1], "parts", None)  # the last timed round's
         if isinstance(parts, dict):
             record["hybrid_parts"] = {str(name): dict(counts) for name, counts in parts.items()}

@@ -280,5 +280,9 @@ def test_training_steps_lower_the_loss_and_the_weights_draft(tmp_path, monkeypat
     job.save(folder)
     assert weights_fit(folder, tiny_target) == ""
     request = GenerationRequest(prompt_ids=tuple(sequences[0][:10]), max_new_tokens=12)
-    spec = generate(tiny_target, request, Eagle3(), k=8, drafter_name="eagle3")
+    drafter = Eagle3()
+    spec = generate(tiny_target, request, drafter, k=8, drafter_name="eagle3")
     assert spec.tokens == generate(tiny_target, request).tokens
+    # the report says the default head was trained here (saved without train(): no log)
+    assert drafter.report_note == ("head trained here: self-distilled on the target's own "
+                                   "generations (no training.json)")

@@ -443,3 +443,14 @@ def test_plugin_runs_a_hybrid_and_rejects_an_unknown_part(suite, tiny_model_dir,
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--specdec-drafter sam+nope: hybrid 'sam+nope': unknown drafter "
                               "'nope'; registered: *pld*sam*; any two combine as A+B*"])
+
+
+def test_report_note_names_each_parts_note():
+    from drafters.pld import PromptLookup
+    from drafters.rest import Rest
+    from pytest_specdec.hybrid import Hybrid
+
+    hybrid = Hybrid(Rest(), PromptLookup(), threshold=3, names=("rest", "pld"))
+    assert hybrid.report_note == ("rest: no datastore: retrieves only from the problem's "
+                                  "earlier sequences (each problem's first sequence drafts "
+                                  "nothing)")

@@ -516,3 +516,12 @@ def test_markdown_hybrid_parts(records):
 
 def find_all_but(records: list[dict], drafter: str) -> list[dict]:
     return [r for r in records if r["drafter"] != drafter]
+
+
+def test_markdown_drafter_notes_once_per_drafter(records):
+    """A drafter's note (where its drafts come from) shows once, however many rows."""
+    note = "no datastore: retrieves only from the problem's earlier sequences"
+    records = [dict(r, drafter_note=note) if r["drafter"] == "pld" else r for r in records]
+    text = render_markdown(records, title="t", meta=report_meta(records))
+    section = text.split("## Drafter notes", 1)[1].split("\n## ", 1)[0]
+    assert section.strip().splitlines() == [f"- pld: {note}"]

@@ -740,3 +740,8 @@ def test_group_rest_is_lossless_across_rounds(tiny_llama, temperature):
         assert result.tokens == baseline.tokens
         accepted.append(result.stats.accepted)
     assert accepted[0] == 0 and accepted[1] > 10, accepted
+
+
+def test_report_note_says_what_rest_retrieves_from(tmp_path):
+    assert Rest().report_note == ("no datastore: retrieves only from the problem's earlier "
+                                  "sequences (each problem's first sequence drafts nothing)")

@@ -306,3 +306,17 @@ def test_adaptive_length_through_the_engine(target, same_folder, other_folder):
 def test_bad_options_are_named(options, error):
     with pytest.raises(ValueError, match=error):
         SpeculativeSampling(**options)
+
+
+def test_report_note_names_the_draft(target, tmp_path):
+    """The report's row says which draft ran: a named model, or one derived here."""
+    from pytest_specdec.models.draft_lm import derived_note
+
+    folder = save_draft_model(derive_draft_model(target.model, 1), None, tmp_path / "d", target)
+    assert drafter_for(target, folder).report_note == f"draft model {folder}"
+    (folder / "training.json").write_text(json.dumps(
+        {"steps_done": 440, "steps": 600, "stopped": "time", "loss": 0.3296}))
+    assert derived_note(folder) == (
+        "derived from tiny-llama (its first 1 of 2 layers, its embeddings and head), "
+        "self-distilled on the target's own generations, 440/600 steps (stopped by the "
+        "time budget), final loss 0.33")

@@ -267,3 +267,17 @@ def trainable(target: Target, data: DistillData | None = None, *, num_layers: in
     with torch.inference_mode(False), torch.enable_grad():
         draft = derive_draft_model(target.model, layers)
     return DraftLMTrainable(target, draft)
+
+
+def derived_note(folder: str | Path) -> str:
+    """The report's line for a draft made by ``pytest-specdec train sps``: what it was
+    derived from, and how long it was distilled."""
+    from pytest_specdec.models.training import training_summary
+
+    try:
+        meta = json.loads((Path(folder) / "specdec_draft.json").read_text(encoding="utf-8"))
+        source = (f"derived from {meta['derived_from']} (its first {meta['num_layers']} of "
+                  f"{meta['target']['num_layers']} layers, its embeddings and head)")
+    except (OSError, ValueError, KeyError, TypeError):
+        source = "a draft model"
+    return f"{source}, {training_summary(folder)}"

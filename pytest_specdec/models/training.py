@@ -882,3 +882,19 @@ def weights_fit(folder: Path, target: Any) -> str:
     if written != wanted:
         return f"{config_path} names target {written!r}, not {wanted!r}"
     return ""
+
+
+def training_summary(folder: str | Path) -> str:
+    """One line on how the weights in `folder` were trained (from its ``training.json``):
+    for the report's row of a drafter whose weights were made here."""
+    try:
+        info = json.loads((Path(folder) / "training.json").read_text(encoding="utf-8"))
+        text = (f"self-distilled on the target's own generations, {info['steps_done']}/"
+                f"{info['steps']} steps")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "self-distilled on the target's own generations (no training.json)"
+    if info.get("stopped") == "time":
+        text += " (stopped by the time budget)"
+    if isinstance(info.get("loss"), (int, float)):
+        text += f", final loss {info['loss']:.3g}"
+    return text

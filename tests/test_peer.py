@@ -237,7 +237,8 @@ def test_suite_fails_the_peer_case_when_generate_differs(suite, tiny_model_dir):
         "-p", "no:cacheprovider", "--specdec-target", str(tiny_model_dir),
         "--specdec-problems", "1", "--specdec-max-new-tokens", "6",
         "--specdec-paradigm", "multi_round", "--specdec-rounds", "1",
-        "--specdec-drafter", "pld", "-k", "test_hf_peer", "--benchmark-disable", timeout=300)
+        "--specdec-drafter", "pld", "--specdec-peer", "hf_generate,hf_pld", "-k", "test_hf_peer",
+        "--benchmark-disable", timeout=300)
     result.assert_outcomes(failed=2)
     output = result.stdout.str()
     assert "PeerMismatch" in output

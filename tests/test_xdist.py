@@ -77,7 +77,8 @@ def the_report(directory: Path) -> dict:
 def test_two_workers_give_the_single_process_report(suite, tiny_model_dir, tmp_path):
     small = ["-p", "no:cacheprovider", "--specdec-target", str(tiny_model_dir),
              "--specdec-problems", "1", "--specdec-max-new-tokens", "8", "--specdec-n", "2",
-             "--specdec-drafter", "pld", "--specdec-drafter", "sam"]
+             "--specdec-drafter", "pld", "--specdec-drafter", "sam",
+             "--specdec-peer", "hf_generate,hf_pld"]
     cases = 2 + 2 * 2 + 2 * 2  # baselines, drafters and hf peers, over two paradigms
 
     single = run(suite, *small, "--specdec-report-dir", str(tmp_path / "single"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-import types
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence, overload
@@ -231,14 +230,13 @@ def keep_path(cache: Any, base: int, path: list[int], fed: int) -> None:
 def target_info(target: Target, needs: frozenset[str] = frozenset()) -> TargetInfo:
     """What ``attach`` tells a drafter of `target`, with the read-only parts it named in
     `needs` (detached views of the target's own weights: no copy)."""
-    model, tokenizer = target.model, target.tokenizer
+    model = target.model
     embeddings = model.get_input_embeddings().weight
-    get_vocab = getattr(tokenizer, "get_vocab", None)
     return TargetInfo(
         name=target.name, vocab_size=target.vocab_size, hidden_size=int(embeddings.shape[-1]),
         num_layers=target.num_layers, device=target.device, dtype=target.dtype,
         eos_ids=target.eos_ids,
-        vocab=types.MappingProxyType(dict(get_vocab())) if callable(get_vocab) else None,
+        vocab=target.vocab,
         embeddings=embeddings.detach() if "embeddings" in needs else None,
         output_head=(model.get_output_embeddings().weight.detach()
                      if "output_head" in needs else None))
@@ -356,7 +354,6 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     guarded = _Guard(drafter, drafter_name, step_timeout, context, attachment) \
         if drafter is not None else None
     given = 0  # context positions whose hidden states the drafter has been given
-    drafter_s = 0.0
     if guarded is not None:
         guarded.call("begin", DraftRequest(tuple(prompt), request.group, request.sample,
                                            request.round, request.sampler))

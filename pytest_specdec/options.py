@@ -12,7 +12,7 @@ import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pytest
 
@@ -105,13 +105,19 @@ def _temperatures(text: str) -> tuple[float, ...]:
     return values
 
 
-def _paradigms(text: str) -> tuple[str, ...]:
+def _names(text: str, available: Sequence[str], what: str, *, extra: str = "") -> tuple[str, ...]:
+    """Comma-separated names, each one of `available` (`extra` is added to the error's
+    list of what is accepted)."""
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in PARADIGM_NAMES]
+    unknown = [n for n in names if n not in available]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown paradigm {', '.join(unknown) or text!r}; "
-                                         f"available: {', '.join(PARADIGM_NAMES)}")
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or text!r}; "
+                                         f"available: {', '.join(available)}{extra}")
     return names
+
+
+def _paradigms(text: str) -> tuple[str, ...]:
+    return _names(text, PARADIGM_NAMES, "paradigm")
 
 
 #: Hugging Face's own decoding, run as peer cases (``--specdec-peer``)
@@ -121,14 +127,9 @@ DEFAULT_PEERS = ("hf_generate",)
 
 def _peers(text: str) -> tuple[str, ...]:
     """Comma-separated peer names, or "none"."""
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if names == ("none",):
+    if text.strip() == "none":
         return ()
-    unknown = [n for n in names if n not in PEER_NAMES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown peer {', '.join(unknown) or text!r}; "
-                                         f"available: {', '.join(PEER_NAMES)}, or none")
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(_names(text, PEER_NAMES, "peer", extra=", or none")))
 
 
 _NAME = r"[A-Za-z_][\w.-]*"
@@ -326,10 +327,6 @@ class SpecdecConfig:
     exact: bool = False
     depth_profile: str = "reference"  # --specdec-depth-profile (drafter.DEPTH_PROFILES)
     ablations: bool = False  # --specdec-ablations: the default set's ablation variants too
-
-    @property
-    def peer(self) -> bool:
-        return bool(self.peers)
 
 
 def read_config(config: pytest.Config) -> SpecdecConfig:

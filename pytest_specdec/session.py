@@ -194,10 +194,10 @@ class SpecdecSession:
         target, k = self.target, draft_depth(registered.factory, override=self.config.k,
                                              options=options, drafter=spec.label,
                                              profile=self.depth_profile)
-        made: list[Any] = []  # the drafter of each round: a hybrid counts its parts' drafts
+        made: list[Any] = []  # the latest round's drafter: its note, a hybrid's part counts
 
         def fresh_method() -> Method:
-            made.append(registered.create(**options))
+            made[:] = [registered.create(**options)]
             return engine_method(target, made[-1], k=k, drafter_name=spec.label,
                                  step_timeout=self.config.step_timeout, exact=self.config.exact)
 

@@ -4,15 +4,17 @@ offline default), choosing device and dtype, and one forward with an explicit KV
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
 import re
 import shutil
 import tempfile
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -122,6 +124,13 @@ class Target:
         if not types:
             types = [SLIDING if window is not None else FULL] * int(text.num_hidden_layers)
         return types, window
+
+    @functools.cached_property
+    def vocab(self) -> Mapping[str, int] | None:
+        """The tokenizer's vocabulary (token -> id), read-only; None without a tokenizer.
+        Read once per target: every drafter's ``attach`` is handed it."""
+        get_vocab = getattr(self.tokenizer, "get_vocab", None)
+        return types.MappingProxyType(dict(get_vocab())) if callable(get_vocab) else None
 
     @property
     def num_layers(self) -> int:

@@ -27,6 +27,21 @@ def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0):
     return getattr(transformers, f"{names[arch]}ForCausalLM")(config).eval()
 
 
+def losses_over_steps(trainable, batch, *, steps: int, lr: float) -> list[float]:
+    """The loss at each of `steps` AdamW steps of a model drafter's trainable on one
+    batch (its trained parameters only): a few steps must lower it."""
+    optimizer = torch.optim.AdamW([p for p in trainable.module.parameters() if p.requires_grad],
+                                  lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = trainable.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 SUITE = Path(__file__).resolve().parents[1] / "suites" / "test_cases.py"
 #: A hand-written run in pytest-benchmark's saved format (see tests/test_report.py).
 STORED_RUN = Path(__file__).parent / "data" / "run_pld.json"

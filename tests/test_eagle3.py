@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from conftest import losses_over_steps
 from drafters.eagle3 import Eagle3
 from pytest_specdec.drafter import DraftError
 from pytest_specdec.engine import GenerationRequest, generate
@@ -264,14 +265,7 @@ def test_training_steps_lower_the_loss_and_the_weights_draft(tmp_path, monkeypat
     assert job.kind == "eagle3" and job.hidden_layers == eagle_layers(2)
     assert job.head.t2d[[t for s in sequences for t in s[10:]]].all()  # generated ids drafted
     batch = next(data.batches(tiny_target, job.hidden_layers, batch_size=4, seed=0))
-    optimizer = torch.optim.AdamW([p for p in job.module.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = job.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = losses_over_steps(job, batch, steps=8, lr=3e-3)
     assert losses[-1] < losses[0]
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
     from pytest_specdec.engine import target_info

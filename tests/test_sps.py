@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import losses_over_steps, tiny_model
 from drafters.sps import SpeculativeSampling, next_draft_length
 from pytest_specdec.drafter import DraftRequest
 from pytest_specdec.engine import GenerationRequest, generate, target_info
@@ -184,14 +184,7 @@ def test_training_steps_lower_the_loss_and_save_a_loadable_draft(tmp_path):
     assert trained and all(n.startswith(("layers.0.", "norm.")) for n in trained)
     assert not any(p.requires_grad for p in draft.draft.lm_head.parameters())
     batch = data.batch(sharp, draft.hidden_layers, [0, 1])
-    optimizer = torch.optim.AdamW(draft.module.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(6):
-        loss = draft.loss(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = losses_over_steps(draft, batch, steps=6, lr=1e-3)
     assert losses[-1] < 0.5 * losses[0], losses
     draft.save(tmp_path)
     assert weights_fit(tmp_path, sharp) == ""

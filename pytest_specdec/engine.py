@@ -13,6 +13,7 @@ tokens is a length change (``cache.crop(-n)``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import weakref
 from array import array
@@ -26,6 +27,7 @@ from pytest_specdec.drafter import (NEEDS, TARGET_RESOURCES, Draft, DraftError, 
                                     Drafter, TargetInfo, TargetSignals, describe_value,
                                     validate_draft)
 from pytest_specdec.exact import row_invariant
+from pytest_specdec.integrity import digest
 from pytest_specdec.metrics import SpecDecodingStats, StepRecord
 from pytest_specdec.sampling import Sampler
 from pytest_specdec.target import Target
@@ -245,15 +247,16 @@ def target_info(target: Target, needs: frozenset[str] = frozenset()) -> TargetIn
 @dataclass(frozen=True)
 class Attachment:
     """A drafter attached to a target: what ``attach`` told it, the layers its
-    "hidden_states" signal carries, and the lent tensors' fingerprints (the version
-    counter, checked after every call; a checksum, after every sequence: a write
-    through ``.data`` leaves the counter alone)."""
+    "hidden_states" signal carries, and the lent tensors' fingerprints, taken before
+    ``attach`` runs (the version counter, checked after every call; an exact digest of
+    their bits (:func:`pytest_specdec.integrity.digest`), after ``attach`` and after
+    every sequence: a write through ``.data`` leaves the counter alone)."""
 
     info: TargetInfo
     needs: frozenset[str]
     hidden_layers: tuple[int, ...]
     versions: tuple[int, ...]
-    checksums: tuple[float, ...]
+    checksums: tuple[tuple[int, ...], ...]
     originals: tuple[torch.Tensor, ...]  # copies, to undo a write
 
     def lent_changed(self, *, full: bool = False) -> bool:
@@ -269,8 +272,8 @@ class Attachment:
         return changed
 
 
-def _checksums(tensors: tuple[torch.Tensor, ...]) -> tuple[float, ...]:
-    return tuple(float(t.double().sum()) + float(t.double().abs().sum()) for t in tensors)
+def _checksums(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(digest(t).tolist()) for t in tensors)
 
 
 # id(drafter) -> (id(target), its attachment): attach runs once per drafter instance
@@ -283,7 +286,10 @@ def attach(target: Target, drafter: Drafter, name: str = "drafter", *,
     return the first attachment), under the guard: what it raises or breaks fails the
     drafter's case, named. The runner attaches before the timed rounds, so loading a
     model drafter's weights is never timed; ``generate`` attaches a drafter it is given
-    unattached."""
+    unattached.
+
+    The lent tensors are fingerprinted (and copied, to undo a write) before ``attach``
+    runs, so a write inside ``attach`` itself is caught like any later one."""
     known = _ATTACHED.get(id(drafter))
     if known is not None and known[0] == id(target):
         return known[1]
@@ -291,12 +297,15 @@ def attach(target: Target, drafter: Drafter, name: str = "drafter", *,
         guard = _Guard(drafter, name, step_timeout, None)
         needs = guard.needs()
         info = target_info(target, needs)
+        lent = info.lent()
+        attachment = Attachment(info, needs, (), tuple(t._version for t in lent),
+                                _checksums(lent), tuple(t.clone() for t in lent))
         if callable(getattr(drafter, "attach", None)):
+            guard.attachment = attachment
             guard.call("attach", info)
-    layers = guard.hidden_layers(info.num_layers) if "hidden_states" in needs else ()
-    lent = info.lent()
-    attachment = Attachment(info, needs, layers, tuple(t._version for t in lent), _checksums(lent),
-                            tuple(t.clone() for t in lent))
+    if "hidden_states" in needs:
+        attachment = dataclasses.replace(attachment,
+                                         hidden_layers=guard.hidden_layers(info.num_layers))
     try:  # forget it with the drafter (an object without weak references re-attaches)
         weakref.finalize(drafter, _ATTACHED.pop, id(drafter), None)
         _ATTACHED[id(drafter)] = (id(target), attachment)
@@ -524,6 +533,9 @@ class _Guard:
             result = getattr(self.drafter, method)(*args)
         except (Exception, SystemExit) as exc:
             torch_state.restore(self.torch_state)
+            if self.attachment is not None and self.attachment.lent_changed(full=True):
+                raise DraftError(self.name, LENT, f"{method} wrote to the target's "
+                                 f"{self.lent_names()} ({_exception_text(exc)})") from exc
             if self.shadow.tampered:
                 raise DraftError(self.name, READ_ONLY,
                                  f"{method} tried to change it ({_exception_text(exc)})") from exc
@@ -531,15 +543,18 @@ class _Guard:
         elapsed = time.perf_counter() - started
         if not torch_state.unchanged(self.torch_state):
             self.torch_state_changed(method)
-        if self.attachment is not None and self.attachment.lent_changed(full=method == "end"):
-            raise DraftError(self.name, LENT, f"{method} wrote to the target's "
-                             f"{' or '.join(sorted(self.attachment.needs & TARGET_RESOURCES))}")
+        if self.attachment is not None and self.attachment.lent_changed(
+                full=method in ("attach", "end")):
+            raise DraftError(self.name, LENT, f"{method} wrote to the target's {self.lent_names()}")
         if self.context is not None:
             self.check_context(method)
         if self.timeout and elapsed > self.timeout:
             raise DraftError(self.name, f"each call returns within {self.timeout:g} s",
                              f"{method} took {elapsed:.3g} s")
         return result
+
+    def lent_names(self) -> str:
+        return " or ".join(sorted(self.attachment.needs & TARGET_RESOURCES))
 
     def torch_state_changed(self, method: str) -> None:
         """Undo what the call changed in torch's global state, and fail the drafter."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pytest_specdec.drafter import depth_profile, draft_depth
+from pytest_specdec.integrity import TargetChanged, TargetFingerprint
 from pytest_specdec.lossless import check_lossless
 from pytest_specdec.metrics import mat_by_index, median_round, speedup
 from pytest_specdec.options import DrafterSpec, SpecdecConfig
@@ -93,6 +94,7 @@ class SpecdecSession:
     worker: str = "main"
     records: list[dict[str, Any]] = field(default_factory=list)
     _target: Target | None = None
+    _fingerprint: Any = None  # the target's as loaded (integrity.TargetFingerprint)
     _baselines: dict[ParadigmCase, Measured] = field(default_factory=dict)
     _peer_plain: dict[ParadigmCase, Measured] = field(default_factory=dict)
     #: (paradigm case, stack) pairs whose first-call costs a warm-up has already paid
@@ -102,6 +104,7 @@ class SpecdecSession:
     def target(self) -> Target:
         if self._target is None:
             self._target = self.load_target()
+            self._fingerprint = TargetFingerprint.take(self._target.model)
         return self._target
 
     @property
@@ -298,3 +301,16 @@ class SpecdecSession:
         }
         self.records.append(record)
         return record
+
+    def check_target_intact(self, case_label: str) -> None:
+        """Raise TargetChanged, naming `case_label` and what changed, if the loaded target
+        differs from how it was loaded (see pytest_specdec.integrity; ~50 ms for the
+        default target on a CPU). The target is dropped first, so the next case reloads
+        it through load_target: no case runs on weights an earlier one changed. The
+        baselines measured so far were measured before the change and are kept."""
+        if self._target is None or self._fingerprint is None:
+            return
+        changes = self._fingerprint.changes(self._target.model)
+        if changes:
+            size, self._target, self._fingerprint = self._fingerprint.size, None, None
+            raise TargetChanged.of(case_label, changes, size)

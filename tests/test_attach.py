@@ -151,3 +151,59 @@ def test_observe_and_accept_count_as_drafter_time(llama):
 
     out = generate(llama, GenerationRequest(PROMPT, 4), Slow((), needs=()), k=4)
     assert all(step.drafter_s >= 0.01 for step in out.steps)
+
+
+class AttachWriter(Collector):
+    """Keeps a lent tensor in attach and writes to it there, before any sequence."""
+
+    def __init__(self, lent, how):
+        super().__init__((), needs={lent})
+        self.lent, self.how = lent, how
+
+    def attach(self, target):
+        self.weight = getattr(target, self.lent)
+        with torch.no_grad():
+            self.how(self.weight)
+
+
+@pytest.mark.parametrize("lent, how", [
+    ("output_head", lambda w: w.mul_(0.5)),
+    ("embeddings", lambda w: w[3].fill_(1.0)),
+    ("output_head", lambda w: w.data.zero_()),  # no version bump: caught by the digest
+], ids=["in-place", "through-a-view", "through-data"])
+def test_writing_to_a_lent_tensor_in_attach_fails_the_case_and_is_undone(tiny_target, lent, how):
+    model = tiny_target.model
+    weights = {"embeddings": model.get_input_embeddings().weight,
+               "output_head": model.get_output_embeddings().weight}
+    before = {name: w.clone() for name, w in weights.items()}
+    clean = generate(tiny_target, GenerationRequest(PROMPT, 8)).tokens
+    with pytest.raises(DraftError) as caught:
+        generate(tiny_target, GenerationRequest(PROMPT, 8), AttachWriter(lent, how), k=4,
+                 drafter_name="writer")
+    assert caught.value.drafter == "writer"
+    assert caught.value.rule == "the target's tensors are read-only"
+    assert caught.value.detail == f"attach wrote to the target's {lent}"
+    for name, w in weights.items():
+        assert torch.equal(w, before[name]), name
+    # a drafter run after it sees the intact target: the output it has without the writer
+    probe = Collector(clean, needs={"embeddings", "output_head"})
+    assert generate(tiny_target, GenerationRequest(PROMPT, 8), probe, k=4).tokens == clean
+    assert torch.equal(probe.infos[0].output_head, before["output_head"])
+
+
+def test_a_lent_tensor_written_by_a_call_that_raises_is_set_back(tiny_target):
+    class WritesThenRaises(Collector):
+        def __init__(self):
+            super().__init__((), needs={"embeddings"})
+
+        def attach(self, target):
+            target.embeddings.data.add_(1.0)
+            raise RuntimeError("no weights")
+
+    before = tiny_target.model.get_input_embeddings().weight.clone()
+    with pytest.raises(DraftError) as caught:
+        generate(tiny_target, GenerationRequest(PROMPT, 4), WritesThenRaises(), k=4)
+    assert caught.value.rule == "the target's tensors are read-only"
+    assert caught.value.detail == ("attach wrote to the target's embeddings "
+                                   "(RuntimeError: no weights)")
+    assert torch.equal(tiny_target.model.get_input_embeddings().weight, before)

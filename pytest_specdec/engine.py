@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence, overload
 
 import torch
 
-from pytest_specdec import torch_state
+from pytest_specdec import timing, torch_state
 from pytest_specdec.drafter import (NEEDS, TARGET_RESOURCES, Draft, DraftError, DraftRequest,
                                     Drafter, TargetInfo, TargetSignals, describe_value,
                                     validate_draft)
@@ -339,7 +339,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     if request.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
     stats = SpecDecodingStats()
-    started = time.perf_counter()
+    started = timing.now()
     cache = target.new_cache()
     context, new, stop = prompt, [], "budget"
     cached = 0  # context tokens the cache holds
@@ -370,11 +370,11 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
         while len(new) < request.max_new_tokens:
             # each step emits at most len(draft) + 1 tokens: cap the draft by the budget
             room = min(k, request.max_new_tokens - len(new) - 1)
-            t0 = time.perf_counter()
+            t0 = timing.now()
             draft = Draft()
             if guarded is not None and room > 0:
                 draft = guarded.propose(room, target.vocab_size)
-            t1 = time.perf_counter()
+            t1 = timing.now()
             if not draft.is_chain or draft.probe_tokens:
                 if tree_refusal is None:  # asked once per sequence, at its first tree
                     tree_refusal = target.tree_support()
@@ -385,7 +385,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
                                     hidden_states=layers,
                                     top_k=SIGNAL_TOP_K if "top_k" in needs else 0, exact=exact)
             cached = len(context) + len(step.emitted) - 1  # all but the bonus token
-            t2 = time.perf_counter()
+            t2 = timing.now()
             emitted = step.emitted
             eos_at = next((i for i, t in enumerate(emitted) if t in target.eos_ids), None)
             if eos_at is not None:
@@ -403,7 +403,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
                     given = len(context) - 1
                     guarded.call("observe", signals)
                 guarded.call("accept", tuple(emitted))
-            t3 = time.perf_counter()
+            t3 = timing.now()
             # draft tokens past an EOS are agreed with but never output: not counted
             accepted = min(len(step.emitted) - 1, len(emitted))
             record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted,
@@ -416,7 +416,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     if guarded is not None:
         guarded.call("end")
         guarded.check_whole_context()
-    stats.wall_s = time.perf_counter() - started
+    stats.wall_s = timing.now() - started
     return Generation(tokens=new, stop=stop, stats=stats, steps=steps)
 
 

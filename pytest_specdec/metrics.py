@@ -107,6 +107,15 @@ def mat_by_index(sequences: Iterable[tuple[int, SpecDecodingStats]]) -> list[flo
     return [pooled[i].mat for i in sorted(pooled)]
 
 
+def ideal_speedup(mat: float, step_s: float, verify_s: float, draft_s: float) -> float | None:
+    """The speedup a case's measured costs allow: MAT × t_step / (t_verify + t_draft),
+    with t_step a plain decode step, t_verify a verify forward and t_draft the drafter's
+    time per step, all at the same machine speed. None without costs."""
+    if step_s <= 0 or verify_s + draft_s <= 0:
+        return None
+    return mat * step_s / (verify_s + draft_s)
+
+
 def speedup(baseline_wall_s: float, speculative_wall_s: float) -> float:
     """Baseline wall time / speculative wall time for the same work (ratio of totals)."""
     return baseline_wall_s / speculative_wall_s

@@ -19,6 +19,7 @@ import pytest
 from pytest_specdec.drafter import (CPU_PROFILE_DEPTH, DEFAULT_MAX_DEPTH, DEPTH_PROFILES,
                                     MAX_DRAFT_NODES)
 from pytest_specdec.paradigms import PARADIGM_NAMES
+from pytest_specdec.timing import TIMING_MODES
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,13 @@ def _depth_profile(text: str) -> str:
     if text not in DEPTH_PROFILES:
         raise argparse.ArgumentTypeError(
             f"expected one of {', '.join(DEPTH_PROFILES)}, got {text!r}")
+    return text
+
+
+def _timing_mode(text: str) -> str:
+    if text not in TIMING_MODES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(TIMING_MODES)}, got {text!r}")
     return text
 
 
@@ -248,6 +256,14 @@ OPTIONS = (
     Option("--specdec-timed-rounds", "specdec_timed_rounds", default=1, type=_positive_int,
            metavar="N", help="timed rounds per case after one warm-up; the median is "
                              "reported (default: 1)"),
+    Option("--specdec-timing", "specdec_timing", default="calibrated", type=_timing_mode,
+           metavar="MODE",
+           help="how speedups cancel a machine whose speed changes during the session: "
+                "calibrated (a short probe of the target before every sequence; each run "
+                "in units of the machine's speed then; about 5%% more time) or paired "
+                "(also a fresh baseline round next to every timed round of a case, the "
+                "speedup the median of the paired ratios; about twice the time); "
+                "default: calibrated"),
     Option("--specdec-report-dir", "specdec_report_dir", default="reports", metavar="DIR",
            help="where the session's Markdown/CSV/JSON report goes (default: reports/ "
                 "under the rootdir); never overwrites"),
@@ -327,6 +343,7 @@ class SpecdecConfig:
     exact: bool = False
     depth_profile: str = "reference"  # --specdec-depth-profile (drafter.DEPTH_PROFILES)
     ablations: bool = False  # --specdec-ablations: the default set's ablation variants too
+    timing: str = "calibrated"  # --specdec-timing (timing.TIMING_MODES)
 
 
 def read_config(config: pytest.Config) -> SpecdecConfig:
@@ -344,7 +361,8 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
         problems=get("specdec_problems"), max_new_tokens=get("specdec_max_new_tokens"),
         n=get("specdec_n"), rounds=get("specdec_rounds"),
         temperatures=get("specdec_temperatures"), seed=get("specdec_seed"), k=get("specdec_k"),
-        timed_rounds=get("specdec_timed_rounds"), report_dir=report_dir,
+        timed_rounds=get("specdec_timed_rounds"), timing=get("specdec_timing"),
+        report_dir=report_dir,
         peers=() if get("specdec_no_peer") else get("specdec_peers"),
         ablations=get("specdec_ablations"), strict=get("specdec_strict"),
         tie_margin=get("specdec_tie_margin"), exact=get("specdec_lossless") == "exact",

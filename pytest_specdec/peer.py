@@ -26,7 +26,6 @@ and keeps the first divergence instead of failing.
 from __future__ import annotations
 
 import inspect
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -41,6 +40,7 @@ from pytest_specdec.report import OUR_PLD  # the drafter hf_pld copies and is co
 from pytest_specdec.runner import Method, SequenceKey
 from pytest_specdec.sampling import gumbel_noise
 from pytest_specdec.target import Target
+from pytest_specdec import timing
 
 #: How the peers choose tokens, as stored in their records.
 PEER_SAMPLING = "greedy; at T>0 over logits/T + G(seed, t), coupled gumbel via a LogitsProcessor"
@@ -126,12 +126,12 @@ def hf_method(target: Target, *, prompt_lookup_tokens: int = 0, max_ngram: int =
             kwargs.update(prompt_lookup_num_tokens=prompt_lookup_tokens,
                           max_matching_ngram_size=max_ngram)
         counter = _ForwardCounter(model)
-        started = time.perf_counter()
+        started = timing.now()
         try:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         finally:
             counter.close()
-        wall = time.perf_counter() - started
+        wall = timing.now() - started
         new = out[0, ids.shape[1]:].tolist()
         stop = "eos" if new and new[-1] in target.eos_ids else "budget"
         stats = SpecDecodingStats(new_tokens=len(new), steps=counter.calls, wall_s=wall)

@@ -447,10 +447,15 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if not records:
         _show_comparison(terminalreporter, config)
         return
-    from pytest_specdec.report import render_terminal
+    from pytest_specdec.report import flagged_lines, render_terminal
 
     terminalreporter.section("pytest-specdec")
     terminalreporter.write_line(render_terminal(records))
+    flagged = flagged_lines(records)
+    if flagged:
+        terminalreporter.write_line(
+            "WARNING: speedups flagged as timing artefacts or unstable (never marked best): "
+            + "; ".join(flagged), yellow=True, bold=True)
     for path in _write_session_report(config, records):
         terminalreporter.write_line(f"report written: {path}")
     _show_comparison(terminalreporter, config)

@@ -340,10 +340,25 @@ def _speedup_text(value: float | None) -> str:
     return _number(value, 2, "x")
 
 
+def timing_flags_of(record: dict) -> list[str]:
+    """Why a record's speedup cannot be trusted as measured (pytest_specdec.timing)."""
+    flags = record.get("timing_flags")
+    return [str(f) for f in flags] if isinstance(flags, list) else []
+
+
+def _noise_text(record: dict) -> str:
+    noise = record.get("speedup_noise")
+    if not isinstance(noise, _NUMBER) or record["role"] == "baseline":
+        return ""
+    return f" ±{noise * 100:.0f}%"
+
+
 def _summary_cell(record: dict | None) -> str:
     if record is None:
         return NO_VALUE
-    return f"{_speedup_text(record['speedup'])} · MAT {_number(record['mat'])}"
+    flag = " !" if timing_flags_of(record) else ""
+    return (f"{_speedup_text(record['speedup'])}{_noise_text(record)}{flag} · "
+            f"MAT {_number(record['mat'])}")
 
 
 def _wall_text(record: dict) -> str:
@@ -418,7 +433,8 @@ def _best_speedups(by_cell: Mapping[tuple, dict]) -> dict[Column, float]:
     """Per column, the highest speedup among speculative records (not baseline, not peers)."""
     best: dict[Column, float] = {}
     for (row, column), record in by_cell.items():
-        if row[0] == "speculative" and record["speedup"] is not None:
+        if (row[0] == "speculative" and record["speedup"] is not None
+                and not timing_flags_of(record)):  # a flagged speedup is never best
             best[column] = max(best.get(column, record["speedup"]), record["speedup"])
     return best
 
@@ -426,7 +442,7 @@ def _best_speedups(by_cell: Mapping[tuple, dict]) -> dict[Column, float]:
 def _is_best(record: dict, best: Mapping[Column, float]) -> bool:
     # a peer may tie the best speculative speedup, so the role is checked as well
     return (record["role"] == "speculative" and record["speedup"] is not None
-            and record["speedup"] == best.get(_column_of(record)))
+            and not timing_flags_of(record) and record["speedup"] == best.get(_column_of(record)))
 
 
 def render_terminal(records: Sequence[dict]) -> str:
@@ -437,7 +453,8 @@ def render_terminal(records: Sequence[dict]) -> str:
         headers, rows = summary_table(group, mark_best=lambda text: f"{text}*")
         table = tabulate(rows, headers, tablefmt="simple", disable_numparse=True)
         parts.append(f"{label}\n{table}" if len(groups) > 1 else table)
-    parts.append("cells: speedup over the baseline · MAT;  * best speedup among speculative drafters")
+    parts.append("cells: speedup ±timing noise · MAT;  * best speedup among speculative "
+                 "drafters;  ! flagged (see the report's Timing and costs)")
     return "\n\n".join(parts) + "\n"
 
 
@@ -456,7 +473,7 @@ def render_markdown(records: Sequence[dict], *, title: str, meta: Mapping[str, s
         sections.append("## Charts\n\n" + "\n\n".join(f"![{name}]({file})"
                                                       for name, file in charts.items()))
     sections.append(_markdown_details(records))
-    for section in (_markdown_lossless(records), _markdown_per_position(records),
+    for section in (_markdown_timing(records), _markdown_lossless(records), _markdown_per_position(records),
                     _markdown_mat_by_sequence(records), _markdown_hybrid_parts(records),
                     _markdown_drafter_notes(records)):
         if section:
@@ -478,8 +495,8 @@ def _markdown_meta(meta: Mapping[str, str]) -> str:
 
 def _markdown_summary(records: Sequence[dict]) -> str:
     lines = ["## Summary", "",
-             "Cells: speedup over the baseline · MAT. **Bold**: best speedup among "
-             "speculative drafters in the column."]
+             "Cells: speedup over the baseline ±timing noise · MAT. **Bold**: best speedup "
+             "among speculative drafters in the column; `!`: flagged (see Timing and costs)."]
     groups = _group_by_target(records)
     for label, group in groups.items():
         headers, rows = summary_table(group, mark_best=lambda text: f"**{text}**")
@@ -522,6 +539,61 @@ def _markdown_details(records: Sequence[dict]) -> str:
     headers, rows = _details_table(records)
     rows = [row[:-1] + [f"`{row[-1]}`"] for row in rows]
     return "## Details\n\n" + _markdown_table(headers, rows)
+
+
+TIMING_NOTE = (
+    "Timing `calibrated`: a short probe of the target (one-token decode forwards) runs "
+    "before every sequence and after the last; each stretch of a run is divided by the "
+    "probes around it, so a speedup is a ratio of times in units of the machine's speed "
+    "and a change of load during the session cancels out (`paired`: each timed round "
+    "also has a fresh baseline round next to it). `±noise`: the timing noise (probes "
+    "that disagree around a stretch, and the spread of the rounds). `problems 95%`: "
+    "bootstrap over the problems. `raw`: the ratio of wall times without calibration; "
+    "`slowdown`: the machine's speed during the case against its baseline's (probe "
+    "time ratio). Costs per step, at this case's machine speed, over every forward but a "
+    "sequence's first: `t_step` a plain decode step (the baseline's), `t_verify` this "
+    "case's verify forward, `t_draft` its drafting; `ideal` = MAT × t_step ÷ (t_verify + "
+    "t_draft). A speedup above its ideal by more than 15% plus twice its noise is flagged "
+    "`above cost bound` (a measurement artefact), one whose noise exceeds 10% `unstable "
+    "timing`; flagged speedups are never marked best.")
+
+TIMING_HEADERS = ["drafter", "paradigm", "T", "timing", "speedup", "±noise", "problems 95%",
+                  "raw", "slowdown", "t_step ms", "t_verify ms", "t_draft ms", "ideal",
+                  "measured ÷ ideal", "flags"]
+
+
+def _timing_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for r in _report_order(records):
+        if r["role"] == "baseline" or "speedup_noise" not in r:
+            continue
+        low, high = r.get("speedup_problems_low"), r.get("speedup_problems_high")
+        rows.append([
+            r["drafter"], r["paradigm"], _temperature_text(r["temperature"]),
+            str(r.get("timing", NO_VALUE)), _speedup_text(r["speedup"]),
+            _percent(r.get("speedup_noise"), 1),
+            f"{_number(low)}–{_number(high)}x" if isinstance(low, _NUMBER) else NO_VALUE,
+            _speedup_text(r.get("speedup_raw")), _number(r.get("machine_slowdown")),
+            _number(r.get("t_step_ms"), 1), _number(r.get("t_verify_ms"), 1),
+            _number(r.get("t_draft_ms"), 1), _speedup_text(r.get("ideal_speedup")),
+            _number(r.get("measured_over_ideal")), ", ".join(timing_flags_of(r)) or NO_VALUE,
+        ])
+    return TIMING_HEADERS, rows
+
+
+def _markdown_timing(records: Sequence[dict]) -> str:
+    headers, rows = _timing_table(records)
+    if not rows:
+        return ""
+    return "## Timing and costs\n\n" + TIMING_NOTE + "\n\n" + _markdown_table(headers, rows)
+
+
+def flagged_lines(records: Sequence[dict]) -> list[str]:
+    """One line per record whose speedup is flagged, for the session's closing warning."""
+    return [f"{r['drafter']} on {r['paradigm']} T={_temperature_text(r['temperature'])}: "
+            f"{_speedup_text(r['speedup'])} ({', '.join(timing_flags_of(r))}; ideal "
+            f"{_speedup_text(r.get('ideal_speedup'))}, noise {_percent(r.get('speedup_noise'))})"
+            for r in _report_order(records) if timing_flags_of(r)]
 
 
 LOSSLESS_NOTE = (
@@ -722,9 +794,10 @@ def _peer_ratios(by_cell: Mapping[tuple[str, Column], dict], column: Column) -> 
 HOW_TO_READ = """\
 ## How to read
 
-**Speedup** is the ratio of total wall times for the same work: the baseline's wall time
-divided by the drafter's, each the median of its timed rounds, both measured side by side
-in one session on one machine (hf_pld is measured against hf_generate the same way).
+**Speedup** is the ratio of total times for the same work: the baseline's time divided by
+the drafter's, each the median of its timed rounds, both measured in one session on one
+machine and calibrated to the machine's speed while each ran (see Timing and costs; hf_pld
+is measured against hf_generate the same way); ±: its timing noise; `!`: flagged.
 **MAT** (mean accepted tokens) is the number of tokens one target forward yields on
 average, the bonus token included: 1.00 without speculation. A higher MAT means fewer
 target forwards; the speedup is what remains after paying for drafting (see draft share).
@@ -743,7 +816,10 @@ CSV_FIELDS = (
     "case", "role", "drafter", "paradigm", "temperature", "target", "dtype", "device",
     "k", "problems", "max_new_tokens", "new_tokens", "steps", "drafted", "accepted",
     "mat", "acceptance_rate", "per_position_acceptance", "draft_share", "tokens_per_s",
-    "wall_s", "wall_s_rounds", "baseline_wall_s", "speedup", "accuracy", "lossless",
+    "wall_s", "wall_s_rounds", "baseline_wall_s", "speedup", "timing", "speedup_raw",
+    "speedup_noise", "speedup_problems_low", "speedup_problems_high", "probe_ms",
+    "machine_slowdown", "t_step_ms", "t_verify_ms", "t_draft_ms", "ideal_speedup",
+    "measured_over_ideal", "timing_flags", "drafter_weights", "accuracy", "lossless",
     "lossless_method", "tokens_exact", "tokens_near_tie", "max_tie_margin",
     "sequences_departed", "first_departure", "check_s",
     "output_sha256", "specdec_schema", "source", "run_date", "machine",

@@ -10,7 +10,8 @@ import re
 from typing import Any, Mapping, Sequence
 
 from pytest_specdec.report import (HOW_TO_READ, MAT_BY_SEQUENCE_NOTE, PER_POSITION_NOTE,
-                                   LOSSLESS_NOTE, _details_table, _group_by_target,
+                                   LOSSLESS_NOTE, TIMING_NOTE, _details_table,
+                                   _group_by_target, _timing_table,
                                    _lossless_table, _mat_by_sequence_table,
                                    _per_position_table, peer_ratio_lines, summary_table)
 
@@ -47,6 +48,7 @@ def render_html(records: Sequence[dict], *, title: str, meta: Mapping[str, str],
     sections.append(_html_section("details", "Details", None,
                                   _html_table(headers, rows, code_last=True)))
     for section_id, name, note, (headers, rows) in (
+            ("timing", "Timing and costs", TIMING_NOTE, _timing_table(records)),
             ("lossless", "Losslessness", LOSSLESS_NOTE, _lossless_table(records)),
             ("per-position", "Per-position acceptance", PER_POSITION_NOTE,
              _per_position_table(records)),
@@ -116,5 +118,6 @@ def _html_summary(records: Sequence[dict]) -> str:
             parts.append(f"<h3>{_escape(label)}</h3>")
         parts.append(_html_table(headers, rows, css_class="summary"))
     return _html_section("summary", "Summary",
-                         "Cells: speedup over the baseline · MAT. Bold on green: best speedup "
-                         "among speculative drafters in the column.", "\n".join(parts))
+                         "Cells: speedup over the baseline ±timing noise · MAT. Bold on green: "
+                         "best speedup among speculative drafters in the column; !: flagged "
+                         "(see Timing and costs).", "\n".join(parts))

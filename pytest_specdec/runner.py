@@ -8,7 +8,6 @@ function a paradigm sees, and collects every output and its statistics.
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -19,6 +18,7 @@ from pytest_specdec.paradigms import Completion, MultiRound, BestOfN, Outcome
 from pytest_specdec.problems import Problem
 from pytest_specdec.sampling import Sampler
 from pytest_specdec.target import Target
+from pytest_specdec.timing import Timeline
 
 #: (problem key, sample, round): one generated sequence of a paradigm run
 SequenceKey = tuple[str, int, int]
@@ -70,7 +70,9 @@ class RunResult:
     requests: dict[SequenceKey, GenerationRequest] = field(default_factory=dict)
     outcomes: list[Outcome] = field(default_factory=list)
     stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # the run's seconds, calibration probes excluded
+    # the run cut into segments by calibration probes (see pytest_specdec.timing)
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def accuracy(self) -> float:
@@ -83,11 +85,16 @@ class RunResult:
 
 def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Sequence[Problem],
                  method: Method, settings: DecodeSettings,
-                 progress: Callable[[str], None] | None = None) -> RunResult:
-    """Run the paradigm on every problem; wall_s covers the whole run end to end."""
-    result = RunResult()
+                 progress: Callable[[str], None] | None = None,
+                 probe: Callable[[], float] | None = None) -> RunResult:
+    """Run the paradigm on every problem; wall_s covers the whole run end to end, but
+    for the calibration `probe` (see :mod:`pytest_specdec.timing`), which runs before
+    every sequence and after the last, untimed."""
+    result = RunResult(timeline=Timeline(probe))
+    current = 0  # the problem being run
 
     def generate_fn(prompt: str, *, group: str, sample: int, round: int) -> Completion:
+        result.timeline.cut(current)
         request = settings.request(target.encode_prompt(prompt), group, sample, round)
         generation = method(request)
         result.requests[(group, sample, round)] = request
@@ -95,13 +102,13 @@ def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Seque
         result.stats.merge(generation.stats)
         return Completion(target.decode(generation.tokens), tuple(generation.tokens))
 
-    started = time.perf_counter()
-    for i, problem in enumerate(problems):
+    for current, problem in enumerate(problems):
         if progress is not None:
-            progress(f"{paradigm.name}: problem {i + 1}/{len(problems)} ({problem.key})")
+            progress(f"{paradigm.name}: problem {current + 1}/{len(problems)} ({problem.key})")
         result.outcomes.append(paradigm.run(problem, generate_fn))
-    result.wall_s = time.perf_counter() - started
+    result.timeline.finish()
     # per-sequence wall times add up to less than the run (prompt encoding, decoding
     # text): the run's own clock is the figure that counts
+    result.wall_s = result.timeline.wall_s
     result.stats.wall_s = result.wall_s
     return result

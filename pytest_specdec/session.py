@@ -4,16 +4,17 @@ and the records of finished cases. The suites call into it; plugin.py wires it u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pytest_specdec.drafter import depth_profile, draft_depth
 from pytest_specdec.integrity import TargetChanged, TargetFingerprint
 from pytest_specdec.lossless import check_lossless
-from pytest_specdec.metrics import mat_by_index, median_round, speedup
+from pytest_specdec.metrics import ideal_speedup, mat_by_index, median_round
 from pytest_specdec.options import DrafterSpec, SpecdecConfig
 from pytest_specdec.paradigms import make_paradigm
 from pytest_specdec.peer import check_peer, hf_method, plain_peer_settings, pld_peer_settings
@@ -22,6 +23,7 @@ from pytest_specdec.registry import Registry
 from pytest_specdec.report import OUR_PLD, PEER_ORDER, SCHEMA_VERSION
 from pytest_specdec.runner import DecodeSettings, Method, RunResult, engine_method, run_paradigm
 from pytest_specdec.target import Target
+from pytest_specdec.timing import Probe, SpeedupEstimate, speedup_estimate, step_costs, timing_flags
 
 log = logging.getLogger("pytest_specdec")
 
@@ -71,9 +73,11 @@ def worker_device(spec: str, worker: str, gpu_count: int) -> str:
 
 @dataclass
 class Measured:
-    """The timed rounds of one method on one paradigm case."""
+    """The timed rounds of one method on one paradigm case; in paired timing, a drafter's
+    case also holds the baseline rounds timed next to its own (``paired_baseline``)."""
 
     runs: list[RunResult]
+    paired_baseline: list[RunResult] = field(default_factory=list)
 
     @property
     def wall_s(self) -> float:
@@ -99,6 +103,7 @@ class SpecdecSession:
     _peer_plain: dict[ParadigmCase, Measured] = field(default_factory=dict)
     #: (paradigm case, stack) pairs whose first-call costs a warm-up has already paid
     _warm: set[tuple[ParadigmCase, str]] = field(default_factory=set)
+    _probe: Probe | None = None  # the calibration workload of the loaded target
 
     @property
     def target(self) -> Target:
@@ -106,6 +111,15 @@ class SpecdecSession:
             self._target = self.load_target()
             self._fingerprint = TargetFingerprint.take(self._target.model)
         return self._target
+
+    @property
+    def probe(self) -> Probe:
+        """The calibration probe (see :mod:`pytest_specdec.timing`), on the first
+        problem's prompt; made again for a reloaded target."""
+        target = self.target
+        if self._probe is None or self._probe.target is not target:
+            self._probe = Probe(target, target.encode_prompt(self.problems[0].question))
+        return self._probe
 
     @property
     def depth_profile(self) -> str:
@@ -119,7 +133,8 @@ class SpecdecSession:
     # -- measuring ---------------------------------------------------------------
 
     def measure(self, case: ParadigmCase, make_method: Callable[[], Method], *,
-                benchmark: Any = None, k: int = 0, stack: str = "engine") -> Measured:
+                benchmark: Any = None, k: int = 0, stack: str = "engine",
+                before_round: Callable[[], None] | None = None) -> Measured:
         """A short warm-up on the first problem, then the timed rounds over all problems.
 
         The warm-up pays first-call costs (kernel selection, lazy imports, caches) of
@@ -129,7 +144,10 @@ class SpecdecSession:
         warm, and a drafter is built afresh for every timed round anyway.
 
         make_method is called per round, so a drafter starts every round afresh and
-        nothing it learnt in one round (or in the warm-up) speeds up the next.
+        nothing it learnt in one round (or in the warm-up) speeds up the next. Every
+        timed round is calibrated by the session's probe; `before_round` (paired
+        timing: a baseline round) runs before each timed round, untimed by
+        pytest-benchmark.
         """
         cfg = self.config
         paradigm = make_paradigm(case.paradigm, rounds=cfg.rounds, n=cfg.n)
@@ -142,12 +160,15 @@ class SpecdecSession:
             run_paradigm(self.target, paradigm, self.problems[:1], make_method(), warmup)
             self._warm.add((case, stack))
         runs: list[RunResult] = []
+        probe = self.probe.measure
 
         def one_round(method: Method) -> None:
             runs.append(run_paradigm(self.target, paradigm, self.problems, method,
-                                     settings, progress=log.info))
+                                     settings, progress=log.info, probe=probe))
 
         def fresh_method() -> tuple[tuple[Method], dict]:  # untimed: a model drafter loads here
+            if before_round is not None:
+                before_round()
             return (make_method(),), {}
 
         if benchmark is not None:
@@ -156,8 +177,20 @@ class SpecdecSession:
         # without a benchmark, or with a disabled one (--benchmark-disable, which runs
         # its target once), the remaining rounds run here
         while len(runs) < cfg.timed_rounds:
-            one_round(make_method())
+            one_round(*fresh_method()[0])
         return Measured(runs)
+
+    def baseline_method(self) -> Method:
+        return engine_method(self.target, None, k=0, drafter_name="baseline",
+                             exact=self.config.exact)
+
+    def baseline_round(self, case: ParadigmCase) -> RunResult:
+        """One calibrated baseline round (paired timing), not warmed: the baseline's
+        case has paid its first-call costs."""
+        cfg = self.config
+        paradigm = make_paradigm(case.paradigm, rounds=cfg.rounds, n=cfg.n)
+        return run_paradigm(self.target, paradigm, self.problems, self.baseline_method(),
+                            self.settings(case), progress=log.info, probe=self.probe.measure)
 
     def baseline(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
         """Plain decoding on our engine; measured once per session and paradigm case.
@@ -168,11 +201,7 @@ class SpecdecSession:
         only ``run_baseline_case`` adds a baseline record.
         """
         if case not in self._baselines or benchmark is not None:
-            target = self.target
-            self._baselines[case] = self.measure(
-                case, lambda: engine_method(target, None, k=0, drafter_name="baseline",
-                                            exact=self.config.exact),
-                benchmark=benchmark)
+            self._baselines[case] = self.measure(case, self.baseline_method, benchmark=benchmark)
         return self._baselines[case]
 
     def peer_plain(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
@@ -185,11 +214,42 @@ class SpecdecSession:
     # -- the three kinds of case -------------------------------------------------
 
     def run_baseline_case(self, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
-        measured = self.baseline(case, benchmark)
-        return self._record("baseline", "baseline", case, measured, measured, lossless="exact")
+        with self._intact(f"baseline on {case.id}"):
+            return self._baseline_case(case, benchmark)
 
     def run_speculative_case(self, spec: DrafterSpec, case: ParadigmCase,
                              benchmark: Any) -> dict[str, Any]:
+        with self._intact(f"{spec.label} on {case.id}"):
+            return self._speculative_case(spec, case, benchmark)
+
+    def run_peer_case(self, peer: str, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
+        """transformers' generate (plain, or prompt lookup with our pld's settings),
+        timed like a drafter and checked against our baseline in every timed round:
+        in fp32 a difference raises PeerMismatch (see peer.py)."""
+        with self._intact(f"{peer} on {case.id}"):
+            return self._peer_case(peer, case, benchmark)
+
+    @contextlib.contextmanager
+    def _intact(self, case_label: str) -> Iterator[None]:
+        """After the case, whether it passed or failed: the target must be as loaded
+        (:meth:`check_target_intact`); a change fails this case, named, and the next
+        case reloads the target."""
+        try:
+            yield
+        except BaseException as exc:
+            try:
+                self.check_target_intact(case_label)
+            except TargetChanged as changed:
+                raise changed from exc
+            raise
+        self.check_target_intact(case_label)
+
+    def _baseline_case(self, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
+        measured = self.baseline(case, benchmark)
+        return self._record("baseline", "baseline", case, measured, measured, lossless="exact")
+
+    def _speculative_case(self, spec: DrafterSpec, case: ParadigmCase,
+                          benchmark: Any) -> dict[str, Any]:
         base = self.baseline(case)
         registered = self.registry.get(spec.name)
         options = registered.convert_options(dict(spec.options))
@@ -204,7 +264,12 @@ class SpecdecSession:
             return engine_method(target, made[-1], k=k, drafter_name=spec.label,
                                  step_timeout=self.config.step_timeout, exact=self.config.exact)
 
-        measured = self.measure(case, fresh_method, benchmark=benchmark, k=k)
+        paired: list[RunResult] = []
+        before_round = (lambda: paired.append(self.baseline_round(case))) \
+            if self.config.timing == "paired" else None
+        measured = self.measure(case, fresh_method, benchmark=benchmark, k=k,
+                                before_round=before_round)
+        measured.paired_baseline = paired
         # every token of every timed round is judged, not just one round's
         verdict = check_lossless(target, base.last.outputs,
                                  [(run.requests, run.outputs) for run in measured.runs],
@@ -221,15 +286,18 @@ class SpecdecSession:
             note = ""
         if note:
             record["drafter_note"] = note
+        try:  # which weights a model drafter used (its weights_digest), when it says
+            weights = getattr(made[-1], "weights_digest", None)
+        except Exception:
+            weights = None
+        if isinstance(weights, str) and weights:
+            record["drafter_weights"] = weights[:64]
         parts = getattr(made[-1], "parts", None)  # the last timed round's
         if isinstance(parts, dict):
             record["hybrid_parts"] = {str(name): dict(counts) for name, counts in parts.items()}
         return record
 
-    def run_peer_case(self, peer: str, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
-        """transformers' generate (plain, or prompt lookup with our pld's settings),
-        timed like a drafter and checked against our baseline in every timed round:
-        in fp32 a difference raises PeerMismatch (see peer.py)."""
+    def _peer_case(self, peer: str, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
         target, k = self.target, 0
         if peer == "hf_generate":
             measured = reference = self.peer_plain(case, benchmark)
@@ -294,13 +362,58 @@ class SpecdecSession:
             "wall_s_rounds": [round(r.wall_s, 4) for r in measured.runs],
             "wall_s": round(measured.wall_s, 4),
             "baseline_wall_s": round(reference.wall_s, 4),
-            "speedup": round(speedup(reference.wall_s, measured.wall_s), 4),
+            **self._timing_fields(measured, reference, own_reference=measured is reference,
+                                  mat=stats.mat),
             "accuracy": round(run.accuracy, 4),
             "output_sha256": run.digest,
             "lossless": lossless,
         }
         self.records.append(record)
         return record
+
+    def _timing_fields(self, measured: Measured, reference: Measured, *, own_reference: bool,
+                       mat: float) -> dict[str, Any]:
+        """The speedup with its uncertainty, and the step costs that explain it
+        (definitions: :mod:`pytest_specdec.timing`, :func:`metrics.ideal_speedup`).
+
+        Costs are calibrated (probe units) before they are compared, then shown in
+        milliseconds at this case's machine speed (its median probe)."""
+        paired = bool(measured.paired_baseline)
+        base_runs = measured.paired_baseline or reference.runs
+        if own_reference:
+            estimate = SpeedupEstimate(1.0, 1.0, 0.0, 1.0, 1.0)
+        else:
+            estimate = speedup_estimate([r.timeline for r in base_runs],
+                                        [r.timeline for r in measured.runs],
+                                        len(self.problems), paired=paired)
+        probe_s = median_round([r.timeline.probe_s for r in measured.runs])
+        base_probe_s = median_round([r.timeline.probe_s for r in base_runs])
+        base_costs, own_costs = step_costs(base_runs), step_costs(measured.runs)
+
+        def ms(units: float | None) -> float | None:
+            return None if units is None else round(units * probe_s * 1e3, 3)
+
+        ideal = None
+        if base_costs is not None and own_costs is not None and not own_reference:
+            ideal = ideal_speedup(mat, base_costs.forward, own_costs.forward, own_costs.draft)
+        over_ideal = None if ideal is None else estimate.value / ideal
+        return {
+            "timing": self.config.timing,
+            "speedup": round(estimate.value, 4),
+            "speedup_raw": round(estimate.raw, 4),
+            "speedup_noise": round(estimate.noise, 4),
+            "speedup_problems_low": round(estimate.problems_low, 4),
+            "speedup_problems_high": round(estimate.problems_high, 4),
+            "probe_ms": round(probe_s * 1e3, 3),
+            # > 1: the machine was slower during this case than during its baseline
+            "machine_slowdown": round(probe_s / base_probe_s, 4) if base_probe_s > 0 else None,
+            "t_step_ms": ms(base_costs and base_costs.forward),
+            "t_verify_ms": None if own_reference else ms(own_costs and own_costs.forward),
+            "t_draft_ms": None if own_reference else ms(own_costs and own_costs.draft),
+            "ideal_speedup": None if ideal is None else round(ideal, 4),
+            "measured_over_ideal": None if over_ideal is None else round(over_ideal, 4),
+            "timing_flags": timing_flags(over_ideal, estimate.noise),
+        }
 
     def check_target_intact(self, case_label: str) -> None:
         """Raise TargetChanged, naming `case_label` and what changed, if the loaded target

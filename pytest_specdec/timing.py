@@ -1,0 +1,284 @@
+"""Timing that survives a machine whose speed changes during the session.
+
+A benchmark session lasts minutes to hours; on a shared machine a background load can
+start or stop at any time, and a baseline timed once at the start would then be divided
+into drafter runs timed under another load. So every timed run is *calibrated*: a short
+fixed workload of the target, the **probe** (:data:`PROBE_FORWARDS` one-token decode
+forwards at a fixed context of :data:`PROBE_CONTEXT` tokens; its median is one plain
+decode step *now*), runs before every sequence and after the last. The run's wall time
+is cut at the probes into segments, and each segment is divided by the mean of the two
+probes around it: a run's *calibrated time* is its length in decode steps of the machine
+as it was while it ran. A speedup is a ratio of calibrated times, so a machine that is
+twice as slow during a drafter's case as during the baseline's leaves it unchanged.
+
+Uncertainty, stated for every speedup (see :func:`speedup_estimate`):
+
+- *timing noise*: where the two probes around a segment differ, the machine's speed
+  changed somewhere inside it (or the probe jittered), and the segment's calibration is
+  uncertain by half their relative difference; these add in quadrature over a run's
+  segments, and over the two runs of a ratio; with several timed rounds, the spread of
+  the rounds' ratios is added;
+- *over problems*: a bootstrap over the problems (which problems were drawn), the 95%
+  interval of the ratio of calibrated totals.
+
+Probe time is never part of a run's wall time. Every timed figure of the package reads
+:func:`now`, so a test can run the whole stack on a fake clock.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+#: The clock of every timed figure (runs, probes, engine steps); tests replace it.
+clock: Callable[[], float] = time.perf_counter
+
+#: One-token forwards per probe; the probe reads their median (one hiccup cannot move it).
+PROBE_FORWARDS = 3
+#: Context tokens the probe's forwards attend to (prefilled once, never timed).
+PROBE_CONTEXT = 64
+#: Bootstrap resamples over problems, from a fixed seed (same data, same interval).
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+#: ``--specdec-timing`` values: ``calibrated`` (every run probed, the default);
+#: ``paired`` (also a fresh baseline round next to every timed round of a case; about
+#: twice the time).
+TIMING_MODES = ("calibrated", "paired")
+
+
+def now() -> float:
+    """Seconds on :data:`clock` (monotonic, arbitrary origin)."""
+    return clock()
+
+
+class Probe:
+    """The calibration workload of one target: ``measure()`` returns the median time of
+    :data:`PROBE_FORWARDS` one-token decode forwards after a fixed context, i.e. what a
+    plain decode step costs on this machine at this moment. The context is prefilled
+    once into the probe's own cache; each forward is rolled back (``crop(-1)``), so
+    every probe does the same work and no sequence's cache is touched."""
+
+    def __init__(self, target: Any, context: Sequence[int]):
+        self.target = target
+        ids = list(context)[:PROBE_CONTEXT] or [0]
+        while len(ids) < PROBE_CONTEXT:  # a short prompt is repeated up to the size
+            ids += ids[: PROBE_CONTEXT - len(ids)]
+        self.next_token = ids[-1]
+        with torch.inference_mode():
+            self.cache = target.new_cache()
+            target.forward(ids[:-1], self.cache, keep_logits=1)
+
+    @torch.inference_mode()
+    def measure(self) -> float:
+        times = []
+        for _ in range(PROBE_FORWARDS):
+            started = now()
+            logits, _ = self.target.forward([self.next_token], self.cache, keep_logits=1)
+            float(logits[0, 0])  # waits for an asynchronous device
+            times.append(now() - started)
+            self.cache.crop(-1)
+        return statistics.median(times)
+
+
+@dataclass
+class Timeline:
+    """One timed run cut by probes: segment i lies between probe i and probe i + 1 and
+    belongs to problem ``problem_of[i]``. Without a probe (``probe=None``) every probe
+    reads 1.0, so calibrated times are the raw seconds."""
+
+    probe: Callable[[], float] | None = None
+    probes: list[float] = field(default_factory=list)
+    segments: list[float] = field(default_factory=list)
+    problem_of: list[int] = field(default_factory=list)
+    _mark: float | None = None
+    _problem: int = 0
+
+    def _take_probe(self) -> None:
+        self.probes.append(self.probe() if self.probe is not None else 1.0)
+        self._mark = now()
+
+    def cut(self, problem: int) -> None:
+        """A new segment starts (a sequence of `problem` is about to run)."""
+        if self._mark is not None:
+            self.segments.append(now() - self._mark)
+            self.problem_of.append(self._problem)
+        self._problem = problem
+        self._take_probe()
+
+    def finish(self) -> None:
+        if self._mark is not None:
+            self.segments.append(now() - self._mark)
+            self.problem_of.append(self._problem)
+            self._mark = None
+            self._take_probe()
+
+    @property
+    def wall_s(self) -> float:
+        """The run's own seconds, probes excluded."""
+        return sum(self.segments)
+
+    def scales(self) -> list[float]:
+        """Each segment's calibration: the mean of the two probes around it."""
+        return [(self.probes[i] + self.probes[i + 1]) / 2 for i in range(len(self.segments))]
+
+    @property
+    def calibrated(self) -> float:
+        """The run's length in probe units (decode steps of the machine as it was)."""
+        return sum(s / c for s, c in zip(self.segments, self.scales()))
+
+    def calibrated_by_problem(self, problems: int) -> list[float]:
+        out = [0.0] * problems
+        for s, c, p in zip(self.segments, self.scales(), self.problem_of):
+            out[p] += s / c
+        return out
+
+    @property
+    def relative_noise(self) -> float:
+        """The calibrated time's relative uncertainty: per segment, half the relative
+        difference of its two probes (the speed changed somewhere between them), added
+        in quadrature over the segments, weighted by their calibrated lengths."""
+        total = self.calibrated
+        if total <= 0:
+            return 0.0
+        square = 0.0
+        for i, (s, c) in enumerate(zip(self.segments, self.scales())):
+            a, b = self.probes[i], self.probes[i + 1]
+            u = abs(a - b) / (a + b) if a + b > 0 else 0.0
+            square += (s / c * u) ** 2
+        return math.sqrt(square) / total
+
+    @property
+    def probe_s(self) -> float:
+        """The median probe: one plain decode step during this run (seconds)."""
+        return statistics.median(self.probes) if self.probes else 0.0
+
+
+@dataclass(frozen=True)
+class SpeedupEstimate:
+    """A speedup with its uncertainty (definitions in :func:`speedup_estimate`)."""
+
+    value: float  # ratio of calibrated times (median over paired rounds in paired mode)
+    raw: float  # ratio of wall times, uncalibrated: what the run would say without probes
+    noise: float  # relative timing noise (one standard deviation)
+    problems_low: float  # bootstrap over problems, 2.5th percentile
+    problems_high: float  # 97.5th percentile
+
+
+def bootstrap_ratio(base: Sequence[float], new: Sequence[float], *,
+                    samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% interval of sum(base[p]) / sum(new[p]) over problems p resampled with
+    replacement; a fixed seed, so the same times give the same interval."""
+    n = len(base)
+    if n == 0 or n != len(new):
+        raise ValueError(f"per-problem times must be non-empty and of equal length, "
+                         f"got {len(base)} and {len(new)}")
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(samples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        denominator = sum(new[p] for p in picks)
+        if denominator > 0:
+            ratios.append(sum(base[p] for p in picks) / denominator)
+    if not ratios:
+        return math.nan, math.nan
+    ratios.sort()
+    return ratios[int(0.025 * (len(ratios) - 1))], ratios[int(0.975 * (len(ratios) - 1))]
+
+
+def speedup_estimate(base_rounds: Sequence[Timeline], new_rounds: Sequence[Timeline],
+                     problems: int, *, paired: bool = False) -> SpeedupEstimate:
+    """Speedup of `new_rounds` over `base_rounds` (the timed rounds of one case and of
+    its baseline), every figure a ratio of totals over the problems:
+
+    - value: calibrated baseline time / calibrated drafter time; the median round of
+      each (calibrated, unpaired); in paired mode, the median over rounds of the ratio
+      of each round to the baseline round timed next to it;
+    - raw: the same with wall seconds (no calibration), for comparison;
+    - noise: the two runs' calibration noise in quadrature, plus, with several rounds,
+      the standard error of the per-round ratios;
+    - problems_low/high: the bootstrap over problems of the median rounds' per-problem
+      calibrated times.
+    """
+    if not base_rounds or not new_rounds:
+        raise ValueError("a speedup needs at least one timed round of each run")
+    if paired and len(base_rounds) != len(new_rounds):
+        raise ValueError(f"paired timing needs one baseline round per timed round, got "
+                         f"{len(base_rounds)} and {len(new_rounds)}")
+    base_m, new_m = _median_round(base_rounds), _median_round(new_rounds)
+    if paired:
+        ratios = [b.calibrated / n.calibrated for b, n in zip(base_rounds, new_rounds)]
+    else:
+        ratios = [base_m.calibrated / n.calibrated for n in new_rounds]
+    value = statistics.median(ratios)
+    noise_sq = base_m.relative_noise ** 2 + new_m.relative_noise ** 2
+    if len(ratios) > 1:
+        noise_sq += (statistics.stdev(ratios) / value) ** 2 / len(ratios)
+    low, high = bootstrap_ratio(base_m.calibrated_by_problem(problems),
+                                new_m.calibrated_by_problem(problems))
+    return SpeedupEstimate(value=value, raw=base_m.wall_s / new_m.wall_s,
+                           noise=math.sqrt(noise_sq), problems_low=low, problems_high=high)
+
+
+def _median_round(rounds: Sequence[Timeline]) -> Timeline:
+    """The round of median calibrated time (the lower median for an even count)."""
+    ordered = sorted(rounds, key=lambda t: t.calibrated)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+#: measured ÷ ideal above 1 + this (plus twice the timing noise) breaks the cost bound:
+#: the baseline's own per-token overheads (prefill, sampling, Python) let a real speedup
+#: exceed the forwards-only ideal a little, never by this much
+COST_BOUND_TOLERANCE = 0.15
+#: a relative timing noise above this: the machine's speed changed too fast within the
+#: case for the probes to follow
+UNSTABLE_NOISE = 0.10
+ABOVE_COST_BOUND = "above cost bound"
+UNSTABLE_TIMING = "unstable timing"
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Mean costs per target forward, in probe units (plain decode steps of the machine
+    as it was), over every forward but a sequence's first (which also prefills)."""
+
+    forward: float  # the target's forward and token choice (t_step, or t_verify)
+    draft: float  # the drafter's propose, observe and accept (t_draft)
+    forwards: int  # how many forwards the means are over
+
+
+def step_costs(runs: Sequence[Any]) -> StepCosts | None:
+    """The calibrated step costs of timed runs (``runner.RunResult``s): each sequence's
+    step times divided by the calibration of its own segment (segment i is the run's
+    i-th sequence). None when no sequence has a step past its first (a peer's
+    generate records none)."""
+    forward = draft = 0.0
+    count = 0
+    for run in runs:
+        scales = run.timeline.scales()
+        for scale, generation in zip(scales, run.outputs.values()):
+            if scale <= 0:
+                continue
+            for step in generation.steps[1:]:
+                forward += step.target_s / scale
+                draft += step.drafter_s / scale
+                count += 1
+    if not count:
+        return None
+    return StepCosts(forward / count, draft / count, count)
+
+
+def timing_flags(measured_over_ideal: float | None, noise: float) -> list[str]:
+    """Why a speedup cannot be trusted as measured (empty: it can)."""
+    flags = []
+    if measured_over_ideal is not None and measured_over_ideal > 1 + COST_BOUND_TOLERANCE + 2 * noise:
+        flags.append(ABOVE_COST_BOUND)
+    if noise > UNSTABLE_NOISE:
+        flags.append(UNSTABLE_TIMING)
+    return flags

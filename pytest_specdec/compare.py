@@ -59,6 +59,7 @@ from pytest_specdec.report import (
     ReportError,
     draft_depth_of,
     load_records,
+    timing_flags_of,
 )
 
 NO_VALUE = "—"
@@ -287,9 +288,25 @@ def _reference(index: Mapping[Key, dict], key: Key) -> dict | None:
     return None  # the baseline and hf_generate: their own reference
 
 
+#: a speedup's stated timing noise is one standard deviation; the floor is this many
+NOISE_SIGMAS = 2.0
+
+
+def _stated_noise(record: dict) -> float | None:
+    """The record's own timing noise (pytest_specdec.timing), if it states one."""
+    noise = record.get("speedup_noise")
+    return float(noise) if isinstance(noise, (int, float)) else None
+
+
 def _speedup_noise(record: dict, reference: dict | None, is_own_reference: bool) -> float:
+    """One run's share of the speedup's noise floor: its stated timing noise (×2), or,
+    for records without one (older runs), the max−min spread of its and its
+    reference's timed rounds."""
     if is_own_reference:
         return 0.0
+    stated = _stated_noise(record)
+    if stated is not None:
+        return NOISE_SIGMAS * stated
     own = spread(record["wall_s_rounds"])
     return own + (spread(reference["wall_s_rounds"]) if reference is not None else own)
 
@@ -335,6 +352,7 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
     drops = dict(rules)
     cases = []
     single_round = 0
+    flagged: list[str] = []  # compared cases whose new speedup is flagged (timing)
     depth_changes = []  # compared cases whose draft depth k differs: "pld ...: 5 → 10"
     for key in dict.fromkeys([*old_index, *new_index]):
         old, now = old_index.get(key), new_index.get(key)
@@ -368,11 +386,26 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
                 threshold = delta.threshold
                 delta.failed = (delta.change is not None and threshold is not None
                                 and delta.change < -threshold - EPSILON)
+            if "speedup" in drops and timing_flags_of(now):
+                # a gate never passes on a flagged speedup silently
+                case.metrics["speedup"].failed = True
+                flagged.append(case.label)
         cases.append(case)
     cases.sort(key=_sort_key)
     if depth_changes:
         warnings.append(f"the runs differ in k (draft depth) of {len(depth_changes)} compared "
                         f"case(s), {base_name} → {new_name}: " + "; ".join(depth_changes))
+    old_stated = [r for r in base if _stated_noise(r) is not None]
+    new_stated = [r for r in new if _stated_noise(r) is not None]
+    if "speedup" in drops:
+        if old_stated and new_stated:
+            warnings.append(f"speedup noise floor: each run's stated timing noise × "
+                            f"{NOISE_SIGMAS:g} (calibrated timing), added")
+            single_round = 0  # the stated noise covers a single round too
+        if flagged:
+            warnings.append(f"{len(flagged)} case(s) of {new_name} have a flagged speedup "
+                            "(timing artefact or unstable timing) and fail the speedup rule: "
+                            + ", ".join(flagged))
     if single_round and "speedup" in drops:
         warnings.append(f"{single_round} compared case(s) have a single timed round in a run: "
                         "their speedup has no noise floor (use --specdec-timed-rounds 3)")

@@ -795,7 +795,7 @@ HOW_TO_READ = """\
 ## How to read
 
 **Speedup** is the ratio of total times for the same work: the baseline's time divided by
-the drafter's, each the median of its timed rounds, both measured in one session on one
+the drafter's, each the median of its timed rounds, both measured side by side in one session on one
 machine and calibrated to the machine's speed while each ran (see Timing and costs; hf_pld
 is measured against hf_generate the same way); ±: its timing noise; `!`: flagged.
 **MAT** (mean accepted tokens) is the number of tokens one target forward yields on

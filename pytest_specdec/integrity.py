@@ -52,17 +52,25 @@ _INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 class TargetChanged(DraftError):
     """A case left the target different from how it was loaded (its drafter reached a
     parameter or buffer it was not lent, or wrote to one it was). The session has
-    dropped the target: the next case runs on a fresh load. ``drafter`` is the case's
-    label; ``changes`` lists every change (see :meth:`TargetFingerprint.changes`)."""
+    dropped the target: the next case runs on a fresh load. ``drafter`` holds the
+    case's label (``pld on multi_round``), also named ``case``; ``changes`` lists every
+    change (see :meth:`TargetFingerprint.changes`)."""
 
     changes: tuple[str, ...] = field(default=())
+
+    @property
+    def case(self) -> str:
+        return self.drafter
+
+    def __str__(self) -> str:
+        return f"case {self.drafter!r} broke the rule '{self.rule}': {self.detail}"
 
     @classmethod
     def of(cls, case_label: str, changes: list[str], total: int) -> "TargetChanged":
         shown = ", ".join(changes[:SHOWN])
         if len(changes) > SHOWN:
             shown += f" and {len(changes) - SHOWN} more"
-        detail = (f"the case changed {shown} ({len(changes)} of the {total} parameters, "
+        detail = (f"it changed {shown} ({len(changes)} of the {total} parameters, "
                   "buffers and module modes compared); the target was dropped, the next "
                   "case runs on a fresh load")
         return cls(case_label, TARGET_INTACT, detail, tuple(changes))
@@ -87,9 +95,9 @@ def digest(tensor: torch.Tensor) -> torch.Tensor:
     """Three int64 numbers on `tensor`'s device: the wrap-around sum of its bits, and its
     row and column sums weighted by their index (1-based). Equal tensors have equal
     digests; see the module's docstring for what a different tensor is sure to change."""
+    if tensor.numel() == 0:
+        return torch.zeros(3, dtype=torch.int64, device=tensor.device)
     bits = _bits(tensor)
-    if bits.numel() == 0:
-        return torch.zeros(3, dtype=torch.int64, device=bits.device)
     # int32 accumulators wrap around; int64 accumulators for 8-byte elements
     acc = torch.int64 if bits.element_size() == 8 else torch.int32
     rows = bits.sum(dim=1, dtype=acc).to(torch.int64)

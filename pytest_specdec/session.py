@@ -233,16 +233,23 @@ class SpecdecSession:
     def _intact(self, case_label: str) -> Iterator[None]:
         """After the case, whether it passed or failed: the target must be as loaded
         (:meth:`check_target_intact`); a change fails this case, named, and the next
-        case reloads the target."""
+        case reloads the target; the record the case added, if any, is taken back (the
+        report holds the cases that passed)."""
+        kept = len(self.records)
         try:
             yield
         except BaseException as exc:
             try:
                 self.check_target_intact(case_label)
             except TargetChanged as changed:
+                del self.records[kept:]
                 raise changed from exc
             raise
-        self.check_target_intact(case_label)
+        try:
+            self.check_target_intact(case_label)
+        except TargetChanged:
+            del self.records[kept:]
+            raise
 
     def _baseline_case(self, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
         measured = self.baseline(case, benchmark)

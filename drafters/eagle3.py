@@ -46,6 +46,7 @@ import torch
 
 from pytest_specdec.drafter import (MAX_DRAFT_NODES, Draft, DrafterBase, DraftRequest, TargetInfo,
                                     TargetSignals)
+from pytest_specdec.models.weights import state_digest
 from pytest_specdec.models.eagle3 import (CheckpointError, HeadCache, check_fits, eagle_layers,
                                           load_checkpoint)
 from pytest_specdec.models.training import training_summary
@@ -109,6 +110,7 @@ class Eagle3(DrafterBase):
                              f"{MAX_DRAFT_NODES + 1} (at most {MAX_DRAFT_NODES} draft nodes)")
         self.model, self.depth, self.top_k, self.total_tokens = model, depth, top_k, total_tokens
         self.head = None
+        self.weights_digest = ""  # set by attach (pytest_specdec.models.weights)
         self.hidden_layers = ()
         self.layout = ""
         self._reset(Sampler())
@@ -123,6 +125,7 @@ class Eagle3(DrafterBase):
             raise CheckpointError(f"{folder}: names {len(layers)} target layers {layers}; "
                                   "EAGLE-3 fuses 3")
         self.head, self.hidden_layers = head, tuple(layers)
+        self.weights_digest = state_digest(head)  # recorded as the case's drafter_weights
         self.report_note = (f"checkpoint {self.model} ({self.layout} layout)" if self.model
                             else f"head trained here: {training_summary(folder)}")
         self.device = next(head.parameters()).device

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import torch
 
 from pytest_specdec.drafter import Draft, DraftRequest, DrafterBase, TargetInfo
+from pytest_specdec.models.weights import state_digest
 from pytest_specdec.models.draft_lm import DraftModelError, derived_note, load_draft_model
 from pytest_specdec.sampling import Sampler
 from pytest_specdec.target import Target, wrap_model
@@ -111,6 +112,7 @@ class SpeculativeSampling(DrafterBase):
     def attach(self, target: TargetInfo) -> None:
         spec = self.model_spec or str(default_draft_folder(target))
         model = load_draft_model(spec, target)
+        self.weights_digest = state_digest(model)  # recorded as the case's drafter_weights
         self.runner = wrap_model(model, name=f"sps draft {spec}", device=target.device)
         self.report_note = f"draft model {spec}" if self.model_spec else derived_note(spec)
         self.eos_ids = frozenset(target.eos_ids)

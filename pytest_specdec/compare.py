@@ -352,6 +352,7 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
     drops = dict(rules)
     cases = []
     single_round = 0
+    weight_changes: list[str] = []  # compared cases whose drafter weights differ
     flagged: list[str] = []  # compared cases whose new speedup is flagged (timing)
     depth_changes = []  # compared cases whose draft depth k differs: "pld ...: 5 → 10"
     for key in dict.fromkeys([*old_index, *new_index]):
@@ -378,6 +379,10 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
             case.single_round = not own_reference and (
                 len(old["wall_s_rounds"]) < 2 or len(now["wall_s_rounds"]) < 2)
             single_round += case.single_round
+            if (old.get("drafter_weights") and now.get("drafter_weights")
+                    and old["drafter_weights"] != now["drafter_weights"]):
+                weight_changes.append(f"{case.label}: {old['drafter_weights']} → "
+                                      f"{now['drafter_weights']}")
             if draft_depth_of(old) != draft_depth_of(now):  # plain decoding has none
                 depth_changes.append(f"{case.label}: {draft_depth_of(old)} → {draft_depth_of(now)}")
             for metric, drop in drops.items():
@@ -392,6 +397,10 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
                 flagged.append(case.label)
         cases.append(case)
     cases.sort(key=_sort_key)
+    if weight_changes:
+        warnings.append(f"the runs used different drafter weights in {len(weight_changes)} "
+                        f"compared case(s) (drafter_weights, {base_name} → {new_name}): "
+                        + "; ".join(weight_changes))
     if depth_changes:
         warnings.append(f"the runs differ in k (draft depth) of {len(depth_changes)} compared "
                         f"case(s), {base_name} → {new_name}: " + "; ".join(depth_changes))

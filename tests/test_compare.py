@@ -402,3 +402,29 @@ def test_compare_usage_errors_before_any_case(suite, small, args, message):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
     assert "passed" not in result.stdout.str()
+
+
+def test_different_drafter_weights_are_warned_about(records):
+    from pytest_specdec.compare import compare_records
+
+    base = [{**r, "drafter_weights": "aaaa"} if r["role"] == "speculative" else r for r in records]
+    new = [{**r, "drafter_weights": "bbbb"} if r["role"] == "speculative" else r for r in records]
+    comparison = compare_records(base, new)
+    assert any("different drafter weights" in w and "aaaa → bbbb" in w
+               for w in comparison.warnings)
+    assert not any("drafter weights" in w for w in compare_records(base, base).warnings)
+
+
+def test_a_flagged_speedup_fails_a_speedup_rule_and_stated_noise_is_the_floor(records):
+    from pytest_specdec.compare import compare_records
+
+    stated = [{**r, "speedup_noise": 0.02, "timing_flags": []} for r in records]
+    flagged = [{**r, "timing_flags": ["above cost bound"]} if r["role"] == "speculative" else r
+               for r in stated]
+    comparison = compare_records(stated, flagged, rules=[("speedup", 0.10)])
+    assert not comparison.passed
+    assert any("flagged speedup" in w for w in comparison.warnings)
+    same = compare_records(stated, stated, rules=[("speedup", 0.10)])
+    assert same.passed and any("stated timing noise" in w for w in same.warnings)
+    case = next(c for c in same.compared if c.role == "speculative")
+    assert case.metrics["speedup"].floor == pytest.approx(0.08)

@@ -307,13 +307,18 @@ def _models():
             and isinstance(o, transformers.PreTrainedModel)]
 
 
+def _named(tensors, suffix):
+    """The first tensor whose name ends with `suffix` (whatever the model's nesting)."""
+    return next(t for name, t in tensors if name.endswith(suffix))
+
+
 class ReachesAWeight(Quiet):
     """Lent nothing; finds the target through gc and writes through .data (no version
     bump) to a layer's weight."""
 
     def attach(self, info):
         for model in _models():
-            model.model.layers[0].mlp.down_proj.weight.data.mul_(-3.0)
+            _named(model.named_parameters(), "layers.0.mlp.down_proj.weight").data.mul_(-3.0)
 
 
 class ReachesABuffer(Quiet):
@@ -325,7 +330,7 @@ class ReachesABuffer(Quiet):
 
     def accept(self, tokens):
         for model in self.models:
-            model.model.rotary_emb.inv_freq.mul_(1.5)
+            _named(model.named_buffers(), "rotary_emb.inv_freq").mul_(1.5)
 
 
 def pytest_specdec_register_drafters(config):

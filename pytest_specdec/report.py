@@ -348,17 +348,18 @@ def timing_flags_of(record: dict) -> list[str]:
 
 def _noise_text(record: dict) -> str:
     noise = record.get("speedup_noise")
-    if not isinstance(noise, _NUMBER) or record["role"] == "baseline":
+    if not isinstance(noise, _NUMBER) or record["role"] == "baseline" or \
+            record["drafter"] == PEER_PLAIN:  # their own reference: exactly 1.00x
         return ""
-    return f" ±{noise * 100:.0f}%"
+    return f" · ±{noise * 100:.0f}%"
 
 
 def _summary_cell(record: dict | None) -> str:
     if record is None:
         return NO_VALUE
     flag = " !" if timing_flags_of(record) else ""
-    return (f"{_speedup_text(record['speedup'])}{_noise_text(record)}{flag} · "
-            f"MAT {_number(record['mat'])}")
+    return (f"{_speedup_text(record['speedup'])} · MAT {_number(record['mat'])}"
+            f"{_noise_text(record)}{flag}")
 
 
 def _wall_text(record: dict) -> str:
@@ -453,8 +454,8 @@ def render_terminal(records: Sequence[dict]) -> str:
         headers, rows = summary_table(group, mark_best=lambda text: f"{text}*")
         table = tabulate(rows, headers, tablefmt="simple", disable_numparse=True)
         parts.append(f"{label}\n{table}" if len(groups) > 1 else table)
-    parts.append("cells: speedup ±timing noise · MAT;  * best speedup among speculative "
-                 "drafters;  ! flagged (see the report's Timing and costs)")
+    parts.append("cells: speedup · MAT · ±the speedup's timing noise;  * best speedup among "
+                 "speculative drafters;  ! flagged (see the report's Timing and costs)")
     return "\n\n".join(parts) + "\n"
 
 
@@ -495,7 +496,7 @@ def _markdown_meta(meta: Mapping[str, str]) -> str:
 
 def _markdown_summary(records: Sequence[dict]) -> str:
     lines = ["## Summary", "",
-             "Cells: speedup over the baseline ±timing noise · MAT. **Bold**: best speedup "
+             "Cells: speedup over the baseline · MAT · ±the speedup's timing noise. **Bold**: best speedup "
              "among speculative drafters in the column; `!`: flagged (see Timing and costs)."]
     groups = _group_by_target(records)
     for label, group in groups.items():

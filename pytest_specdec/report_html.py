@@ -118,6 +118,6 @@ def _html_summary(records: Sequence[dict]) -> str:
             parts.append(f"<h3>{_escape(label)}</h3>")
         parts.append(_html_table(headers, rows, css_class="summary"))
     return _html_section("summary", "Summary",
-                         "Cells: speedup over the baseline ±timing noise · MAT. Bold on green: "
+                         "Cells: speedup over the baseline · MAT · ±the speedup's timing noise. Bold on green: "
                          "best speedup among speculative drafters in the column; !: flagged "
                          "(see Timing and costs).", "\n".join(parts))

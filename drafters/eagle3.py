@@ -34,7 +34,9 @@ Deliberate differences from the reference:
   :mod:`pytest_specdec.models.tree`); the reference's ``torch.topk`` leaves them open.
 - weights: ``model=""`` is this project's head trained on the target's own generations
   (``pytest-specdec train eagle3``), not a published checkpoint (none exists for the
-  embedded SmolLM2 target).
+  embedded SmolLM2 target); weights whose training stopped at a time limit
+  (training.json ``"complete": false``) are refused, naming the command that finishes
+  them. ``Eagle3.weights_digest`` names the weights loaded.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def weights_folder(model: str, info: TargetInfo) -> Path:
     """The folder of the weights named by the ``model`` option: "" is the default trained
     for the target; else a folder, or a hub id already in the local Hugging Face cache."""
     if not model:
-        from pytest_specdec.models.training import default_weights, weights_fit
+        from pytest_specdec.models.training import (default_weights, weights_fit,
+                                                    weights_incomplete)
 
         folder = default_weights("eagle3", info)
         why = weights_fit(folder, info)
@@ -67,6 +70,9 @@ def weights_folder(model: str, info: TargetInfo) -> Path:
                 f"eagle3 has no trained weights for target {info.name!r} ({why}); train them "
                 "with `pytest-specdec train eagle3`, or name a checkpoint with "
                 "--specdec-drafter eagle3:model=PATH_OR_HUB_ID")
+        unfinished = weights_incomplete(folder, "eagle3", info)
+        if unfinished:  # a run stopped by a time limit: not the weights the defaults name
+            raise CheckpointError(f"eagle3 refuses its default weights: {unfinished}")
         return folder
     path = Path(model).expanduser()
     if path.is_dir():
@@ -110,10 +116,19 @@ class Eagle3(DrafterBase):
                              f"{MAX_DRAFT_NODES + 1} (at most {MAX_DRAFT_NODES} draft nodes)")
         self.model, self.depth, self.top_k, self.total_tokens = model, depth, top_k, total_tokens
         self.head = None
-        self.weights_digest = ""  # set by attach (pytest_specdec.models.weights)
+        self._weights_digest = ""
         self.hidden_layers = ()
         self.layout = ""
         self._reset(Sampler())
+
+    @property
+    def weights_digest(self) -> str:
+        """Which weights attach() loaded (recorded as the case's ``drafter_weights``):
+        :func:`pytest_specdec.models.weights.state_digest` of the head, the first 16 hex
+        digits of SHA-256 over its state dict's tensors (key, dtype, shape, bytes) in
+        sorted key order; "" before attach. Equal weights give equal digests whatever
+        file or layout they came from."""
+        return self._weights_digest
 
     def attach(self, target: TargetInfo) -> None:
         folder = weights_folder(self.model, target)
@@ -125,7 +140,7 @@ class Eagle3(DrafterBase):
             raise CheckpointError(f"{folder}: names {len(layers)} target layers {layers}; "
                                   "EAGLE-3 fuses 3")
         self.head, self.hidden_layers = head, tuple(layers)
-        self.weights_digest = state_digest(head)  # recorded as the case's drafter_weights
+        self._weights_digest = state_digest(head)  # recorded as the case's drafter_weights
         self.report_note = (f"checkpoint {self.model} ({self.layout} layout)" if self.model
                             else f"head trained here: {training_summary(folder)}")
         self.device = next(head.parameters()).device

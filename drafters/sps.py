@@ -34,7 +34,10 @@ Deliberate differences from the reference:
 - The default draft for the embedded SmolLM2-135M-Instruct (no smaller model shares its
   tokenizer offline) is derived from the target: its first layers with its embeddings and
   head, distilled by ``pytest-specdec train sps``
-  (:mod:`pytest_specdec.models.draft_lm`). The reference drafts Qwen3-8B with Qwen3-0.6B.
+  (:mod:`pytest_specdec.models.draft_lm`); one whose training stopped at a time limit
+  (training.json ``"complete": false``) is refused, naming the command that finishes it.
+  The reference drafts Qwen3-8B with Qwen3-0.6B. ``SpeculativeSampling.weights_digest``
+  names the draft loaded.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def next_draft_length(length: int, accepted: int, *, cap: int) -> int:
 def default_draft_folder(info: TargetInfo) -> Path:
     """The trained default draft for `info`'s target (``pytest-specdec train sps``);
     a clear error when it is missing or was made for another target."""
-    from pytest_specdec.models.training import default_weights, weights_fit
+    from pytest_specdec.models.training import default_weights, weights_fit, weights_incomplete
 
     folder = default_weights("sps", info)
     if not (folder / "model.safetensors").is_file():
@@ -75,6 +78,9 @@ def default_draft_folder(info: TargetInfo) -> Path:
     if why:
         raise DraftModelError(f"sps's default draft does not fit target {info.name!r}: {why}; "
                               "retrain it with `pytest-specdec train sps`")
+    unfinished = weights_incomplete(folder, "sps", info)
+    if unfinished:  # a run stopped by a time limit: not the draft the defaults name
+        raise DraftModelError(f"sps refuses its default draft: {unfinished}")
     return folder
 
 
@@ -100,7 +106,16 @@ class SpeculativeSampling(DrafterBase):
         self.largest_k = 0
         self.runner: Target | None = None
         self.eos_ids: frozenset[int] = frozenset()
+        self._weights_digest = ""
         self._reset()
+
+    @property
+    def weights_digest(self) -> str:
+        """Which draft attach() loaded (recorded as the case's ``drafter_weights``):
+        :func:`pytest_specdec.models.weights.state_digest` of the draft model, the first
+        16 hex digits of SHA-256 over its state dict's tensors (key, dtype, shape,
+        bytes) in sorted key order; "" before attach."""
+        return self._weights_digest
 
     def _reset(self) -> None:
         self.cache: Any = None
@@ -112,7 +127,7 @@ class SpeculativeSampling(DrafterBase):
     def attach(self, target: TargetInfo) -> None:
         spec = self.model_spec or str(default_draft_folder(target))
         model = load_draft_model(spec, target)
-        self.weights_digest = state_digest(model)  # recorded as the case's drafter_weights
+        self._weights_digest = state_digest(model)  # recorded as the case's drafter_weights
         self.runner = wrap_model(model, name=f"sps draft {spec}", device=target.device)
         self.report_note = f"draft model {spec}" if self.model_spec else derived_note(spec)
         self.eos_ids = frozenset(target.eos_ids)

@@ -385,19 +385,27 @@ def _add_train(commands) -> None:
     train.add_argument("--output", metavar="DIR",
                        help="weights folder (default: the drafters' default for the target)")
     train.add_argument("--if-missing", action="store_true",
-                       help="do nothing when --output already holds weights that fit the target")
+                       help="do nothing when --output already holds complete weights that fit "
+                            "the target; resume incomplete ones (stopped by --max-minutes)")
     train.add_argument("--resume", action="store_true",
                        help="continue from OUTPUT.checkpoint when there is one")
-    train.add_argument("--steps", type=_count(1), default=t.DEFAULT_STEPS, metavar="N",
-                       help=f"optimizer steps (default: {t.DEFAULT_STEPS})")
-    train.add_argument("--max-minutes", type=_positive_float(True), default=t.DEFAULT_MAX_MINUTES,
-                       metavar="M", help="wall-time budget of the whole command, data included; "
-                                         f"0: none (default: {t.DEFAULT_MAX_MINUTES:g})")
+    train.add_argument("--steps", type=_count(1), default=None, metavar="N",
+                       help="optimizer steps (default: " + ", ".join(
+                           f"{k} {t.kind_defaults(k)['steps']}" for k in sorted(t.KINDS)) + ")")
+    train.add_argument("--max-minutes", type=_positive_float(True), default=0.0,
+                       metavar="M", help="a wall-time limit of the whole command, data included "
+                                         "(default: 0, none): weights saved when it stops are "
+                                         "marked incomplete; --resume finishes them")
     train.add_argument("--seed", type=_count(0), default=0, metavar="S", help="default: 0")
-    train.add_argument("--lr", type=_positive_float(False), default=t.DEFAULT_LR, metavar="LR",
-                       help=f"AdamW learning rate (default: {t.DEFAULT_LR:g})")
-    train.add_argument("--batch-size", type=_count(1), default=t.DEFAULT_BATCH_SIZE, metavar="B",
-                       help=f"sequences per step (default: {t.DEFAULT_BATCH_SIZE})")
+    train.add_argument("--lr", type=_positive_float(False), default=None, metavar="LR",
+                       help="AdamW peak learning rate (default: " + ", ".join(
+                           f"{k} {t.kind_defaults(k)['lr']:g}" for k in sorted(t.KINDS)) + ")")
+    train.add_argument("--batch-size", type=_count(1), default=None, metavar="B",
+                       help="sequences per step (default: " + ", ".join(
+                           f"{k} {t.kind_defaults(k)['batch_size']}" for k in sorted(t.KINDS)) + ")")
+    train.add_argument("--threads", type=_count(1), default=t.DEFAULT_THREADS, metavar="N",
+                       help=f"torch threads while training (default: {t.DEFAULT_THREADS}, "
+                            "whatever the machine has: the weights' bits depend on it)")
     train.add_argument("--checkpoint-every", type=_count(1), default=t.DEFAULT_CHECKPOINT_EVERY,
                        metavar="N", help=f"steps (default: {t.DEFAULT_CHECKPOINT_EVERY})")
     train.add_argument("--option", dest="options", action="append", type=_trainable_option,
@@ -448,26 +456,33 @@ def run_train(args: argparse.Namespace) -> int:
                                   f"not {args.prompts!r}")
         target = load_target(args.target, device=args.device, dtype=args.dtype)
         output = Path(args.output) if args.output else t.default_weights(args.kind, target)
-        if args.if_missing and not args.resume:
+        resume, restart = args.resume, False
+        if args.if_missing:
             why = t.weights_fit(output, target)
-            if not why:
+            unfinished = "" if why else t.weights_incomplete(output, args.kind, target)
+            if not why and not unfinished:
                 print(f"{args.kind} weights for {target.name} are in {output}; "
                       f"nothing to do (--if-missing)")
                 return 0
-            log(f"training {args.kind}: {why}")
+            log(f"training {args.kind}: {why or unfinished}")
+            # an unfinished run resumes from its checkpoint; one of other settings restarts
+            resume, restart = True, True
         result = t.train(
             args.kind, target, output=output, steps=args.steps, seed=args.seed, lr=args.lr,
             batch_size=args.batch_size, max_minutes=args.max_minutes or None,
-            resume=args.resume, progress=args.progress, data_settings=settings,
-            data_path=Path(args.data) if args.data else None,
-            checkpoint_every=args.checkpoint_every, options=dict(args.options), log=log)
+            resume=resume, restart_mismatched=restart, progress=args.progress,
+            data_settings=settings, data_path=Path(args.data) if args.data else None,
+            checkpoint_every=args.checkpoint_every, options=dict(args.options),
+            threads=args.threads, log=log)
     except (ValueError, OSError) as exc:  # TrainingError and TargetError are ValueErrors
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
+    state = "complete" if result.steps_done >= result.steps else "INCOMPLETE"
     print(f"wrote {result.output}: {result.kind}, {result.steps_done}/{result.steps} steps "
-          f"in {result.seconds:.0f} s (stopped by {result.stopped}), loss {loss}; data "
-          f"{result.data_seconds:.0f} s, target states {result.states_seconds:.0f} s")
+          f"({state}) in {result.seconds:.0f} s (stopped by {result.stopped}), loss {loss}; "
+          f"data {result.data_seconds:.0f} s, target states {result.states_seconds:.0f} s; "
+          f"weights {result.digest or 'n/a'}")
     return 0
 
 

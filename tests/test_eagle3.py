@@ -280,3 +280,51 @@ def test_training_steps_lower_the_loss_and_the_weights_draft(tmp_path, monkeypat
     # the report says the default head was trained here (saved without train(): no log)
     assert drafter.report_note == ("head trained here: self-distilled on the target's own "
                                    "generations (no training.json)")
+
+
+def _full_step_losses(job, batch):
+    """The training-time-test losses computed at every position (the loss's definition,
+    without the active-window shortcut)."""
+    head = job.head
+    t = batch.input_ids.shape[1]
+    final = batch.final_hidden.float()
+    target_p = torch.softmax(final @ job.output_head.float().T, dim=-1)
+    choice = (final @ job.full_output_head.float().T).argmax(-1)
+    in_vocab = head.t2d[choice]
+    outputs = head.unrolled(batch.hidden, batch.input_ids, batch.attention_mask, job.steps)
+    losses = []
+    for j, logits in enumerate(outputs):
+        shift = 1 + j
+        valid = torch.zeros_like(batch.loss_mask)
+        p = torch.zeros_like(target_p)
+        valid[:, :t - shift] = batch.loss_mask[:, shift:] & in_vocab[:, shift:]
+        p[:, :t - shift] = target_p[:, shift:]
+        per_position = -(p * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
+        losses.append((per_position * valid).sum() / valid.sum().clamp(min=1))
+    return losses
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_active_window_losses_equal_the_full_unroll(tiny_target, stored):
+    """The loss unrolls only the positions a loss reaches: the same values (and
+    gradients) as unrolling every position; the stored target choice gives the same
+    vocabulary mask as computing it."""
+    from pytest_specdec.models.training import DistillData
+
+    sequences = [list(range(3, 3 + n)) for n in (30, 18, 25)]
+    data = DistillData(sequences, [14, 3, 20])
+    job = trainable(tiny_target, data, draft_vocab_size=96, steps=4, seed=0)
+    batch = next(data.batches(tiny_target, job.hidden_layers, batch_size=3, seed=0))
+    if not stored:
+        batch.target_choice = None
+    with torch.no_grad():
+        fast, full = job.step_losses(batch), _full_step_losses(job, batch)
+    for a, b in zip(fast, full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    head = job.head.fc.weight
+    grads = []
+    for losses in (job.step_losses(batch), _full_step_losses(job, batch)):
+        head.grad = None
+        sum(losses).backward()
+        grads.append(head.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -415,4 +415,6 @@ def test_cli_trains_end_to_end(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert (record["steps_done"], record["sequences"], record["batch_size"]) == (3, 4, 2)
     cached = json.loads((tmp_path / "drafters" / t.DATA_FILE).read_text())
     assert cached["settings"]["max_new_tokens"] == 3 and len(cached["sequences"]) == 4
-    assert sorted(p.name for p in (tmp_path / "drafters").iterdir()) == [t.DATA_FILE, "sps"]
+    # the data cache, the target's states captured while generating them, the weights
+    assert sorted(p.name for p in (tmp_path / "drafters").iterdir()) == \
+        [t.DATA_FILE, t.states_path(Path(t.DATA_FILE)).name, "sps"]

@@ -230,6 +230,11 @@ class DraftLMTrainable:
         self.draft.train()
         self.head = target.model.get_output_embeddings().weight.detach()
 
+    @property
+    def weights_module(self) -> torch.nn.Module:
+        """What the drafter loads (the whole draft): training.json's weights digest is its."""
+        return self.draft
+
     def loss(self, batch: DistillBatch) -> torch.Tensor:
         device = self.head.device
         mask = batch.loss_mask.to(device)

@@ -374,42 +374,72 @@ class Eagle3Head(nn.Module):
 
     # -- training: the training-time test ---------------------------------------------
     def unrolled(self, target_states: torch.Tensor, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, steps: int) -> list[torch.Tensor]:
-        """The reference's training-time test: draft-vocabulary logits [B, T, Vd] for each
-        of `steps` steps. Step j at position i reads token i + 1 + j and (j = 0) the fused
+                 attention_mask: torch.Tensor, steps: int,
+                 active: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The reference's training-time test: draft-vocabulary logits for each of
+        `steps` steps. Step j at position i reads token i + 1 + j and (j = 0) the fused
         target states at i, else its own step j - 1 output at i; it predicts token
         i + 2 + j, at RoPE position i + j, and attends to step 0's keys at positions <= i
         (the real context) and to steps 1..j at i itself (its draft ancestors), as a node
-        at depth j + 1 of a draft tree does."""
+        at depth j + 1 of a draft tree does.
+
+        `active` [B, A] (positions, each row's increasing) computes the steps only there:
+        step 0's keys and values cover every position (the context), but its queries,
+        MLP and logits, and every later step, only the active positions, which is all a
+        loss needs when the prompt's positions carry none. The logits are [B, A, Vd]
+        (A = T with `active` None: every position)."""
         b, t = input_ids.shape
         layer, attn = self.midlayer, self.midlayer.self_attn
         device = input_ids.device
+        base = torch.arange(t, device=device)
+        if active is None:
+            active = base.expand(b, t)
+        active = active.to(device)
+        rows = torch.arange(b, device=device)[:, None]
+        width = active.shape[1]
+        heads, kv_heads, d = attn.heads, attn.kv_heads, attn.head_dim
+        groups = heads // kv_heads
+        scale = 1.0 / math.sqrt(d)
+
+        def shifted(by: int, at: torch.Tensor) -> torch.Tensor:
+            """Token at + by of each row (0 past the end)."""
+            where = at + by
+            return torch.where(where < t, input_ids[rows, where.clamp(max=t - 1)],
+                               torch.zeros_like(where))
+
+        # step 0 over every position: the context's keys and values
         state = self.fuse(target_states)
-        causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-        context_mask = causal[None, None] & attention_mask[:, None, None, :].bool()
-        scale = 1.0 / math.sqrt(attn.head_dim)
-        groups = attn.heads // attn.kv_heads
+        x, residual = layer.attention_input(self.embed(shifted(1, base.expand(b, t))), state)
+        cos, sin = self.rotary(base)
+        k0 = _rope(attn.k_proj(x).view(b, t, kv_heads, d).transpose(1, 2), cos, sin)
+        v0 = attn.v_proj(x).view(b, t, kv_heads, d).transpose(1, 2)
+        k0 = k0.repeat_interleave(groups, dim=1)  # [B, H, T, d]
+        v0 = v0.repeat_interleave(groups, dim=1)
+        context = (base[None, None, :] <= active[:, :, None]) \
+            & attention_mask.to(device).bool()[:, None, :]  # [B, A, T]
+        context = context[:, None]  # [B, 1, A, T]
+        x, residual = x[rows, active], residual[rows, active]
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         outputs = []
-        base = torch.arange(t, device=device)
         for j in range(steps):
-            tokens = torch.zeros_like(input_ids)
-            if 1 + j < t:
-                tokens[:, :t - 1 - j] = input_ids[:, 1 + j:]
-            x, residual = layer.attention_input(self.embed(tokens), state)
-            cos, sin = self.rotary(base + j)
-            q, k, v = attn.qkv(x, cos[None, None], sin[None, None])
-            keys.append(k.repeat_interleave(groups, dim=1))
-            values.append(v.repeat_interleave(groups, dim=1))
-            scores = [(q @ keys[0].transpose(-1, -2) * scale).masked_fill(~context_mask,
-                                                                          float("-inf"))]
-            scores += [((q * kk).sum(-1) * scale)[..., None] for kk in keys[1:]]
+            if j:
+                x, residual = layer.attention_input(self.embed(shifted(1 + j, active)), state)
+            cos, sin = self.rotary(active + j)  # [B, A, d]
+            cos, sin = cos[:, None], sin[:, None]
+            q = _rope(attn.q_proj(x).view(b, width, heads, d).transpose(1, 2), cos, sin)
+            if j:
+                k = _rope(attn.k_proj(x).view(b, width, kv_heads, d).transpose(1, 2), cos, sin)
+                v = attn.v_proj(x).view(b, width, kv_heads, d).transpose(1, 2)
+                keys.append(k.repeat_interleave(groups, dim=1))
+                values.append(v.repeat_interleave(groups, dim=1))
+            scores = [(q @ k0.transpose(-1, -2) * scale).masked_fill(~context, float("-inf"))]
+            scores += [((q * kk).sum(-1) * scale)[..., None] for kk in keys]
             weights = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(q.dtype)
-            out = weights[..., :t] @ values[0]
-            for i, vv in enumerate(values[1:]):
+            out = weights[..., :t] @ v0
+            for i, vv in enumerate(values):
                 out = out + weights[..., t + i, None] * vv
-            out = out.transpose(1, 2).reshape(b, t, -1)
+            out = out.transpose(1, 2).reshape(b, width, -1)
             state = layer.finish(out, residual)
             outputs.append(self.logits(state))
         return outputs
@@ -678,6 +708,26 @@ def draft_vocabulary(data: Any, vocab_size: int, size: int) -> list[int]:
     return sorted(chosen)
 
 
+def active_positions(loss_mask: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions a training-time test of `steps` steps needs per row, from
+    `steps` before its first loss position to the one before its last (step j at i
+    reads the loss at i + 1 + j), as consecutive runs left-aligned in [B, A] (A: the
+    longest run), and [B, A] bool: inside the row's run (the rest repeat its last
+    position and carry no loss)."""
+    b, t = loss_mask.shape
+    device = loss_mask.device
+    position = torch.arange(t, device=device).expand(b, t)
+    has = loss_mask.any(-1)
+    first = torch.where(loss_mask, position, t).min(-1).values
+    last = torch.where(loss_mask, position, -1).max(-1).values
+    start = (first - steps).clamp(min=0)
+    end = torch.where(has, last, start + 1)  # exclusive: the last loss needs i <= last - 1
+    width = max(int((end - start).max()), 1)
+    slots = start[:, None] + torch.arange(width, device=device)[None]
+    live = slots < end[:, None]
+    return torch.minimum(slots, (end[:, None] - 1).clamp(min=0)), live
+
+
 @dataclass
 class Eagle3Trainable:
     """EAGLE-3's side of :class:`pytest_specdec.models.training.Trainable`."""
@@ -699,44 +749,65 @@ class Eagle3Trainable:
     def module(self) -> nn.Module:
         return self.head
 
+    @property
+    def weights_module(self) -> nn.Module:
+        """What the drafter loads (the head): training.json's weights digest is its."""
+        return self.head
+
     def step_losses(self, batch: Any) -> list[torch.Tensor]:
         """Per training-time-test step: soft cross-entropy of the head's draft-vocabulary
         distribution against the target's, restricted to the draft vocabulary and
         renormalised, at positions whose next-next token the target generated and whose
-        target choice the draft vocabulary holds (the reference's position mask)."""
+        target choice the draft vocabulary holds (the reference's position mask).
+
+        Only the positions a loss can reach are unrolled (:func:`active_positions`:
+        from `steps` before each row's first generated token to its end); the prompt's
+        positions before them give step 0's keys and values only."""
         head = self.head
         device = head.fc.weight.device
         ids = batch.input_ids.to(device)
         mask = batch.attention_mask.to(device)
         loss_mask = batch.loss_mask.to(device)
-        final = batch.final_hidden.to(device)
+        b, t = ids.shape
+        active, live = active_positions(loss_mask, self.steps)
+        width = active.shape[1]
+        rows = torch.arange(b, device=device)[:, None]
+        # the target's side at the window of positions the steps' predictions land on
+        window = active[:, :1] + torch.arange(width + self.steps, device=device)[None]
+        inside = window < t
+        window = window.clamp(max=t - 1)
         with torch.no_grad():
-            target_logits = final.float() @ self.output_head.to(device).float().T  # [B, T, Vd]
-            target_p = torch.softmax(target_logits, dim=-1)
-            in_vocab = self._target_choice_in_vocab(final)
-        outputs = head.unrolled(batch.hidden.to(device), ids, mask, self.steps)
-        t = ids.shape[1]
+            final = batch.final_hidden.to(device)[rows, window].float()
+            target_p = torch.softmax(final @ self.output_head.to(device).float().T, dim=-1)
+            choice = getattr(batch, "target_choice", None)
+            in_vocab = self._target_choice_in_vocab(
+                final, None if choice is None else choice.to(device)[rows, window])
+            usable = loss_mask[rows, window] & in_vocab & inside
+        outputs = head.unrolled(batch.hidden.to(device), ids, mask, self.steps, active=active)
         losses = []
         for j, logits in enumerate(outputs):
-            shift = 1 + j  # step j at i predicts the target's distribution at i + 1 + j
-            valid = torch.zeros_like(loss_mask)
-            p = torch.zeros_like(target_p)
-            if shift < t:
-                valid[:, :t - shift] = loss_mask[:, shift:] & in_vocab[:, shift:]
-                p[:, :t - shift] = target_p[:, shift:]
+            # step j at i predicts the target's distribution at i + 1 + j; window slot
+            # q + 1 + j is position active[q] + 1 + j (active is consecutive per row)
+            at = slice(1 + j, 1 + j + width)
+            valid = live & usable[:, at]
             logp = torch.log_softmax(logits.float(), dim=-1)
-            per_position = -(p * logp).sum(-1)
+            per_position = -(target_p[:, at] * logp).sum(-1)
             count = valid.sum().clamp(min=1)
             losses.append((per_position * valid).sum() / count)
         return losses
 
-    def _target_choice_in_vocab(self, final: torch.Tensor) -> torch.Tensor:
-        """[B, T] bool: the target's own argmax lies in the draft vocabulary."""
+    def _target_choice_in_vocab(self, final: torch.Tensor,
+                                choice: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] bool: the target's own argmax (`choice`, -1 where unknown; None: from
+        `final` and the target's whole output head) lies in the draft vocabulary."""
         full = self.full_output_head
-        if full is None or self.head.config.draft_vocab_size == self.head.config.vocab_size:
+        if self.head.config.draft_vocab_size == self.head.config.vocab_size or \
+                (choice is None and full is None):
             return torch.ones(final.shape[:2], dtype=torch.bool, device=final.device)
-        choice = (final.float() @ full.to(final.device).float().T).argmax(-1)
-        return self.head.t2d.to(choice.device)[choice]
+        if choice is None:
+            choice = (final.float() @ full.to(final.device).float().T).argmax(-1)
+        known = choice >= 0
+        return self.head.t2d.to(choice.device)[choice.clamp(min=0)] & known
 
     def loss(self, batch: Any) -> torch.Tensor:
         losses = self.step_losses(batch)

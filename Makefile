@@ -47,7 +47,7 @@ cost: $(STAMP)
 # run `make gpu-check` on a GPU machine without network; build/gpu/ travels with it
 gpu-prepare: $(STAMP)
 	mkdir -p build/gpu/wheels
-	$(BIN)/python -c "import shutil, pytest_specdec.target as t; f = t.embedded_folder(); \
+	$(BIN)/python -c "import shutil, pytest_specdec.engine.target as t; f = t.embedded_folder(); \
 	[shutil.copy(f / n, 'build/gpu/') for n in ('tokenizer.json', 'tokenizer_config.json', \
 	'special_tokens_map.json') if (f / n).exists()]"
 	$(BIN)/pip download -q --only-binary=:all: -d build/gpu/wheels pytest-benchmark tabulate py-cpuinfo

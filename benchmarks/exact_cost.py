@@ -16,13 +16,13 @@ import time
 
 import torch
 
-from drafters.pld import PromptLookup
+from pytest_specdec.bench.lossless import check_lossless
+from pytest_specdec.bench.paradigms import first_prompt
+from pytest_specdec.bench.problems import load_problems
+from pytest_specdec.drafters.pld import PromptLookup
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.lossless import check_lossless
-from pytest_specdec.paradigms import first_prompt
-from pytest_specdec.problems import load_problems
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import load_target
+from pytest_specdec.engine.target import load_target
+from pytest_specdec.protocol.sampling import Sampler
 
 
 def main(argv: list[str] | None = None) -> None:

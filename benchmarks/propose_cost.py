@@ -17,8 +17,8 @@ from typing import Sequence
 
 import torch
 
-from pytest_specdec.drafter import Draft, DraftRequest, DrafterBase
 from pytest_specdec.engine import TokenView
+from pytest_specdec.protocol.drafter import Draft, DraftRequest, DrafterBase
 
 VOCAB = 32000
 

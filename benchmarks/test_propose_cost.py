@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.conftest import COST_KEY, length_label
 from benchmarks.propose_cost import RescanPromptLookup, SteadyState, synthetic_stream
-from pytest_specdec.registry import load_registry
+from pytest_specdec.protocol.registry import load_registry
 
 #: The n-gram drafters whose step must cost the same at any context length.
 CONSTANT_COST = ("pld", "sam", "suffix", "pia", "rest")

@@ -23,7 +23,7 @@ Deliberate differences from the reference:
   verifies it by rejection sampling; here verification is the engine's coupled
   sampling, so the head drafts coupled too: a child's log-probability is taken from
   ``log_softmax(logits / T + G(seed, position))`` with the sequence's own Gumbel noise
-  (:class:`pytest_specdec.sampling.Sampler`), which puts the token the target picks if
+  (:class:`pytest_specdec.protocol.sampling.Sampler`), which puts the token the target picks if
   its logits were the head's first. At T=0 this is the reference's ``log_softmax(logits)``.
 - the draft depth is ``min(k, depth + 1)``: the engine's k (``max_depth`` 8, the
   reference's depth 7 plus the first level, unless ``--specdec-k`` or the cpu depth
@@ -42,26 +42,25 @@ Deliberate differences from the reference:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from pytest_specdec.drafter import (MAX_DRAFT_NODES, Draft, DrafterBase, DraftRequest, TargetInfo,
-                                    TargetSignals)
-from pytest_specdec.models.weights import state_digest
 from pytest_specdec.models.eagle3 import (CheckpointError, HeadCache, check_fits, eagle_layers,
                                           load_checkpoint)
-from pytest_specdec.models.training import training_summary
 from pytest_specdec.models.tree import DynamicTree, dynamic_tree
-from pytest_specdec.sampling import Sampler, gumbel_noise
+from pytest_specdec.models.weights import state_digest
+from pytest_specdec.models.weights import training_summary
+from pytest_specdec.protocol.drafter import (MAX_DRAFT_NODES, Draft, DrafterBase, DraftRequest,
+                                             TargetInfo, TargetSignals)
+from pytest_specdec.protocol.sampling import Sampler, gumbel_noise
 
 
 def weights_folder(model: str, info: TargetInfo) -> Path:
     """The folder of the weights named by the ``model`` option: "" is the default trained
     for the target; else a folder, or a hub id already in the local Hugging Face cache."""
     if not model:
-        from pytest_specdec.models.training import (default_weights, weights_fit,
-                                                    weights_incomplete)
+        from pytest_specdec.models.weights import default_weights, weights_fit, weights_incomplete
 
         folder = default_weights("eagle3", info)
         why = weights_fit(folder, info)
@@ -120,6 +119,10 @@ class Eagle3(DrafterBase):
         self.hidden_layers = ()
         self.layout = ""
         self._reset(Sampler())
+
+    def record_fields(self) -> dict[str, Any]:
+        """The report note and the digest of the weights loaded (``drafter_weights``)."""
+        return {**super().record_fields(), "drafter_weights": self.weights_digest}
 
     @property
     def weights_digest(self) -> str:

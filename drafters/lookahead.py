@@ -63,8 +63,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import ClassVar, Sequence
 
-from pytest_specdec.drafter import (MAX_DRAFT_NODES, MAX_PROBES, Draft, DraftRequest,
-                                    DrafterBase, TargetSignals)
+from pytest_specdec.protocol.drafter import (MAX_DRAFT_NODES, MAX_PROBES, Draft, DraftRequest,
+                                             DrafterBase, TargetSignals)
 
 
 class NgramPool:

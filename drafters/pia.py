@@ -63,7 +63,7 @@ Deliberate differences from the reference:
 
 Cost: ``accept`` extends at most ``branch_length + 1`` open branches by one node each.
 ``propose`` makes at most max_prefix searches; each counts live nodes until max_nodes
-+ 2, finds the output threshold best first (:func:`pytest_specdec.drafting.best_first`,
++ 2, finds the output threshold best first (:func:`pytest_specdec.protocol.drafting.best_first`,
 at most (max_nodes + 1) // 2 nodes taken) and sorts the children of each node it
 visits, as the reference does, so its work follows the fan-out of the matched nodes,
 not the context's length. ``visits`` counts the trie nodes each call touches.
@@ -73,8 +73,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pytest_specdec.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
-from pytest_specdec.drafting import best_first, tree_draft
+from pytest_specdec.protocol.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
+from pytest_specdec.protocol.drafting import best_first, tree_draft
 
 #: The reference's weight of output counts against prompt counts (``output_weight``).
 OUTPUT_WEIGHT = 1e-4

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pytest_specdec.drafter import Draft, DraftRequest, DrafterBase
-from pytest_specdec.drafting import ProblemMemory
+from pytest_specdec.protocol.drafter import Draft, DraftRequest, DrafterBase
+from pytest_specdec.protocol.drafting import ProblemMemory
 
 #: The occurrence a draft copies after: the reference's rule first.
 MATCH_RULES = ("first_full", "most_recent")

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Sequence
 
-from pytest_specdec.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase, TargetSignals
-from pytest_specdec.engine import SIGNAL_TOP_K
+from pytest_specdec.engine.loop import SIGNAL_TOP_K
+from pytest_specdec.protocol.drafter import (MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase,
+                                             TargetSignals)
 
 #: The authors' tree (Spec-Bench's Token Recycling template "2.2.2"), as the number of
 #: children of each node, breadth-first, one tuple per depth; the children of a node are

@@ -4,7 +4,7 @@ tree of the continuations that most often follow the context's suffix in a datas
 Reference: FasterDecoding/REST, its DraftRetriever (``Reader.search``) and
 ``generate_candidates_and_draft_buffer``. At each step the longest suffix of the
 context, from max_suffix down to min_suffix tokens (the reference's token spans 16..2),
-is looked up in a suffix array (:mod:`pytest_specdec.datastore`); the continuations of
+is looked up in a suffix array (:mod:`pytest_specdec.protocol.datastore`); the continuations of
 its occurrences, at most max_depth tokens each (the reference's 10), are counted in a
 trie, and the draft is the max_nodes most frequent trie nodes (64, the reference's
 ``choices``), parents first.
@@ -31,7 +31,7 @@ Deliberate differences from the reference:
 - continuations stop at their document's end;
 - the reference keeps the 64 most counted nodes through a heap (ties in hash order)
   and then drops whole paths to fit; here ties rank by depth, then token path
-  (:meth:`pytest_specdec.drafting.CountedTrie.top`), so the draft is deterministic;
+  (:meth:`pytest_specdec.protocol.drafting.CountedTrie.top`), so the draft is deterministic;
 - the reference drafts one arbitrary token when nothing matches; here the draft is
   empty.
 
@@ -49,9 +49,9 @@ from typing import Sequence
 
 import numpy as np
 
-from pytest_specdec.datastore import SEPARATOR, Datastore, build_datastore
-from pytest_specdec.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
-from pytest_specdec.drafting import CountedTrie, ProblemMemory
+from pytest_specdec.protocol.datastore import SEPARATOR, Datastore, build_datastore
+from pytest_specdec.protocol.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
+from pytest_specdec.protocol.drafting import CountedTrie, ProblemMemory
 
 
 @lru_cache(maxsize=2)

@@ -41,8 +41,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Iterable, Sequence
 
-from pytest_specdec.drafter import Draft, DraftRequest, DrafterBase
-from pytest_specdec.drafting import ProblemMemory
+from pytest_specdec.protocol.drafter import Draft, DraftRequest, DrafterBase
+from pytest_specdec.protocol.drafting import ProblemMemory
 
 #: Never a token id: stands for the last token of each sequence in the group automaton.
 SEPARATOR = -1

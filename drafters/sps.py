@@ -47,11 +47,11 @@ from typing import Any, Sequence
 
 import torch
 
-from pytest_specdec.drafter import Draft, DraftRequest, DrafterBase, TargetInfo
-from pytest_specdec.models.weights import state_digest
+from pytest_specdec.engine.target import Target, wrap_model
 from pytest_specdec.models.draft_lm import DraftModelError, derived_note, load_draft_model
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import Target, wrap_model
+from pytest_specdec.models.weights import state_digest
+from pytest_specdec.protocol.drafter import Draft, DraftRequest, DrafterBase, TargetInfo
+from pytest_specdec.protocol.sampling import Sampler
 
 
 def next_draft_length(length: int, accepted: int, *, cap: int) -> int:
@@ -66,7 +66,7 @@ def next_draft_length(length: int, accepted: int, *, cap: int) -> int:
 def default_draft_folder(info: TargetInfo) -> Path:
     """The trained default draft for `info`'s target (``pytest-specdec train sps``);
     a clear error when it is missing or was made for another target."""
-    from pytest_specdec.models.training import default_weights, weights_fit, weights_incomplete
+    from pytest_specdec.models.weights import default_weights, weights_fit, weights_incomplete
 
     folder = default_weights("sps", info)
     if not (folder / "model.safetensors").is_file():
@@ -108,6 +108,10 @@ class SpeculativeSampling(DrafterBase):
         self.eos_ids: frozenset[int] = frozenset()
         self._weights_digest = ""
         self._reset()
+
+    def record_fields(self) -> dict[str, Any]:
+        """The report note and the digest of the weights loaded (``drafter_weights``)."""
+        return {**super().record_fields(), "drafter_weights": self.weights_digest}
 
     @property
     def weights_digest(self) -> str:

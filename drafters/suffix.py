@@ -63,8 +63,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from pytest_specdec.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
-from pytest_specdec.drafting import tree_draft
+from pytest_specdec.protocol.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
+from pytest_specdec.protocol.drafting import tree_draft
 
 
 class _Node:

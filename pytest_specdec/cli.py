@@ -17,15 +17,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pytest_specdec.options import GATED_METRICS, compare_fail
-from pytest_specdec.report import (
-    ReportError,
-    load_records,
-    render_terminal,
-    report_meta,
-    select_records,
-    write_reports,
-)
+from pytest_specdec.bench.record import GATED_METRICS
+from pytest_specdec.plugin.values import compare_fail, count, positive_float, temperature
+from pytest_specdec.reporting.files import write_reports
+from pytest_specdec.reporting.layout import report_meta
+from pytest_specdec.reporting.load import ReportError, load_records, select_records
+from pytest_specdec.reporting.markdown import render_terminal
 
 PROG = "pytest-specdec"
 COMPARE_FORMATS = ("table", "md", "json")
@@ -36,7 +33,7 @@ DEFAULT_PROGRESS_EVERY = 10_000
 
 def load_registry():
     """The installed drafters (imported here: the registry pulls in torch, ``report`` need not)."""
-    from pytest_specdec.registry import load_registry as load_installed
+    from pytest_specdec.protocol.registry import load_registry as load_installed
 
     return load_installed()
 
@@ -45,7 +42,7 @@ def load_tokenizer(spec: str):
     """The target's tokenizer, its name and vocab size (the weights are not loaded)."""
     from pathlib import Path
 
-    from pytest_specdec.target import EMBEDDED, EMBEDDED_NAME, load_tokenizer as load
+    from pytest_specdec.engine.target import EMBEDDED, EMBEDDED_NAME, load_tokenizer as load
 
     tokenizer = load(spec)
     name = EMBEDDED_NAME if spec == EMBEDDED else (
@@ -74,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only these drafters (labels as in the table, e.g. baseline pld)")
     report.add_argument("--paradigm", action="extend", nargs="+", metavar="NAME",
                         help="only these paradigms (e.g. multi_round best_of_n)")
-    report.add_argument("--temperature", action="extend", nargs="+", type=_temperature,
+    report.add_argument("--temperature", action="extend", nargs="+", type=temperature,
                         metavar="T", help="only these temperatures (e.g. 0 0.6)")
     report.add_argument("--target", action="extend", nargs="+", metavar="NAME",
                         help="only these target models, named as in the report "
@@ -142,16 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a temperature >= 0 such as 0 or 0.6, got {text!r}")
-    return value
-
-
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
     return 2
@@ -172,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_report(args: argparse.Namespace) -> int:
     try:
         if args.charts:
-            from pytest_specdec.charts import require_matplotlib
+            from pytest_specdec.reporting.charts import require_matplotlib
 
             require_matplotlib()  # before anything is read, printed or written
         records = _selected_records(args)
@@ -214,7 +201,7 @@ def _default_stem(runs: Sequence[str]) -> str:
 
 def run_compare(args: argparse.Namespace) -> int:
     """0: no rule broken; 1: a gate rule failed (cases and rules on stderr); 2: bad input."""
-    from pytest_specdec.compare import compare_records, load_run, render
+    from pytest_specdec.reporting.compare import compare_records, load_run, render
 
     try:
         base, new = load_run(args.base), load_run(args.new)
@@ -246,7 +233,7 @@ def run_list(args: argparse.Namespace) -> int:
     for name in sorted(registry.drafters):
         print(describe_drafter(registry.drafters[name]))
     if len(registry.drafters) >= 2:  # a hybrid pairs two different drafters
-        from pytest_specdec.hybrid import LIST_NOTE
+        from pytest_specdec.protocol.hybrid import LIST_NOTE
 
         print(f"\nhybrids: {LIST_NOTE}")
     return 0
@@ -255,7 +242,7 @@ def run_list(args: argparse.Namespace) -> int:
 def describe_drafter(drafter) -> str:
     """``name  (origin)``, its draft depth (the k its cases run with, unless
     ``--specdec-k`` overrides it) and one indented line per option: ``key: type = default``."""
-    from pytest_specdec.drafter import DEFAULT_MAX_DEPTH
+    from pytest_specdec.protocol.drafter import DEFAULT_MAX_DEPTH
 
     depth = getattr(drafter.factory, "max_depth", DEFAULT_MAX_DEPTH)
     lines = [f"{drafter.name}  ({drafter.origin})", f"    draft depth {depth}"
@@ -286,7 +273,7 @@ def _default_text(parameter: inspect.Parameter) -> str:
 
 
 def run_datastore_build(args: argparse.Namespace) -> int:
-    from pytest_specdec.datastore import DatastoreError, build_datastore, read_documents
+    from pytest_specdec.protocol.datastore import DatastoreError, build_datastore, read_documents
 
     output = Path(args.output)
     try:
@@ -326,31 +313,6 @@ def run_datastore_build(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train
 
 
-def _count(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
-
-
-def _positive_float(zero_ok: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = -1.0
-        if not (value >= 0 if zero_ok else value > 0) or value == float("inf"):
-            raise argparse.ArgumentTypeError(
-                f"expected a number {'>=' if zero_ok else '>'} 0, got {text!r}")
-        return value
-    return parse
-
-
 def _trainable_option(text: str) -> tuple[str, object]:
     import ast
 
@@ -365,7 +327,9 @@ def _trainable_option(text: str) -> tuple[str, object]:
 
 
 def _add_train(commands) -> None:
-    from pytest_specdec.models import training as t
+    from pytest_specdec.training import loop as t
+    from pytest_specdec.training.data import DATA_FILE
+    from pytest_specdec.training.prompts import DataSettings
 
     train = commands.add_parser(
         "train", help="train a model drafter's weights (eagle3, sps) by self-distillation",
@@ -389,47 +353,47 @@ def _add_train(commands) -> None:
                             "the target; resume incomplete ones (stopped by --max-minutes)")
     train.add_argument("--resume", action="store_true",
                        help="continue from OUTPUT.checkpoint when there is one")
-    train.add_argument("--steps", type=_count(1), default=None, metavar="N",
+    train.add_argument("--steps", type=count(1), default=None, metavar="N",
                        help="optimizer steps (default: " + ", ".join(
                            f"{k} {t.kind_defaults(k)['steps']}" for k in sorted(t.KINDS)) + ")")
-    train.add_argument("--max-minutes", type=_positive_float(True), default=0.0,
+    train.add_argument("--max-minutes", type=positive_float(True), default=0.0,
                        metavar="M", help="a wall-time limit of the whole command, data included "
                                          "(default: 0, none): weights saved when it stops are "
                                          "marked incomplete; --resume finishes them")
-    train.add_argument("--seed", type=_count(0), default=0, metavar="S", help="default: 0")
-    train.add_argument("--lr", type=_positive_float(False), default=None, metavar="LR",
+    train.add_argument("--seed", type=count(0), default=0, metavar="S", help="default: 0")
+    train.add_argument("--lr", type=positive_float(False), default=None, metavar="LR",
                        help="AdamW peak learning rate (default: " + ", ".join(
                            f"{k} {t.kind_defaults(k)['lr']:g}" for k in sorted(t.KINDS)) + ")")
-    train.add_argument("--batch-size", type=_count(1), default=None, metavar="B",
+    train.add_argument("--batch-size", type=count(1), default=None, metavar="B",
                        help="sequences per step (default: " + ", ".join(
                            f"{k} {t.kind_defaults(k)['batch_size']}" for k in sorted(t.KINDS)) + ")")
-    train.add_argument("--threads", type=_count(1), default=t.DEFAULT_THREADS, metavar="N",
+    train.add_argument("--threads", type=count(1), default=t.DEFAULT_THREADS, metavar="N",
                        help=f"torch threads while training (default: {t.DEFAULT_THREADS}, "
                             "whatever the machine has: the weights' bits depend on it)")
-    train.add_argument("--checkpoint-every", type=_count(1), default=t.DEFAULT_CHECKPOINT_EVERY,
+    train.add_argument("--checkpoint-every", type=count(1), default=t.DEFAULT_CHECKPOINT_EVERY,
                        metavar="N", help=f"steps (default: {t.DEFAULT_CHECKPOINT_EVERY})")
     train.add_argument("--option", dest="options", action="append", type=_trainable_option,
                        default=[], metavar="KEY=VALUE",
                        help="an option of KIND's trainable (repeatable)")
-    data = t.DataSettings()
+    data = DataSettings()
     train.add_argument("--data", metavar="FILE",
-                       help=f"the data cache (default: OUTPUT/../{t.DATA_FILE})")
+                       help=f"the data cache (default: OUTPUT/../{DATA_FILE})")
     train.add_argument("--prompts", default=data.prompts, metavar="SOURCE",
                        help="embedded (default), a .jsonl/.json file of prompts, or a Hugging "
                             "Face dataset owner/name[:config] of problems")
     train.add_argument("--split", default=data.split, help="a dataset's split (default: train)")
-    train.add_argument("--holdout", type=_count(0), default=None, metavar="N",
+    train.add_argument("--holdout", type=count(0), default=None, metavar="N",
                        help="embedded problems left out from the start (default: the "
                             "benchmark's default --specdec-problems)")
-    train.add_argument("--prompt-limit", type=_count(0), default=data.limit, metavar="N",
+    train.add_argument("--prompt-limit", type=count(0), default=data.limit, metavar="N",
                        help="use at most N prompts (default: 0, all)")
-    train.add_argument("--max-new-tokens", type=_count(1), default=data.max_new_tokens,
+    train.add_argument("--max-new-tokens", type=count(1), default=data.max_new_tokens,
                        metavar="N", help=f"tokens per generation (default: {data.max_new_tokens})")
-    train.add_argument("--rounds", type=_count(1), default=data.rounds, metavar="N",
+    train.add_argument("--rounds", type=count(1), default=data.rounds, metavar="N",
                        help=f"greedy multi-round generations per problem (default: {data.rounds})")
-    train.add_argument("--samples", type=_count(0), default=data.samples, metavar="N",
+    train.add_argument("--samples", type=count(0), default=data.samples, metavar="N",
                        help=f"sampled generations per prompt (default: {data.samples})")
-    train.add_argument("--sample-temperature", type=_positive_float(False),
+    train.add_argument("--sample-temperature", type=positive_float(False),
                        default=data.temperature, metavar="T",
                        help=f"their temperature (default: {data.temperature:g})")
     train.add_argument("--no-progress", dest="progress", action="store_false",
@@ -438,28 +402,31 @@ def _add_train(commands) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pytest_specdec.models import training as t
-    from pytest_specdec.target import load_target
+    from pytest_specdec.engine.target import load_target
+    from pytest_specdec.models.weights import (TrainingError, default_weights, weights_fit,
+                                               weights_incomplete)
+    from pytest_specdec.training import loop as t
+    from pytest_specdec.training.prompts import DataSettings
 
     def log(message: str) -> None:
         print(f"{PROG}: {message}", file=sys.stderr)
 
     try:
-        settings = t.DataSettings(
+        settings = DataSettings(
             prompts=args.prompts, split=args.split,
             holdout=-1 if args.holdout is None else args.holdout, limit=args.prompt_limit,
             max_new_tokens=args.max_new_tokens, rounds=args.rounds, samples=args.samples,
             temperature=args.sample_temperature, seed=args.seed)
         settings.check()
         if args.prompts != "embedded" and args.holdout is not None:
-            raise t.TrainingError(f"--holdout applies to --prompts embedded, "
+            raise TrainingError(f"--holdout applies to --prompts embedded, "
                                   f"not {args.prompts!r}")
         target = load_target(args.target, device=args.device, dtype=args.dtype)
-        output = Path(args.output) if args.output else t.default_weights(args.kind, target)
+        output = Path(args.output) if args.output else default_weights(args.kind, target)
         resume, restart = args.resume, False
         if args.if_missing:
-            why = t.weights_fit(output, target)
-            unfinished = "" if why else t.weights_incomplete(output, args.kind, target)
+            why = weights_fit(output, target)
+            unfinished = "" if why else weights_incomplete(output, args.kind, target)
             if not why and not unfinished:
                 print(f"{args.kind} weights for {target.name} are in {output}; "
                       f"nothing to do (--if-missing)")

@@ -58,7 +58,7 @@ STORED_SUMMARY = [
 @pytest.fixture
 def records() -> list[dict]:
     """The stored run's case records."""
-    from pytest_specdec.report import load_records
+    from pytest_specdec.reporting import load_records
 
     return load_records([STORED_RUN])
 
@@ -75,7 +75,7 @@ def run_data() -> dict:
 def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """A pytester dir holding the real suite, with the environment the subprocess needs:
     the same converted-model cache as this process (nothing is converted twice)."""
-    from pytest_specdec.target import cache_dir
+    from pytest_specdec.engine.target import cache_dir
 
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(cache_dir()))
     # one intra-op thread: on a small, busy CPU machine OpenMP spinning makes a
@@ -89,28 +89,28 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def target(request):
     """A tiny random target of each architecture tree verification is tested on."""
-    from pytest_specdec.target import wrap_model
+    from pytest_specdec.engine.target import wrap_model
 
     return wrap_model(tiny_model(request.param), name=f"tiny-{request.param}")
 
 
 @pytest.fixture(scope="module")
 def llama():
-    from pytest_specdec.target import wrap_model
+    from pytest_specdec.engine.target import wrap_model
 
     return wrap_model(tiny_model("llama"), name="tiny-llama")
 
 
 @pytest.fixture
 def tiny_target():
-    from pytest_specdec.target import wrap_model
+    from pytest_specdec.engine.target import wrap_model
 
     return wrap_model(tiny_model("llama"), name="tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def embedded_folder() -> Path:
-    from pytest_specdec.target import embedded_folder as folder
+    from pytest_specdec.engine.target import embedded_folder as folder
 
     return folder()
 
@@ -133,7 +133,7 @@ def tiny_model_dir(tmp_path_factory, embedded_folder) -> Path:
 
 @pytest.fixture(scope="session")
 def default_target(embedded_folder):
-    from pytest_specdec.target import load_target
+    from pytest_specdec.engine.target import load_target
 
     return load_target("embedded", device="cpu", dtype="float32")
 
@@ -142,6 +142,6 @@ def default_target(embedded_folder):
 def default_bf16(embedded_folder):
     """The default model in bfloat16: a trained model, whose logits depend on context
     as a random tiny one's hardly do, and whose rounding shows half precision's flips."""
-    from pytest_specdec.target import load_target
+    from pytest_specdec.engine.target import load_target
 
     return load_target("embedded", device="cpu", dtype="bfloat16")

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_specdec.drafter import Draft, DraftError, DrafterBase, TargetInfo
 from pytest_specdec.engine import GenerationRequest, attach, generate
-from pytest_specdec.sampling import Sampler
+from pytest_specdec.protocol.drafter import Draft, DraftError, DrafterBase, TargetInfo
+from pytest_specdec.protocol.sampling import Sampler
 
 PROMPT = (1, 17, 42, 99, 250, 3, 77)
 

@@ -16,14 +16,8 @@ from pathlib import Path
 import pytest
 
 from pytest_specdec import cli
-from pytest_specdec.compare import (
-    compare_records,
-    load_compare_options,
-    load_run,
-    render,
-    render_summary,
-    spread,
-)
+from pytest_specdec.reporting.compare import (compare_records, load_compare_options, load_run,
+                                              render, render_summary, spread)
 
 RUN = Path(__file__).parent / "data" / "run_pld.json"
 PLD_MR = 1  # index of pld multi_round in run_pld.json's benchmarks (and records)
@@ -405,7 +399,7 @@ def test_compare_usage_errors_before_any_case(suite, small, args, message):
 
 
 def test_different_drafter_weights_are_warned_about(records):
-    from pytest_specdec.compare import compare_records
+    from pytest_specdec.reporting.compare import compare_records
 
     base = [{**r, "drafter_weights": "aaaa"} if r["role"] == "speculative" else r for r in records]
     new = [{**r, "drafter_weights": "bbbb"} if r["role"] == "speculative" else r for r in records]
@@ -416,7 +410,7 @@ def test_different_drafter_weights_are_warned_about(records):
 
 
 def test_a_flagged_speedup_fails_a_speedup_rule_and_stated_noise_is_the_floor(records):
-    from pytest_specdec.compare import compare_records
+    from pytest_specdec.reporting.compare import compare_records
 
     stated = [{**r, "speedup_noise": 0.02, "timing_flags": []} for r in records]
     flagged = [{**r, "timing_flags": ["above cost bound"]} if r["role"] == "speculative" else r

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pytest_specdec.bench.lossless import check_lossless
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.lossless import check_lossless
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.protocol.sampling import Sampler
 from test_exact import Chains, Trees, step_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),

@@ -9,18 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_specdec.compare import compare_records
-from pytest_specdec.drafter import (
-    DEFAULT_MAX_DEPTH,
-    MAX_DRAFT_NODES,
-    Draft,
-    DrafterBase,
-    DraftError,
-    DraftRequest,
-    draft_depth,
-)
-from pytest_specdec.registry import load_registry
-from pytest_specdec.report import depth_text, report_meta
+from pytest_specdec.protocol.drafter import (DEFAULT_MAX_DEPTH, MAX_DRAFT_NODES, Draft, DrafterBase,
+                                             DraftError, DraftRequest, draft_depth)
+from pytest_specdec.protocol.registry import load_registry
+from pytest_specdec.reporting import depth_text, report_meta
+from pytest_specdec.reporting.compare import compare_records
 
 #: built-in drafter -> the draft depth of its reference implementation
 REFERENCE_DEPTHS = {
@@ -49,7 +42,7 @@ def test_each_builtin_drafter_runs_at_its_reference_depth(name, depth):
 
 def test_every_registered_builtin_is_in_the_table():
     builtins = {name for name, r in load_registry().drafters.items()
-                if r.factory.__module__.startswith("drafters.")}
+                if r.factory.__module__.startswith("pytest_specdec.drafters.")}
     assert builtins == set(REFERENCE_DEPTHS)
 
 
@@ -116,7 +109,7 @@ def test_a_bad_declared_depth_is_the_drafters_error(declared, shown):
     (3, 8, 8),      # k below the rule
 ])
 def test_sam_drafts_one_plus_four_per_matched_token(match_len, k, expected):
-    from drafters.sam import SamDecoding
+    from pytest_specdec.drafters.sam import SamDecoding
 
     text = list(range(100, 200))  # 100 distinct tokens, then its first match_len again
     sam = SamDecoding(share_group=False)
@@ -169,7 +162,7 @@ def test_compare_warns_per_case_when_k_differs(records):
 # --------------------------------------------------------------------------- end to end
 
 DEPTH_CONFTEST = '''
-from pytest_specdec.drafter import Draft, DrafterBase
+from pytest_specdec.protocol.drafter import Draft, DrafterBase
 
 
 def seen(name, k):
@@ -311,7 +304,7 @@ def test_specdec_k_must_be_a_depth_the_drafts_can_have(suite, tiny_model_dir, va
     ("cpu", "cuda", "cpu"),
 ])
 def test_depth_profile_resolution(profile, device, resolved):
-    from pytest_specdec.drafter import depth_profile
+    from pytest_specdec.protocol.drafter import depth_profile
 
     assert depth_profile(profile, device) == resolved
 
@@ -324,7 +317,7 @@ def test_depth_profile_resolution(profile, device, resolved):
     (10, "cpu", None, {"max_depth": 16}, 5),  # nor raised by the profile
 ])
 def test_cpu_profile_caps_declared_depths(declared, profile, override, options, expected):
-    from pytest_specdec.drafter import draft_depth
+    from pytest_specdec.protocol.drafter import draft_depth
 
     class Declares:
         max_depth = declared
@@ -333,7 +326,7 @@ def test_cpu_profile_caps_declared_depths(declared, profile, override, options, 
 
 
 def test_unknown_depth_profile_is_refused():
-    from pytest_specdec.drafter import depth_profile
+    from pytest_specdec.protocol.drafter import depth_profile
 
     with pytest.raises(ValueError, match="depth profile 'fast' is not one of auto, reference, cpu"):
         depth_profile("fast", "cpu")

@@ -1,4 +1,4 @@
-"""The shared drafter parts (pytest_specdec.drafting): the per-problem memory, best-first
+"""The shared drafter parts (pytest_specdec.protocol.drafting): the per-problem memory, best-first
 selection of a counted trie's top nodes, the counted trie, and chain-or-tree drafts."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from pytest_specdec.drafter import Draft, DraftRequest, validate_draft
-from pytest_specdec.drafting import CountedTrie, ProblemMemory, best_first, tree_draft
+from pytest_specdec.protocol.drafter import Draft, DraftRequest, validate_draft
+from pytest_specdec.protocol.drafting import CountedTrie, ProblemMemory, best_first, tree_draft
 
 
 # --- ProblemMemory ---------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_tree_draft_is_a_chain_when_it_is_one(tokens, parents, expected):
 
 
 def test_every_shared_name_is_public():
-    import pytest_specdec.drafting as drafting
+    import pytest_specdec.protocol.drafting as drafting
 
     for name in ("ProblemMemory", "best_first", "tree_draft", "CountedTrie"):
         assert getattr(drafting, name).__doc__, name

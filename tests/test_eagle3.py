@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from conftest import losses_over_steps
-from drafters.eagle3 import Eagle3
-from pytest_specdec.drafter import DraftError
+from pytest_specdec.drafters.eagle3 import Eagle3
 from pytest_specdec.engine import GenerationRequest, generate
 from pytest_specdec.models.eagle3 import (LAYOUTS, CheckpointError, Eagle3Config, Eagle3Head,
                                           HeadCache, check_fits, eagle_layers, load_checkpoint,
                                           save_checkpoint, trainable)
 from pytest_specdec.models.tree import dynamic_tree, grow
-from pytest_specdec.sampling import Sampler
+from pytest_specdec.protocol.drafter import DraftError
+from pytest_specdec.protocol.sampling import Sampler
 
 
 # -- trees ----------------------------------------------------------------------------
@@ -252,7 +252,8 @@ def test_bad_options(options, message):
 # -- training -------------------------------------------------------------------------
 
 def test_training_steps_lower_the_loss_and_the_weights_draft(tmp_path, monkeypatch, tiny_target):
-    from pytest_specdec.models.training import DistillData, default_weights, weights_fit
+    from pytest_specdec.models.weights import default_weights, weights_fit
+    from pytest_specdec.training.data import DistillData
 
     sequences, lengths = [], []
     for seed in range(4):
@@ -309,7 +310,7 @@ def test_active_window_losses_equal_the_full_unroll(tiny_target, stored):
     """The loss unrolls only the positions a loss reaches: the same values (and
     gradients) as unrolling every position; the stored target choice gives the same
     vocabulary mask as computing it."""
-    from pytest_specdec.models.training import DistillData
+    from pytest_specdec.training.data import DistillData
 
     sequences = [list(range(3, 3 + n)) for n in (30, 18, 25)]
     data = DistillData(sequences, [14, 3, 20])

@@ -10,11 +10,11 @@ from typing import Callable, Sequence
 import pytest
 import torch
 
-from pytest_specdec.drafter import Draft, DraftError, DraftRequest, DrafterBase, TargetSignals
-from pytest_specdec.engine import (SIGNAL_TOP_K, Generation, GenerationRequest, TokenView,
-                                   generate)
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import Target
+from pytest_specdec.engine import SIGNAL_TOP_K, Generation, GenerationRequest, TokenView, generate
+from pytest_specdec.engine.target import Target
+from pytest_specdec.protocol.drafter import (Draft, DraftError, DraftRequest, DrafterBase,
+                                             TargetSignals)
+from pytest_specdec.protocol.sampling import Sampler
 
 PROMPT = (1, 17, 42, 99, 250, 3, 77)
 VOCAB = 512

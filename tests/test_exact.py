@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from pytest_specdec.drafter import Draft, DrafterBase
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.exact import ROW_INVARIANT_ATTENTION, row_invariant, row_invariant_attention
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.exact import (ROW_INVARIANT_ATTENTION, row_invariant,
+                                         row_invariant_attention)
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.protocol.drafter import Draft, DrafterBase
+from pytest_specdec.protocol.sampling import Sampler
 
 PROMPT = (5, 17, 33, 9, 41, 17, 33, 9, 41, 17)
 

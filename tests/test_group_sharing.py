@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_specdec.metrics import mat_by_index
-from pytest_specdec.paradigms import make_paradigm
-from pytest_specdec.problems import load_problems
-from pytest_specdec.registry import load_registry
-from pytest_specdec.runner import DecodeSettings, engine_method, run_paradigm
+from pytest_specdec.bench.paradigms import make_paradigm
+from pytest_specdec.bench.problems import load_problems
+from pytest_specdec.bench.runner import DecodeSettings, engine_method, run_paradigm
+from pytest_specdec.engine.metrics import mat_by_index
+from pytest_specdec.protocol.registry import load_registry
 
 # drafter, options with sharing, options without
 ABLATIONS = [

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_specdec.drafter import MAX_DRAFT_NODES, MAX_PROBES, Draft, DraftError, DrafterBase
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.sampling import Sampler
+from pytest_specdec.protocol.drafter import (MAX_DRAFT_NODES, MAX_PROBES, Draft, DraftError,
+                                             DrafterBase)
+from pytest_specdec.protocol.sampling import Sampler
 
 PROMPT = (1, 17, 42, 99, 250, 3, 77)
 VOCAB = 512
@@ -359,7 +360,7 @@ def test_needs_must_name_known_signals(llama, needs, detail):
 HOSTILE_CONFTEST = '''
 import time
 
-from pytest_specdec.drafter import Draft, DrafterBase
+from pytest_specdec.protocol.drafter import Draft, DrafterBase
 
 
 def proposing(fn):
@@ -585,7 +586,7 @@ def test_a_crashed_session_leaves_valid_reports_of_the_finished_cases(
 def test_step_timeout_option_rejects_bad_values(text, message):
     import argparse
 
-    from pytest_specdec.options import OPTIONS
+    from pytest_specdec.plugin.options import OPTIONS
 
     (option,) = [o for o in OPTIONS if o.flag == "--specdec-step-timeout"]
     assert option.default == 10.0 and option.type("0") == 0.0 and option.type("0.5") == 0.5

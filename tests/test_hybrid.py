@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from drafters.pld import PromptLookup
-from drafters.sam import SamDecoding
 from pytest_specdec import cli
-from pytest_specdec.drafter import (Draft, DraftError, DrafterBase, DraftRequest,
-                                    TargetSignals, draft_depth)
+from pytest_specdec.drafters.pld import PromptLookup
+from pytest_specdec.drafters.sam import SamDecoding
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.hybrid import (DEFAULT_THRESHOLD, LIST_NOTE, Hybrid, HybridPartError,
-                                   cut, sam_depth)
-from pytest_specdec.options import DrafterSpec, _drafter
-from pytest_specdec.registry import Registry, load_registry
-from pytest_specdec.sampling import Sampler
+from pytest_specdec.protocol.drafter import (Draft, DraftError, DrafterBase, DraftRequest,
+                                             TargetSignals, draft_depth)
+from pytest_specdec.protocol.hybrid import (DEFAULT_THRESHOLD, LIST_NOTE, Hybrid, HybridPartError,
+                                            cut, sam_depth)
+from pytest_specdec.protocol.registry import Registry, load_registry
+from pytest_specdec.protocol.sampling import Sampler
+from pytest_specdec.protocol.spec import DrafterSpec, parse_drafter_spec as _drafter
 
 A_TOKEN, B_TOKEN = 1, 2
 
@@ -446,9 +446,9 @@ def test_plugin_runs_a_hybrid_and_rejects_an_unknown_part(suite, tiny_model_dir,
 
 
 def test_report_note_names_each_parts_note():
-    from drafters.pld import PromptLookup
-    from drafters.rest import Rest
-    from pytest_specdec.hybrid import Hybrid
+    from pytest_specdec.drafters.pld import PromptLookup
+    from pytest_specdec.drafters.rest import Rest
+    from pytest_specdec.protocol.hybrid import Hybrid
 
     hybrid = Hybrid(Rest(), PromptLookup(), threshold=3, names=("rest", "pld"))
     assert hybrid.report_note == ("rest: no datastore: retrieves only from the problem's "

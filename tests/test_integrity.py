@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pytest_specdec.bench.session import SpecdecSession
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.integrity import TARGET_INTACT, TargetChanged, TargetFingerprint, digest
-from pytest_specdec.session import SpecdecSession
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.integrity import TARGET_INTACT, TargetChanged, TargetFingerprint, digest
+from pytest_specdec.engine.target import wrap_model
 from conftest import tiny_model
 
 PROMPT = (1, 17, 42, 99, 250, 3, 77)
@@ -251,7 +251,7 @@ class FindsTheModel:
         pass
 
     def propose(self, context, k):
-        from pytest_specdec.drafter import Draft
+        from pytest_specdec.protocol.drafter import Draft
 
         return Draft()
 
@@ -284,7 +284,7 @@ import gc
 import torch
 import transformers
 
-from pytest_specdec.drafter import Draft, DrafterBase
+from pytest_specdec.protocol.drafter import Draft, DrafterBase
 
 
 class Quiet(DrafterBase):

@@ -9,13 +9,14 @@ from typing import Sequence
 import pytest
 
 from conftest import tiny_model
-from drafters.lookahead import LookaheadDecoding, NgramPool, merge_prefixes, window_parents
-from pytest_specdec.drafter import (MAX_DRAFT_NODES, MAX_PROBES, Draft, DraftRequest,
-                                    TargetSignals, validate_draft)
+from pytest_specdec.drafters.lookahead import (LookaheadDecoding, NgramPool, merge_prefixes,
+                                               window_parents)
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.registry import RegisteredDrafter
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.protocol.drafter import (MAX_DRAFT_NODES, MAX_PROBES, Draft, DraftRequest,
+                                             TargetSignals, validate_draft)
+from pytest_specdec.protocol.registry import RegisteredDrafter
+from pytest_specdec.protocol.sampling import Sampler
 
 # --- the window's probe tree ----------------------------------------------------------------
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pytest_specdec.bench.lossless import (AUTO_TIE_MARGIN, CONTEXT_TOKENS, LosslessError,
+                                           check_lossless, first_divergence, judge_sequence)
+from pytest_specdec.bench.paradigms import MultiRound
+from pytest_specdec.bench.problems import Problem
+from pytest_specdec.bench.runner import DecodeSettings, run_paradigm
 from pytest_specdec.engine import Generation, GenerationRequest, generate
-from pytest_specdec.lossless import (AUTO_TIE_MARGIN, CONTEXT_TOKENS, LosslessError,
-                                     check_lossless, first_divergence, judge_sequence)
-from pytest_specdec.metrics import SpecDecodingStats
-from pytest_specdec.paradigms import MultiRound
-from pytest_specdec.problems import Problem
-from pytest_specdec.runner import DecodeSettings, run_paradigm
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.metrics import SpecDecodingStats
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.protocol.sampling import Sampler
 from conftest import tiny_model
 
 TOKENS = [100 + i for i in range(20)]  # 100, 101, ..., 119
@@ -225,7 +225,7 @@ class RepeatLast:
 
     def begin(self, request): pass
     def propose(self, context, k):
-        from pytest_specdec.drafter import Draft
+        from pytest_specdec.protocol.drafter import Draft
         return Draft(tuple(context[-1:]) * k)
     def accept(self, tokens): pass
     def end(self): pass
@@ -241,7 +241,7 @@ OFFSET = 64
 def corrupt_forward(monkeypatch, kind: str):
     """Break verification the way an engine bug would: positions shifted, or the
     first context position masked out, in every multi-token forward after prefill."""
-    from pytest_specdec.target import Target
+    from pytest_specdec.engine.target import Target
 
     original = Target.forward
 

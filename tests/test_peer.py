@@ -15,17 +15,17 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from drafters.pld import PromptLookup
-from pytest_specdec import peer as peer_module
-from pytest_specdec.drafter import DrafterBase
+from pytest_specdec.bench import peer as peer_module
+from pytest_specdec.bench.lossless import LosslessError
+from pytest_specdec.bench.peer import (CoupledGumbel, PeerMismatch, check_peer, hf_method,
+                                       pld_peer_settings)
+from pytest_specdec.drafters.pld import PromptLookup
 from pytest_specdec.engine import Generation, GenerationRequest, generate
-from pytest_specdec.lossless import LosslessError
-from pytest_specdec.metrics import SpecDecodingStats
-from pytest_specdec.peer import (CoupledGumbel, PeerMismatch, check_peer, hf_method,
-                                 pld_peer_settings)
-from pytest_specdec.report import peer_settings_lines
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.metrics import SpecDecodingStats
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.protocol.drafter import DrafterBase
+from pytest_specdec.protocol.sampling import Sampler
+from pytest_specdec.reporting import peer_settings_lines
 
 BUDGET = 48
 HEAD_SCALE = 64
@@ -210,7 +210,7 @@ def test_report_shows_peer_settings_and_divergences():
 
 
 CORRUPTING_CONFTEST = '''
-import pytest_specdec.session as session
+import pytest_specdec.bench.session as session
 
 _hf_method = session.hf_method
 

@@ -12,11 +12,11 @@ from typing import Sequence
 import pytest
 
 from conftest import tiny_model
-from drafters.pia import BranchTrie, PiaTrie
-from pytest_specdec.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, validate_draft
+from pytest_specdec.drafters.pia import BranchTrie, PiaTrie
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.protocol.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, validate_draft
+from pytest_specdec.protocol.sampling import Sampler
 
 
 def propose(prompt: Sequence[int], accepted: Sequence[int] = (), k: int = 4,

@@ -9,11 +9,11 @@ from typing import Sequence
 import pytest
 
 from conftest import tiny_model
-from drafters.pld import NgramIndex, PromptLookup
-from pytest_specdec.drafter import Draft, DraftRequest
+from pytest_specdec.drafters.pld import NgramIndex, PromptLookup
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.protocol.drafter import Draft, DraftRequest
+from pytest_specdec.protocol.sampling import Sampler
 
 
 def propose(prompt: Sequence[int], accepted: Sequence[int] = (), k: int = 4,

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import SUITE
-from pytest_specdec.options import OPTIONS
-from pytest_specdec.registry import load_registry
+from pytest_specdec.plugin.options import OPTIONS
+from pytest_specdec.protocol.registry import load_registry
 
 USAGE_ERROR = pytest.ExitCode.USAGE_ERROR  # 4
 
@@ -99,8 +99,8 @@ def test_default_collection_ids_and_order(suite, small):
 
 
 def test_default_specs_add_declared_ablations_after_each_drafter():
-    from pytest_specdec.drafter import DrafterBase
-    from pytest_specdec.registry import Registry
+    from pytest_specdec.protocol.drafter import DrafterBase
+    from pytest_specdec.protocol.registry import Registry
 
     class Shares(DrafterBase):
         ablations = ({"share_group": "false"}, {"b": "2", "a": "1"})
@@ -339,7 +339,7 @@ def test_dataset_without_needed_columns_fails_before_any_case(suite, small, tmp_
 # --------------------------------------------------------------------------- drafter plugins
 
 BROKEN_DRAFTER = """
-from pytest_specdec.drafter import Draft, DrafterBase
+from pytest_specdec.protocol.drafter import Draft, DrafterBase
 
 
 class Broken(DrafterBase):

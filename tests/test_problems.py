@@ -6,15 +6,9 @@ import json
 
 import pytest
 
-from pytest_specdec.problems import (
-    Problem,
-    ProblemSetError,
-    answers_match,
-    embedded_problems,
-    extract_answer,
-    load_problems,
-    majority_vote,
-)
+from pytest_specdec.bench.problems import (Problem, ProblemSetError, answers_match,
+                                           embedded_problems, extract_answer, load_problems,
+                                           majority_vote)
 
 
 # --- embedded set -----------------------------------------------------------------------

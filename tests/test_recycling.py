@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from drafters.recycling import PAPER_TREE, TokenRecycling, build_template, paper_children
-from pytest_specdec.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, TargetSignals
+from pytest_specdec.drafters.recycling import (PAPER_TREE, TokenRecycling, build_template,
+                                               paper_children)
 from pytest_specdec.engine import SIGNAL_TOP_K, GenerationRequest, generate
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.protocol.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, TargetSignals
+from pytest_specdec.protocol.sampling import Sampler
 
 
 def signals(rows: Sequence[tuple[int, Sequence[int]]]) -> TargetSignals:

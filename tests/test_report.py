@@ -19,18 +19,9 @@ import pytest
 
 from conftest import STORED_RUN, STORED_SUMMARY
 from pytest_specdec import cli
-from pytest_specdec.report import (
-    ReportError,
-    load_records,
-    records_from_benchmark_json,
-    render_csv,
-    render_json,
-    render_markdown,
-    render_terminal,
-    report_meta,
-    summary_table,
-    write_reports,
-)
+from pytest_specdec.reporting import (ReportError, load_records, records_from_benchmark_json,
+                                      render_csv, render_json, render_markdown, render_terminal,
+                                      report_meta, summary_table, write_reports)
 
 RUN = STORED_RUN
 
@@ -290,8 +281,8 @@ def test_write_reports_renames_a_synced_temp_file_in_place(records, tmp_path, mo
         synced.append(fd)
         real_fsync(fd)
 
-    monkeypatch.setattr("pytest_specdec.report.os.replace", recording_replace)
-    monkeypatch.setattr("pytest_specdec.report.os.fsync", recording_fsync)
+    monkeypatch.setattr("pytest_specdec.atomic.os.replace", recording_replace)
+    monkeypatch.setattr("pytest_specdec.atomic.os.fsync", recording_fsync)
     paths = write_reports(records, tmp_path, "run", meta={})
     assert [dst for _, dst in renames] == paths
     assert all(src.parent == dst.parent and src != dst for src, dst in renames)
@@ -302,7 +293,7 @@ def test_failed_write_leaves_no_file_behind(records, tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("pytest_specdec.report.os.replace", failing_replace)
+    monkeypatch.setattr("pytest_specdec.atomic.os.replace", failing_replace)
     with pytest.raises(OSError):
         write_reports(records, tmp_path, "run", meta={})
     assert os.listdir(tmp_path) == []
@@ -424,7 +415,7 @@ class EchoDrafter:
 
 
 def test_cli_list(monkeypatch, capsys):
-    from pytest_specdec.registry import Registry
+    from pytest_specdec.protocol.registry import Registry
 
     registry = Registry()
     registry.add("echo", EchoDrafter, "dummy-package (tests:EchoDrafter)")
@@ -481,7 +472,8 @@ def test_write_reports_replace_rewrites_its_own_stem(records, tmp_path):
 
 
 def test_lossless_section_shows_what_the_check_found(records):
-    from pytest_specdec.report import _lossless_table, render_markdown
+    from pytest_specdec.reporting import render_markdown
+    from pytest_specdec.reporting.tables import lossless_table as _lossless_table
 
     spec = next(r for r in records if r["role"] == "speculative")
     checked = dict(spec, lossless="near_tie", lossless_method="teacher_forced",

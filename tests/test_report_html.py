@@ -16,21 +16,11 @@ import torch
 
 from conftest import STORED_RUN, STORED_SUMMARY
 from pytest_specdec import cli
-from pytest_specdec.machine import (
-    machine_differences,
-    nvidia_driver_version,
-    specdec_machine_info,
-    target_name,
-)
-from pytest_specdec.report import (
-    ReportError,
-    describe_machine,
-    load_records,
-    report_meta,
-    select_records,
-    write_reports,
-)
-from pytest_specdec.report_html import render_html
+from pytest_specdec.bench.machine import (machine_differences, nvidia_driver_version,
+                                          specdec_machine_info, target_name)
+from pytest_specdec.reporting import (ReportError, describe_machine, load_records, report_meta,
+                                      select_records, write_reports)
+from pytest_specdec.reporting.html import render_html
 
 RUN = STORED_RUN
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -183,7 +173,7 @@ def test_failed_html_write_leaves_no_partial_file(records, tmp_path, monkeypatch
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
 
-    monkeypatch.setattr("pytest_specdec.report.os.replace", failing_on_html)
+    monkeypatch.setattr("pytest_specdec.atomic.os.replace", failing_on_html)
     with pytest.raises(OSError):
         write_reports(records, tmp_path, "run", meta={})
     # the files written before are whole; no html, no temp file
@@ -323,7 +313,7 @@ def test_describe_machine_shows_the_specdec_entry(run_data):
 
 def test_report_meta_shows_the_machine_info_of_the_run(run_data):
     run_data["machine_info"]["specdec"] = GPU_INFO
-    from pytest_specdec.report import records_from_benchmark_json
+    from pytest_specdec.reporting import records_from_benchmark_json
 
     meta = report_meta(records_from_benchmark_json(run_data, source="gpu.json"))
     assert meta["machine"].endswith("GPU 2x NVIDIA H200 (driver 570.133.20, CUDA 12.8); "
@@ -356,7 +346,7 @@ def test_driver_version_from_nvidia_smi(tmp_path, monkeypatch):
 
 
 def test_driver_version_absent_without_a_working_nvidia_smi(tmp_path, monkeypatch):
-    monkeypatch.setattr("pytest_specdec.machine.shutil.which", lambda name: None)
+    monkeypatch.setattr("pytest_specdec.bench.machine.shutil.which", lambda name: None)
     assert nvidia_driver_version() is None
     monkeypatch.undo()
     fake_nvidia_smi(tmp_path, monkeypatch, "echo 'NVIDIA-SMI has failed' >&2; exit 9")
@@ -364,7 +354,7 @@ def test_driver_version_absent_without_a_working_nvidia_smi(tmp_path, monkeypatc
 
 
 def config_for(**changes):
-    from pytest_specdec.options import SpecdecConfig
+    from pytest_specdec.bench.config import SpecdecConfig
 
     values = dict(target="Qwen/Qwen3-8B", device="auto", dtype="auto", trust_remote_code=False,
                   drafters=None, paradigms=("multi_round",), dataset="embedded",
@@ -384,7 +374,7 @@ def test_machine_info_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    monkeypatch.setattr("pytest_specdec.machine.nvidia_driver_version", lambda: "570.133.20")
+    monkeypatch.setattr("pytest_specdec.bench.machine.nvidia_driver_version", lambda: "570.133.20")
     info = specdec_machine_info(config_for())
     assert info == {**GPU_INFO, "torch": torch.__version__,
                     "transformers": transformers.__version__}

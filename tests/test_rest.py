@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model
-from drafters import rest as rest_module
-from drafters.rest import Rest, frequency_tree
 from pytest_specdec import cli
-from pytest_specdec.datastore import (SEPARATOR, Datastore, DatastoreError, build_datastore,
-                                      read_documents, suffix_array)
-from pytest_specdec.drafter import Draft, DraftRequest, validate_draft
+from pytest_specdec.drafters import rest as rest_module
+from pytest_specdec.drafters.rest import Rest, frequency_tree
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.protocol.datastore import (SEPARATOR, Datastore, DatastoreError,
+                                               build_datastore, read_documents, suffix_array)
+from pytest_specdec.protocol.drafter import Draft, DraftRequest, validate_draft
+from pytest_specdec.protocol.sampling import Sampler
 
 
 def corpus_file(folder: Path, docs: Sequence[Sequence[int]], name: str = "corpus.rest") -> str:

@@ -10,11 +10,11 @@ from typing import Sequence
 import pytest
 
 from conftest import tiny_model
-from drafters.sam import SEPARATOR, GroupAutomaton, SamDecoding, SuffixAutomaton
-from pytest_specdec.drafter import Draft, DraftRequest
+from pytest_specdec.drafters.sam import SEPARATOR, GroupAutomaton, SamDecoding, SuffixAutomaton
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.protocol.drafter import Draft, DraftRequest
+from pytest_specdec.protocol.sampling import Sampler
 
 
 def propose(prompt: Sequence[int], accepted: Sequence[int] = (), k: int = 4,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.sampling import Sampler, gumbel_noise
+from pytest_specdec.protocol.sampling import Sampler, gumbel_noise
 
 EULER_GAMMA = 0.5772156649015329
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_specdec.drafter import Draft, DraftError, DrafterBase
 from pytest_specdec.engine import GenerationRequest, generate, speculative_step
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import SLIDING, Target, wrap_model
+from pytest_specdec.engine.target import SLIDING, Target, wrap_model
+from pytest_specdec.protocol.drafter import Draft, DraftError, DrafterBase
+from pytest_specdec.protocol.sampling import Sampler
 from test_tree import PROMPT, TREES, VOCAB, NoisyTree, _resolve, run
 
 WINDOW = 5  # the prompt alone (7 tokens) is past it; trees up to 10 deep exceed it
@@ -254,7 +254,7 @@ def test_a_sliding_cache_that_does_not_record_the_past_is_refused_clearly():
 @pytest.mark.parametrize("arch", ["gemma3", "gpt_oss"])
 @pytest.mark.parametrize("temperature", [0.0, 0.6])
 def test_suffix_decoding_is_lossless_on_sliding_targets(arch, temperature):
-    from drafters.suffix import SuffixDecoding
+    from pytest_specdec.drafters.suffix import SuffixDecoding
 
     # a small vocabulary makes the texts share contexts, so the tries branch; sample 2
     # repeats the seed of sample 0, so its drafts are accepted, through trees too
@@ -281,7 +281,7 @@ def test_suffix_decoding_is_lossless_on_sliding_targets(arch, temperature):
 def test_every_tree_drafter_is_lossless_on_sliding_targets(arch, name):
     # each built-in tree drafter as registered (its own defaults), three samples of one
     # problem (the later ones can draft from the earlier), contexts many windows long
-    from pytest_specdec.registry import load_registry
+    from pytest_specdec.protocol.registry import load_registry
 
     target = wrap_model(sliding_model(arch, window=6, vocab_size=32), name=arch)
     drafter = load_registry().get(name).create()

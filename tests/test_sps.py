@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from conftest import losses_over_steps, tiny_model
-from drafters.sps import SpeculativeSampling, next_draft_length
-from pytest_specdec.drafter import DraftRequest
+from pytest_specdec.drafters.sps import SpeculativeSampling, next_draft_length
 from pytest_specdec.engine import GenerationRequest, generate, target_info
+from pytest_specdec.engine.target import wrap_model
 from pytest_specdec.models.draft_lm import (META_FILE, DraftModelError, check_vocab,
-                                            derive_draft_model, load_draft_model,
-                                            save_draft_model, trainable)
-from pytest_specdec.models.training import DistillData, target_signature, weights_fit
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+                                            derive_draft_model, load_draft_model, save_draft_model,
+                                            trainable)
+from pytest_specdec.models.weights import target_signature, weights_fit
+from pytest_specdec.protocol.drafter import DraftRequest
+from pytest_specdec.protocol.sampling import Sampler
+from pytest_specdec.training.data import DistillData
 
 PROMPT = (1, 17, 42, 7, 99, 3, 250, 12)
 
@@ -158,7 +159,7 @@ def test_missing_default_weights_name_the_train_command(target, tmp_path, monkey
 
 
 def test_default_weights_for_another_target_are_refused(target, tmp_path, monkeypatch):
-    from pytest_specdec.models.training import default_weights
+    from pytest_specdec.models.weights import default_weights
 
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
     info = target_info(target)

@@ -14,12 +14,12 @@ from typing import Sequence
 import pytest
 
 from conftest import tiny_model
-from drafters.suffix import SuffixDecoding, SuffixTrie
-from pytest_specdec.drafter import MAX_DRAFT_NODES, Draft, DraftRequest
+from pytest_specdec.drafters.suffix import SuffixDecoding, SuffixTrie
 from pytest_specdec.engine import Generation, GenerationRequest, generate
-from pytest_specdec.registry import RegisteredDrafter
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.protocol.drafter import MAX_DRAFT_NODES, Draft, DraftRequest
+from pytest_specdec.protocol.registry import RegisteredDrafter
+from pytest_specdec.protocol.sampling import Sampler
 
 
 def propose(prompt: Sequence[int], accepted: Sequence[int] = (), k: int = 4,

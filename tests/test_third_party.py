@@ -75,7 +75,7 @@ def test_example_package_installs_lists_and_runs_lossless(tmp_path: Path, tiny_m
     lines = listing.stdout.splitlines()
     bigram = lines.index(f"bigram  ({EXAMPLE_ORIGIN})")
     assert lines[bigram + 1:bigram + 3] == ["    draft depth 5", "    share_group: bool = True"]
-    assert "pld  (pytest-specdec (drafters.pld:PromptLookup))" in lines
+    assert "pld  (pytest-specdec (pytest_specdec.drafters.pld:PromptLookup))" in lines
 
     suites = tmp_path / "suites"
     suites.mkdir()
@@ -105,7 +105,7 @@ def test_example_package_installs_lists_and_runs_lossless(tmp_path: Path, tiny_m
 # --------------------------------------------------------------------------- the hook
 
 REPEAT_LAST = '''
-from pytest_specdec.drafter import Draft, DrafterBase
+from pytest_specdec.protocol.drafter import Draft, DrafterBase
 
 
 class RepeatLast(DrafterBase):
@@ -185,7 +185,7 @@ def test_conftest_drafter_runs_lossless_beside_the_others(suite, tiny_model_dir,
 def test_conftest_drafter_is_a_default_case_with_options_and_origin(suite):
     # a conftest next to the suites shadows a built-in: the warning names both origins
     (suite.path / "suites" / "conftest.py").write_text(
-        "from pytest_specdec.drafter import DrafterBase\n\n\n"
+        "from pytest_specdec.protocol.drafter import DrafterBase\n\n\n"
         "def pytest_specdec_register_drafters(config):\n"
         "    return {'pld': DrafterBase}\n")
     result = suite.runpytest_subprocess("suites", "-p", "no:cacheprovider", *BROKEN,
@@ -198,7 +198,7 @@ def test_conftest_drafter_is_a_default_case_with_options_and_origin(suite):
             "test_speculative[pld-multi_round]", "test_speculative[sam-multi_round]"} <= ids
     assert not any("half" in i or "not_callable" in i for i in ids)
     result.stdout.fnmatch_lines(["*drafter 'pld' from conftest (suites/conftest.py) shadows the "
-                                 "one from pytest-specdec (drafters.pld:PromptLookup)*"])
+                                 "one from pytest-specdec (pytest_specdec.drafters.pld:PromptLookup)*"])
 
     bad = suite.runpytest_subprocess("suites", "-p", "no:cacheprovider",
                                      "--specdec-drafter", "repeat_last:bogus=1", "--collect-only",
@@ -222,7 +222,7 @@ def test_list_warns_about_broken_entry_points_naming_the_package_and_shows_the_o
         "constant = kaput_drafters_ok:NOT_A_FACTORY\n"
         "fine = kaput_drafters_ok:Fine\n")
     (tmp_path / "kaput_drafters_ok.py").write_text(
-        "from pytest_specdec.drafter import DrafterBase\n\n"
+        "from pytest_specdec.protocol.drafter import DrafterBase\n\n"
         "NOT_A_FACTORY = 3\n\n\n"
         "class Fine(DrafterBase):\n"
         "    def __init__(self, depth: int = 2):\n"
@@ -243,7 +243,7 @@ def test_list_warns_about_broken_entry_points_naming_the_package_and_shows_the_o
     fine = lines.index("fine  (kaput-drafters (kaput_drafters_ok:Fine))")
     # DrafterBase declares the default depth; then the option
     assert lines[fine + 1:fine + 3] == ["    draft depth 5", "    depth: int = 2"]
-    pld = lines.index("pld  (pytest-specdec (drafters.pld:PromptLookup))")
+    pld = lines.index("pld  (pytest-specdec (pytest_specdec.drafters.pld:PromptLookup))")
     assert lines[pld + 1] == "    draft depth 10"
-    assert "pld  (pytest-specdec (drafters.pld:PromptLookup))" in lines
+    assert "pld  (pytest-specdec (pytest_specdec.drafters.pld:PromptLookup))" in lines
     assert not any(line.startswith(("kaput ", "constant ")) for line in lines)

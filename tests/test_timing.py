@@ -9,12 +9,13 @@ import dataclasses
 
 import pytest
 
-from pytest_specdec import timing
-from pytest_specdec.options import DrafterSpec, SpecdecConfig
-from pytest_specdec.problems import load_problems
-from pytest_specdec.registry import load_registry
-from pytest_specdec.session import ParadigmCase, SpecdecSession
-from pytest_specdec.target import load_target
+from pytest_specdec.bench.config import SpecdecConfig
+from pytest_specdec.bench.problems import load_problems
+from pytest_specdec.bench.session import ParadigmCase, SpecdecSession
+from pytest_specdec.engine import timing
+from pytest_specdec.engine.target import load_target
+from pytest_specdec.protocol.registry import load_registry
+from pytest_specdec.protocol.spec import DrafterSpec
 
 
 class FakeMachine:

@@ -14,11 +14,11 @@ import dataclasses
 import pytest
 import torch
 
-from pytest_specdec import torch_state
-from pytest_specdec.drafter import DraftError, DrafterBase
 from pytest_specdec.engine import TORCH_STATE, GenerationRequest, generate
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.torch_state import SETTINGS, Setting, TorchState, Unreadable
+from pytest_specdec.engine import torch_state
+from pytest_specdec.engine.torch_state import SETTINGS, Setting, TorchState, Unreadable
+from pytest_specdec.protocol.drafter import DraftError, DrafterBase
+from pytest_specdec.protocol.sampling import Sampler
 
 backends = torch.backends
 #: a thread count other than this process's
@@ -333,14 +333,14 @@ from pathlib import Path
 
 import torch
 
-import pytest_specdec.target
-from pytest_specdec.drafter import DrafterBase
+import pytest_specdec.engine.target
+from pytest_specdec.protocol.drafter import DrafterBase
 
 #: the session's state, as the suite starts
 ORIGINAL = (str(torch.get_default_dtype()), torch.get_num_threads())
 SEEN = Path(__file__).parent / "seen.jsonl"
 
-_load_target = pytest_specdec.target.load_target
+_load_target = pytest_specdec.engine.target.load_target
 
 
 def careless_load_target(*args, **kwargs):
@@ -350,7 +350,7 @@ def careless_load_target(*args, **kwargs):
     return target
 
 
-pytest_specdec.target.load_target = careless_load_target
+pytest_specdec.engine.target.load_target = careless_load_target
 
 
 class DtypeInBegin(DrafterBase):

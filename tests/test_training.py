@@ -1,4 +1,4 @@
-"""Training model drafters (pytest_specdec.models.training): distillation batches, the
+"""Training model drafters (pytest_specdec.training.loop): distillation batches, the
 prompt set and its generations, the loop (loss falls, resume, time budget, atomic
 weights) and the `pytest-specdec train` command, all on tiny in-memory models."""
 
@@ -11,8 +11,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from pytest_specdec.models import training as t
-from pytest_specdec.target import wrap_model
+from pytest_specdec.engine.target import wrap_model
+from pytest_specdec.models import trainable as mt
+from pytest_specdec.models import weights as mw
+from pytest_specdec.training import data as td
+from pytest_specdec.training import loop as t
+from pytest_specdec.training import prompts as tp
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +28,7 @@ SEQUENCES = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
 PROMPTS = [2, 1, 3]
 
 
-def toy_data(n: int = 12, seed: int = 0) -> t.DistillData:
+def toy_data(n: int = 12, seed: int = 0) -> td.DistillData:
     """n runs of 6..13 consecutive token ids (learnable: the next id is this one + 1)
     from random starts below 20, prompts of 2..4 tokens."""
     rng = torch.Generator().manual_seed(seed)
@@ -33,7 +37,7 @@ def toy_data(n: int = 12, seed: int = 0) -> t.DistillData:
         start = int(torch.randint(1, 20, (1,), generator=rng))
         sequences.append(list(range(start, start + 6 + i % 8)))
         prompts.append(2 + i % 3)
-    return t.DistillData(sequences, prompts)
+    return td.DistillData(sequences, prompts)
 
 
 class Toy:
@@ -49,7 +53,7 @@ class Toy:
                                           torch.nn.Linear(width, target.vocab_size))
         self.fail_at, self.calls = fail_at, 0
 
-    def loss(self, batch: t.DistillBatch) -> torch.Tensor:
+    def loss(self, batch: mt.DistillBatch) -> torch.Tensor:
         self.calls += 1
         if self.calls == self.fail_at:
             raise KeyboardInterrupt  # an interruption between two checkpoints
@@ -64,7 +68,7 @@ class Toy:
         save_file({k: v.contiguous() for k, v in self.module.state_dict().items()},
                   str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps(
-            {"target": t.target_signature(self.target)}), encoding="utf-8")
+            {"target": mw.target_signature(self.target)}), encoding="utf-8")
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -77,7 +81,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_batch_holds_the_documented_tensors(target):
-    data = t.DistillData([list(s) for s in SEQUENCES], list(PROMPTS))
+    data = td.DistillData([list(s) for s in SEQUENCES], list(PROMPTS))
     batch = data.batch(target, (0, 2), [0, 1, 2])
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [10, 11, 12, 0, 0], [13, 14, 15, 16, 0]]
     assert batch.attention_mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2,
@@ -102,15 +106,15 @@ def test_batch_holds_the_documented_tensors(target):
 
 
 def test_no_layers_gives_an_empty_hidden_and_negative_layers_count_from_the_end(target):
-    data = t.DistillData([list(s) for s in SEQUENCES], list(PROMPTS))
+    data = td.DistillData([list(s) for s in SEQUENCES], list(PROMPTS))
     assert data.batch(target, (), [0]).hidden.shape == (1, 5, 0)
     last = data.batch(target, (-1,), [0])
     torch.testing.assert_close(last.hidden, last.final_hidden)
-    with pytest.raises(t.TrainingError, match=r"layer 3 is not in \[-3, 2\]"):
+    with pytest.raises(mw.TrainingError, match=r"layer 3 is not in \[-3, 2\]"):
         data.batch(target, (3,), [0])
 
 
-@pytest.mark.parametrize("keep_bytes", [0, t.KEEP_STATES_BYTES])
+@pytest.mark.parametrize("keep_bytes", [0, td.KEEP_STATES_BYTES])
 def test_batches_are_seeded_passes_and_skip_to_start(target, keep_bytes):
     data = toy_data(7)
     stream = data.order(3, seed=4)
@@ -129,7 +133,7 @@ def test_batches_are_seeded_passes_and_skip_to_start(target, keep_bytes):
 
 
 def test_batches_group_similar_lengths():
-    data = t.DistillData([[1] * n for n in range(2, 34)], [1] * 32)  # lengths 2..33
+    data = td.DistillData([[1] * n for n in range(2, 34)], [1] * 32)  # lengths 2..33
     stream = data.order(4, seed=0)
     batches = [next(stream) for _ in range(8)]
     assert sorted(i for b in batches for i in b) == list(range(32))
@@ -156,39 +160,39 @@ def test_precomputed_states_match_per_batch_states(target):
     ([], [], "no sequences"),
 ])
 def test_bad_data_are_refused(sequences, prompts, message):
-    with pytest.raises(t.TrainingError, match=message):
-        t.DistillData(sequences, prompts)
+    with pytest.raises(mw.TrainingError, match=message):
+        td.DistillData(sequences, prompts)
 
 
 # ------------------------------------------------------------------------------ prompts
 
 
 def test_default_prompts_leave_out_the_benchmarks_problems():
-    from pytest_specdec.problems import embedded_problems
+    from pytest_specdec.bench.problems import embedded_problems
 
     problems = embedded_problems()
-    prompts = t.training_prompts(t.DataSettings())
-    assert t._bench_problems() == 2  # the --specdec-problems default
+    prompts = tp.training_prompts(tp.DataSettings())
+    assert tp._bench_problems() == 2  # the --specdec-problems default
     assert [p.key for p in prompts] == [p.key for p in problems[2:]]
-    assert [p.key for p in t.training_prompts(t.DataSettings(holdout=5, limit=2))] == \
+    assert [p.key for p in tp.training_prompts(tp.DataSettings(holdout=5, limit=2))] == \
         ["embedded-005", "embedded-006"]
-    with pytest.raises(t.TrainingError, match="holdout 50 leaves none of the 50"):
-        t.training_prompts(t.DataSettings(holdout=50))
+    with pytest.raises(mw.TrainingError, match="holdout 50 leaves none of the 50"):
+        tp.training_prompts(tp.DataSettings(holdout=50))
 
 
 def test_prompt_files(tmp_path):
     lines = tmp_path / "p.jsonl"
     lines.write_text('"plain"\n{"prompt": "a"}\n\n{"question": "b", "answer": "1"}\n')
-    assert t.training_prompts(t.DataSettings(prompts=str(lines))) == ["plain", "a", "b"]
+    assert tp.training_prompts(tp.DataSettings(prompts=str(lines))) == ["plain", "a", "b"]
     listing = tmp_path / "p.json"
     listing.write_text(json.dumps({"prompts": [{"text": "x"}, "y"]}))
-    assert t.training_prompts(t.DataSettings(prompts=str(listing), limit=1)) == ["x"]
+    assert tp.training_prompts(tp.DataSettings(prompts=str(listing), limit=1)) == ["x"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"other": 1}\n')
-    with pytest.raises(t.TrainingError, match="row 0: expected a string or an object"):
-        t.training_prompts(t.DataSettings(prompts=str(bad)))
-    with pytest.raises(t.TrainingError, match="prompt file .*missing.jsonl' not found"):
-        t.training_prompts(t.DataSettings(prompts=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(mw.TrainingError, match="row 0: expected a string or an object"):
+        tp.training_prompts(tp.DataSettings(prompts=str(bad)))
+    with pytest.raises(mw.TrainingError, match="prompt file .*missing.jsonl' not found"):
+        tp.training_prompts(tp.DataSettings(prompts=str(tmp_path / "missing.jsonl")))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -199,13 +203,13 @@ def test_prompt_files(tmp_path):
     ("holdout", -2, "holdout -2 must be an int >= 0"),
 ])
 def test_bad_data_settings_are_named(field, value, message):
-    with pytest.raises(t.TrainingError, match=message):
-        t.DataSettings(**{field: value}).check()
+    with pytest.raises(mw.TrainingError, match=message):
+        tp.DataSettings(**{field: value}).check()
 
 
 def test_round_prompt_is_the_multi_round_paradigms(target):
-    from pytest_specdec.paradigms import Completion, MultiRound, first_prompt
-    from pytest_specdec.problems import embedded_problems
+    from pytest_specdec.bench.paradigms import Completion, MultiRound, first_prompt
+    from pytest_specdec.bench.problems import embedded_problems
 
     problem = embedded_problems()[3]
     answers = [Completion("Thinking... \\boxed{7}", (1,)), Completion("again", (2,))]
@@ -216,24 +220,24 @@ def test_round_prompt_is_the_multi_round_paradigms(target):
         return answers[round]
 
     MultiRound(rounds=2).run(problem, generate)
-    assert t.round_prompt(problem, []) == first_prompt(problem) == asked[0]
-    assert t.round_prompt(problem, answers[:1]) == asked[1]
+    assert tp.round_prompt(problem, []) == first_prompt(problem) == asked[0]
+    assert tp.round_prompt(problem, answers[:1]) == asked[1]
     assert "The previous answer was:\nThinking... \\boxed{7}" in asked[1]
 
 
 @pytest.fixture(scope="module")
 def chat_target(tiny_model_dir):
-    from pytest_specdec.target import load_target
+    from pytest_specdec.engine.target import load_target
 
     return load_target(str(tiny_model_dir), device="cpu", dtype="float32")
 
 
 def test_generate_data_greedy_rounds_and_samples(chat_target, tmp_path, monkeypatch):
-    from pytest_specdec.paradigms import first_prompt
+    from pytest_specdec.bench.paradigms import first_prompt
 
-    settings = t.DataSettings(limit=2, max_new_tokens=4, rounds=2, samples=1, seed=3)
-    data = t.generate_data(chat_target, settings, batch_size=2)
-    problems = t.training_prompts(settings)
+    settings = tp.DataSettings(limit=2, max_new_tokens=4, rounds=2, samples=1, seed=3)
+    data = td.generate_data(chat_target, settings, batch_size=2)
+    problems = tp.training_prompts(settings)
     firsts = [chat_target.encode_prompt(first_prompt(p)) for p in problems]
     # round 0 greedy, round 1 greedy (re-asked), one sample: 2 problems each
     assert len(data.sequences) == 6
@@ -248,12 +252,12 @@ def test_generate_data_greedy_rounds_and_samples(chat_target, tmp_path, monkeypa
     assert "The previous answer was" in chat_target.tokenizer.decode(
         data.sequences[2][:data.prompt_lengths[2]])
     # the cache: written once, reused for the same target and settings
-    path = tmp_path / "d" / t.DATA_FILE
-    made = t.prepare_data(chat_target, path, settings, batch_size=2)
+    path = tmp_path / "d" / td.DATA_FILE
+    made = td.prepare_data(chat_target, path, settings, batch_size=2)
     assert made == data  # seeded: the same generations
-    monkeypatch.setattr(t, "generate_data", lambda *a, **k: pytest.fail("regenerated"))
-    assert t.prepare_data(chat_target, path, settings) == data
-    assert json.loads(path.read_text())["target"] == t.target_signature(chat_target)
+    monkeypatch.setattr(td, "generate_data", lambda *a, **k: pytest.fail("regenerated"))
+    assert td.prepare_data(chat_target, path, settings) == data
+    assert json.loads(path.read_text())["target"] == mw.target_signature(chat_target)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -306,7 +310,7 @@ def test_the_time_budget_stops_saves_and_resumes(target, tmp_path):
 def test_resume_refuses_a_checkpoint_of_other_settings(target, tmp_path):
     common = dict(lr=1e-2, progress=False, data=toy_data(), steps=5)
     t.train(Toy, target, output=tmp_path / "w", max_minutes=1e-9, batch_size=4, **common)
-    with pytest.raises(t.TrainingError, match=r"other batch_size \(4, not 2\)"):
+    with pytest.raises(mw.TrainingError, match=r"other batch_size \(4, not 2\)"):
         t.train(Toy, target, output=tmp_path / "w", resume=True, batch_size=2, **common)
 
 
@@ -318,28 +322,28 @@ def test_resume_refuses_a_checkpoint_of_other_settings(target, tmp_path):
     ({"seed": -3}, "seed -3 must be an int >= 0"),
 ])
 def test_bad_loop_values_are_named(target, tmp_path, values, message):
-    with pytest.raises(t.TrainingError, match=message):
+    with pytest.raises(mw.TrainingError, match=message):
         t.train(Toy, target, output=tmp_path / "w", data=toy_data(), progress=False, **values)
 
 
 def test_unknown_kind_is_named():
-    with pytest.raises(t.TrainingError, match="drafter kind 'medusa' is not one of eagle3, sps"):
+    with pytest.raises(mw.TrainingError, match="drafter kind 'medusa' is not one of eagle3, sps"):
         t.trainable_factory("medusa")
-    with pytest.raises(t.TrainingError, match="'medusa' is not one of"):
-        t.default_weights("medusa", "x")
+    with pytest.raises(mw.TrainingError, match="'medusa' is not one of"):
+        mw.default_weights("medusa", "x")
 
 
 def test_default_weights_and_weights_fit(target, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
-    assert t.default_weights("eagle3", "SmolLM2-135M-Instruct") == \
+    assert mw.default_weights("eagle3", "SmolLM2-135M-Instruct") == \
         tmp_path / "smollm2-135m-instruct-fp32" / "drafters" / "eagle3"
-    assert t.default_weights("sps", target) == tmp_path / "drafters" / "tiny-llama" / "sps"
+    assert mw.default_weights("sps", target) == tmp_path / "drafters" / "tiny-llama" / "sps"
     folder = tmp_path / "w"
-    assert "has no config.json and model.safetensors" in t.weights_fit(folder, target)
+    assert "has no config.json and model.safetensors" in mw.weights_fit(folder, target)
     Toy(target, None).save(_made(folder))
-    assert t.weights_fit(folder, target) == ""
+    assert mw.weights_fit(folder, target) == ""
     other = wrap_model(tiny_model("llama", vocab_size=256), name="tiny-llama")
-    assert "names target" in t.weights_fit(folder, other)
+    assert "names target" in mw.weights_fit(folder, other)
 
 
 def _made(folder: Path) -> Path:
@@ -413,8 +417,8 @@ def test_cli_trains_end_to_end(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert "wrote" in capsys.readouterr().out
     record = json.loads((out / "training.json").read_text())
     assert (record["steps_done"], record["sequences"], record["batch_size"]) == (3, 4, 2)
-    cached = json.loads((tmp_path / "drafters" / t.DATA_FILE).read_text())
+    cached = json.loads((tmp_path / "drafters" / td.DATA_FILE).read_text())
     assert cached["settings"]["max_new_tokens"] == 3 and len(cached["sequences"]) == 4
     # the data cache, the target's states captured while generating them, the weights
     assert sorted(p.name for p in (tmp_path / "drafters").iterdir()) == \
-        [t.DATA_FILE, t.states_path(Path(t.DATA_FILE)).name, "sps"]
+        [td.DATA_FILE, td.states_path(Path(td.DATA_FILE)).name, "sps"]

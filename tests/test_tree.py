@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from pytest_specdec.drafter import Draft, DrafterBase
 from pytest_specdec.engine import GenerationRequest, generate, speculative_step
-from pytest_specdec.sampling import Sampler
-from pytest_specdec.target import Target, wrap_model
+from pytest_specdec.engine.target import Target, wrap_model
+from pytest_specdec.protocol.drafter import Draft, DrafterBase
+from pytest_specdec.protocol.sampling import Sampler
 
 PROMPT = (1, 17, 42, 99, 250, 3, 77)
 VOCAB = 512

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_specdec.plugin import _worker_device
-from pytest_specdec.session import worker_device
+from pytest_specdec.bench.session import worker_device
+from pytest_specdec.plugin.hooks import _worker_device
 
 #: what a record holds that does not depend on timing, nor on the worker it ran on
 DETERMINISTIC = ("role", "drafter", "drafter_options", "paradigm", "temperature", "target",

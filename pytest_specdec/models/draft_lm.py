@@ -22,13 +22,13 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from pytest_specdec.models.training import DistillBatch, DistillData
-    from pytest_specdec.target import Target
+from pytest_specdec.engine.target import Target, text_config
+from pytest_specdec.models.trainable import DistillBatch
+from pytest_specdec.models.weights import target_signature, training_summary
 
 log = logging.getLogger("pytest_specdec")
 
@@ -41,10 +41,6 @@ _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 class DraftModelError(ValueError):
     """A draft model cannot be used with this target; the message names both sides."""
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def default_num_layers(target_layers: int) -> int:
@@ -63,7 +59,7 @@ def derive_draft_model(target_model: Any, num_layers: int) -> Any:
     per-layer ``layer_types`` list in the config is cut to the kept layers.
     """
     config = copy.deepcopy(target_model.config)
-    text = _text_config(config)
+    text = text_config(config)
     total = int(text.num_hidden_layers)
     if type(num_layers) is not int or not 1 <= num_layers <= total:
         raise DraftModelError(f"num_layers {num_layers!r} is not an int in [1, {total}] "
@@ -95,11 +91,9 @@ def derive_draft_model(target_model: Any, num_layers: int) -> Any:
 
 def save_draft_model(model: Any, tokenizer: Any, folder: Path | str, target: Any) -> Path:
     """Write a draft to `folder`: model.safetensors + config.json (whose ``"target"``
-    names the target it fits, as :func:`~pytest_specdec.models.training.weights_fit`
+    names the target it fits, as :func:`~pytest_specdec.models.weights.weights_fit`
     reads it), the tokenizer when given, and :data:`META_FILE` (the same target, the
     draft's depth). `target` is a TargetInfo or a Target."""
-    from pytest_specdec.models.training import target_signature
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fits = target_signature(target)
@@ -107,19 +101,11 @@ def save_draft_model(model: Any, tokenizer: Any, folder: Path | str, target: Any
     model.save_pretrained(folder)  # safetensors: transformers 5 writes nothing else
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    text = _text_config(model.config)
+    text = text_config(model.config)
     meta = {"kind": "sps", "target": fits, "num_layers": int(text.num_hidden_layers),
             "derived_from": fits["name"]}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return folder
-
-
-def read_meta(folder: Path | str) -> dict[str, Any] | None:
-    """The :data:`META_FILE` of a saved draft, or None when it has none."""
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def check_vocab(draft_vocab: Mapping[str, int] | None, target_vocab: Mapping[str, int] | None,
@@ -172,7 +158,7 @@ def load_draft_model(spec: str | Path, info: Any) -> Any:
     """Load the draft causal LM at `spec` (a folder or a Hugging Face id; safetensors
     only, no remote code) onto ``info.device`` in ``info.dtype``, eval mode.
 
-    `info` is the :class:`~pytest_specdec.drafter.TargetInfo` of the target; a draft
+    `info` is the :class:`~pytest_specdec.protocol.drafter.TargetInfo` of the target; a draft
     whose logits width differs from ``info.vocab_size``, or whose tokenizer's vocabulary
     differs from ``info.vocab``, is refused (:func:`check_vocab`)."""
     from transformers import AutoModelForCausalLM
@@ -259,7 +245,7 @@ class DraftLMTrainable:
             self.draft.train(was_training)
 
 
-def trainable(target: Target, data: DistillData | None = None, *, num_layers: int | None = None,
+def trainable(target: Target, data: Any = None, *, num_layers: int | None = None,
               **options: Any) -> DraftLMTrainable:
     """The SpS draft to train for `target`: derived from it with `num_layers` decoder
     layers (default :func:`default_num_layers`), to be distilled on `data` (the loop
@@ -267,7 +253,7 @@ def trainable(target: Target, data: DistillData | None = None, *, num_layers: in
     if options:
         raise DraftModelError(f"unknown sps training option(s) {sorted(options)}; "
                               "accepted: num_layers")
-    layers = default_num_layers(int(_text_config(target.model.config).num_hidden_layers)) \
+    layers = default_num_layers(int(text_config(target.model.config).num_hidden_layers)) \
         if num_layers is None else num_layers
     with torch.inference_mode(False), torch.enable_grad():
         draft = derive_draft_model(target.model, layers)
@@ -277,8 +263,6 @@ def trainable(target: Target, data: DistillData | None = None, *, num_layers: in
 def derived_note(folder: str | Path) -> str:
     """The report's line for a draft made by ``pytest-specdec train sps``: what it was
     derived from, and how long it was distilled."""
-    from pytest_specdec.models.training import training_summary
-
     try:
         meta = json.loads((Path(folder) / "specdec_draft.json").read_text(encoding="utf-8"))
         source = (f"derived from {meta['derived_from']} (its first {meta['num_layers']} of "

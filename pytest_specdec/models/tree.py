@@ -18,7 +18,7 @@ skipped, so every node's ancestors are in the draft even for scores that rise.
 
 The draft lists the taken candidates in the order they were made (level by level, and
 within a level by frontier node, then child rank), so parents come before children, as
-:class:`pytest_specdec.drafter.Draft` requires; ``parents[i]`` is -1 for a level-1 node
+:class:`pytest_specdec.protocol.drafter.Draft` requires; ``parents[i]`` is -1 for a level-1 node
 (a child of the last accepted token).
 
 Deliberate differences from the reference: ties between equal scores are broken by

@@ -1,0 +1,44 @@
+"""A benchmark run's settings, as the pytest options resolve them
+(:func:`pytest_specdec.plugin.options.read_config`); the session and the machine
+description read them here, below the plugin that parses them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytest_specdec.protocol.spec import DrafterSpec
+
+
+@dataclass(frozen=True)
+class SpecdecConfig:
+    """The resolved options of a session."""
+
+    target: str
+    device: str
+    dtype: str
+    trust_remote_code: bool
+    drafters: tuple[DrafterSpec, ...] | None  # None: every registered drafter
+    paradigms: tuple[str, ...]
+    dataset: str
+    dataset_split: str
+    problems: int
+    max_new_tokens: int
+    n: int
+    rounds: int
+    temperatures: tuple[float, ...] | None  # None: each paradigm's default
+    seed: int
+    k: int | None  # None: each drafter's own max_depth (drafter.draft_depth)
+    timed_rounds: int
+    report_dir: Path
+    peers: tuple[str, ...]  # the peer cases to run (PEER_NAMES)
+    strict: bool
+    tie_margin: float | None  # None: the dtype's own (lossless.AUTO_TIE_MARGIN)
+    step_timeout: float  # seconds; 0: no limit
+    compare: Path | None
+    compare_fail: tuple[tuple[str, float], ...]
+    # --specdec-lossless exact: row-invariant forwards, equality in every dtype
+    exact: bool = False
+    depth_profile: str = "reference"  # --specdec-depth-profile (drafter.DEPTH_PROFILES)
+    ablations: bool = False  # --specdec-ablations: the default set's ablation variants too
+    timing: str = "calibrated"  # --specdec-timing (timing.TIMING_MODES)

@@ -1,0 +1,115 @@
+"""Running one paradigm over a problem set with one decoding method.
+
+A *method* turns (prompt ids, group, sample, round) into a Generation: the engine
+with or without a drafter, or a peer implementation. The runner builds the generate
+function a paradigm sees, and collects every output and its statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from pytest_specdec.bench.paradigms import Completion, MultiRound, BestOfN, Outcome
+from pytest_specdec.bench.problems import Problem
+from pytest_specdec.engine.guard import attach
+from pytest_specdec.engine.loop import Generation, GenerationRequest, generate
+from pytest_specdec.engine.metrics import SpecDecodingStats, accuracy, output_digest
+from pytest_specdec.engine.target import Target
+from pytest_specdec.engine.timing import Timeline
+from pytest_specdec.protocol.drafter import Drafter
+from pytest_specdec.protocol.sampling import Sampler
+
+#: (problem key, sample, round): one generated sequence of a paradigm run
+SequenceKey = tuple[str, int, int]
+
+
+def sequence_seed(base_seed: int, group: str, sample: int, round: int) -> int:
+    """The coupled-sampling seed of one sequence: a pure function of its identity, so
+    every method (and every process) samples sequence (group, sample, round) alike."""
+    digest = hashlib.sha256(f"{base_seed}|{group}|{sample}|{round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    temperature: float
+    seed: int
+    max_new_tokens: int
+    k: int = 0
+
+    def request(self, prompt_ids: Sequence[int], group: str, sample: int, round: int) -> GenerationRequest:
+        sampler = Sampler(self.temperature, sequence_seed(self.seed, group, sample, round))
+        return GenerationRequest(tuple(prompt_ids), self.max_new_tokens, sampler,
+                                 group=group, sample=sample, round=round)
+
+
+#: decodes one request; the runner times nothing itself but the whole run
+Method = Callable[[GenerationRequest], Generation]
+
+
+def engine_method(target: Target, drafter: Drafter | None, *, k: int, drafter_name: str,
+                  step_timeout: float = 0.0, exact: bool = False) -> Method:
+    """Our engine; one drafter instance serves every sequence of the run, so it can
+    share what it learns across the samples and rounds of a problem. step_timeout
+    bounds each call into the drafter (seconds, 0: no limit); exact selects the
+    row-invariant forwards of exact mode (see engine.generate). The drafter is attached
+    to the target here, before any sequence is timed (a model drafter loads its
+    weights in ``attach``)."""
+    if drafter is not None:
+        attach(target, drafter, drafter_name, step_timeout=step_timeout)
+    return lambda request: generate(target, request, drafter, k=k, drafter_name=drafter_name,
+                                    step_timeout=step_timeout, exact=exact)
+
+
+@dataclass
+class RunResult:
+    outputs: dict[SequenceKey, Generation] = field(default_factory=dict)
+    # what each sequence was asked: its prompt (in multi-round, built from the earlier
+    # rounds' own outputs) and its sampler; the losslessness check replays them
+    requests: dict[SequenceKey, GenerationRequest] = field(default_factory=dict)
+    outcomes: list[Outcome] = field(default_factory=list)
+    stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
+    wall_s: float = 0.0  # the run's seconds, calibration probes excluded
+    # the run cut into segments by calibration probes (see pytest_specdec.engine.timing)
+    timeline: Timeline = field(default_factory=Timeline)
+
+    @property
+    def accuracy(self) -> float:
+        return accuracy(o.correct for o in self.outcomes)
+
+    @property
+    def digest(self) -> str:
+        return output_digest(g.tokens for g in self.outputs.values())
+
+
+def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Sequence[Problem],
+                 method: Method, settings: DecodeSettings,
+                 progress: Callable[[str], None] | None = None,
+                 probe: Callable[[], float] | None = None) -> RunResult:
+    """Run the paradigm on every problem; wall_s covers the whole run end to end, but
+    for the calibration `probe` (see :mod:`pytest_specdec.engine.timing`), which runs before
+    every sequence and after the last, untimed."""
+    result = RunResult(timeline=Timeline(probe))
+    current = 0  # the problem being run
+
+    def generate_fn(prompt: str, *, group: str, sample: int, round: int) -> Completion:
+        result.timeline.cut(current)
+        request = settings.request(target.encode_prompt(prompt), group, sample, round)
+        generation = method(request)
+        result.requests[(group, sample, round)] = request
+        result.outputs[(group, sample, round)] = generation
+        result.stats.merge(generation.stats)
+        return Completion(target.decode(generation.tokens), tuple(generation.tokens))
+
+    for current, problem in enumerate(problems):
+        if progress is not None:
+            progress(f"{paradigm.name}: problem {current + 1}/{len(problems)} ({problem.key})")
+        result.outcomes.append(paradigm.run(problem, generate_fn))
+    result.timeline.finish()
+    # per-sequence wall times add up to less than the run (prompt encoding, decoding
+    # text): the run's own clock is the figure that counts
+    result.wall_s = result.timeline.wall_s
+    result.stats.wall_s = result.wall_s
+    return result

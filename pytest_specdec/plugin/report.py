@@ -1,0 +1,97 @@
+"""The session's report: written after each finished case and at the end (one file name,
+replaced atomically), its meta block, and the sections the
+``pytest_specdec_report_sections`` hook gives."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_specdec.bench.config import SpecdecConfig
+from pytest_specdec.plugin.keys import COMPARISON_KEY, CONFIG_KEY, REPORT_STEM_KEY
+from pytest_specdec.plugin.xdist import session_records
+
+def write_progress(config: pytest.Config) -> None:
+    """Rewrite the session report after each finished case, so that a session that
+    crashes (not only one interrupted) leaves a valid report of its finished cases."""
+    import warnings
+
+    from pytest_specdec.reporting.load import ReportError
+
+    records = session_records(config)
+    try:
+        if records:
+            write_session_report(config, records)
+    except (OSError, ReportError) as exc:
+        warnings.warn(pytest.PytestWarning(f"pytest-specdec: the report could not be "
+                                           f"written: {exc}"))
+
+
+def show_comparison(terminalreporter: Any, config: pytest.Config) -> None:
+    comparison = config.stash.get(COMPARISON_KEY, None)
+    if comparison is not None:
+        from pytest_specdec.reporting.compare import render_summary
+
+        terminalreporter.section("pytest-specdec compare", red=not comparison.passed)
+        terminalreporter.write_line(render_summary(comparison))
+
+
+def machine_line(cfg: SpecdecConfig) -> str:
+    """The report's machine: host and CPU, then GPUs, driver, CUDA, torch, transformers."""
+    from pytest_specdec.bench.machine import specdec_machine_info
+    from pytest_specdec.reporting.machine_text import describe_specdec_machine
+
+    host = f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip()
+    return "; ".join(filter(None, (host, describe_specdec_machine(specdec_machine_info(cfg)))))
+
+
+def depth_profile_text(records: list[dict], cfg: SpecdecConfig) -> str:
+    """Which draft depths the cases ran with (the details show each case's k)."""
+    from pytest_specdec.protocol.drafter import CPU_PROFILE_DEPTH
+
+    profiles = dict.fromkeys(r["depth_profile"] for r in records if r.get("depth_profile"))
+    if cfg.k is not None:
+        return "none: --specdec-k sets every drafter's depth"
+    texts = {"reference": "reference (each drafter at its reference's depth)",
+             "cpu": f"cpu (each drafter's reference depth capped at {CPU_PROFILE_DEPTH}; "
+                    "--specdec-depth-profile reference for the references' own)"}
+    return ", ".join(texts.get(p, p) for p in profiles) or "—"
+
+
+def write_session_report(config: pytest.Config, records: list[dict]) -> list[Path]:
+    """The session's report files: a free name at the first write (never an earlier
+    report's), the same name replaced atomically at every later one."""
+    from pytest_specdec.reporting.files import write_reports
+    from pytest_specdec.reporting.layout import depth_text
+
+    cfg = config.stash[CONFIG_KEY]
+    stem = config.stash.get(REPORT_STEM_KEY, None)
+    if stem is None:
+        saved = config.getoption("benchmark_save", None)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        stem = f"specdec-{saved}-{stamp}" if saved else f"specdec-{stamp}"
+    meta = {
+        "target": records[0]["target"],
+        "dtype": records[0]["dtype"],
+        "device": ", ".join(dict.fromkeys(r["device"] for r in records)),  # one per GPU worker
+        "dataset": cfg.dataset,
+        "problems": str(records[0]["problems"]),
+        "max_new_tokens": str(cfg.max_new_tokens),
+        # one k, or each drafter's own (the details show each case's)
+        "k": depth_text(records) + (" (--specdec-k)" if cfg.k is not None else ""),
+        "depth profile": depth_profile_text(records, cfg),
+        "lossless": "exact mode (row-invariant forwards)" if cfg.exact else "auto",
+        "timed_rounds": str(cfg.timed_rounds),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_line(cfg),
+    }
+    sections: list = []
+    config.hook.pytest_specdec_report_sections(config=config, records=records, sections=sections)
+    paths = write_reports(records, cfg.report_dir, stem, meta=meta, sections=sections,
+                          replace=REPORT_STEM_KEY in config.stash)
+    config.stash[REPORT_STEM_KEY] = paths[0].stem
+    return paths

@@ -207,3 +207,29 @@ def test_a_lent_tensor_written_by_a_call_that_raises_is_set_back(tiny_target):
     assert caught.value.detail == ("attach wrote to the target's embeddings "
                                    "(RuntimeError: no weights)")
     assert torch.equal(tiny_target.model.get_input_embeddings().weight, before)
+
+
+class Unhashable(Collector):
+    """A drafter that cannot be a dict key (``__eq__`` without ``__hash__``, as a
+    dataclass has): attached once all the same, by identity."""
+
+    __hash__ = None
+
+    def __eq__(self, other):
+        return isinstance(other, Unhashable)
+
+
+def test_attachments_are_the_targets_held_by_identity(llama):
+    from pytest_specdec.engine.target import wrap_model
+    from conftest import tiny_model
+
+    truth = generate(llama, GenerationRequest(PROMPT, 6)).tokens
+    first, second = Unhashable(truth, needs=()), Unhashable(truth, needs=())
+    for _ in range(3):
+        generate(llama, GenerationRequest(PROMPT, 6), first, k=4)
+    generate(llama, GenerationRequest(PROMPT, 6), second, k=4)
+    assert len(first.infos) == 1 and len(second.infos) == 1  # equal, yet two drafters
+    assert attach(llama, first) is llama.attached.get(first)
+    other = wrap_model(tiny_model("llama"), name="tiny-llama-2")
+    generate(other, GenerationRequest(PROMPT, 6), first, k=4)
+    assert len(first.infos) == 2  # another target: attached to it too

@@ -422,3 +422,17 @@ def test_a_flagged_speedup_fails_a_speedup_rule_and_stated_noise_is_the_floor(re
     assert same.passed and any("stated timing noise" in w for w in same.warnings)
     case = next(c for c in same.compared if c.role == "speculative")
     assert case.metrics["speedup"].floor == pytest.approx(0.08)
+
+
+def test_cases_are_matched_at_their_batch_size(records):
+    """A batch-4 record is compared with the batch-4 one, never with batch 1's; a
+    record saved before the batch axis counts as batch 1."""
+    from pytest_specdec.reporting.compare import compare_records
+
+    batched = [{**r, "batch": 4, "speedup": (r["speedup"] or 1) / 2} for r in records]
+    comparison = compare_records(records + batched, [{**r, "batch": 1} for r in records] + batched,
+                                 rules=[("speedup", 0.10)])
+    assert comparison.passed
+    assert len(comparison.compared) == 2 * len(records)
+    assert {c.batch for c in comparison.compared} == {1, 4}
+    assert any(c.label.endswith("batch 4") for c in comparison.compared)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from pytest_specdec.bench.config import SpecdecConfig
 from pytest_specdec.bench.problems import load_problems
@@ -95,6 +96,52 @@ def test_timeline_calibrates_each_segment_by_its_probes(monkeypatch):
     assert line.calibrated_by_problem(2) == pytest.approx([3.0, 8 / 1.5 + 2.0])
     # only the segment whose probes disagree adds noise: (8/1.5 · 1/3) / total
     assert line.relative_noise == pytest.approx((8 / 1.5 / 3) / (3 + 8 / 1.5 + 2))
+
+
+def test_a_contended_machines_scattered_probes_raise_the_noise_to_unstable(monkeypatch):
+    """Probes that agree with each other but whose own forwards scatter (threads
+    descheduled by other processes) say the calibration follows the run only roughly:
+    their spread is noise that does not average out over segments."""
+    machine = FakeMachine()
+    monkeypatch.setattr(timing, "clock", machine.clock)
+
+    def run(spread: float) -> timing.Timeline:
+        line = timing.Timeline(lambda: (2.0, spread))
+        for problem in range(8):
+            line.cut(problem)
+            machine.now += 3.0
+        line.finish()
+        return line
+
+    quiet, contended = run(0.02), run(0.3)
+    assert quiet.calibrated == contended.calibrated == pytest.approx(12.0)
+    assert quiet.relative_noise == pytest.approx(0.02)
+    assert contended.relative_noise == pytest.approx(0.3)
+    assert timing.timing_flags(1.0, quiet.relative_noise) == []
+    assert timing.timing_flags(1.0, contended.relative_noise) == [timing.UNSTABLE_TIMING]
+
+
+def test_the_probe_reads_a_trimmed_mean_and_its_spread(monkeypatch):
+    """One hiccup (the slowest forward) and the fastest are dropped; the rest's mean is
+    the probe's time, half their range over it the spread."""
+    machine = FakeMachine()
+    monkeypatch.setattr(timing, "clock", machine.clock)
+    costs = iter([1.0, 1.2, 0.8, 9.0, 1.0])
+
+    class Target:
+        def forward(self, ids, cache, keep_logits=0):
+            machine.now += next(costs)
+            return torch.zeros(1, 1), None
+
+    class Cache:
+        def crop(self, n):
+            pass
+
+    probe = object.__new__(timing.Probe)
+    probe.target, probe.cache, probe.next_token = Target(), Cache(), 0
+    value, spread = probe.reading()
+    assert value == pytest.approx((1.0 + 1.2 + 1.0) / 3)
+    assert spread == pytest.approx(0.1 / value)
 
 
 def test_bootstrap_over_problems_is_seeded_and_brackets_the_ratio():

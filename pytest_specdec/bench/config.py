@@ -42,3 +42,5 @@ class SpecdecConfig:
     depth_profile: str = "reference"  # --specdec-depth-profile (drafter.DEPTH_PROFILES)
     ablations: bool = False  # --specdec-ablations: the default set's ablation variants too
     timing: str = "calibrated"  # --specdec-timing (timing.TIMING_MODES)
+    batches: tuple[int, ...] = (1,)  # --specdec-batch: every case at each size
+    batch_explicit: bool = False  # --specdec-batch was given: case ids name the size

@@ -6,7 +6,7 @@ Hugging Face's generate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from pytest_specdec.bench.problems import Problem, answers_match, extract_answer, majority_vote
 
@@ -24,6 +24,26 @@ class GenerateFn(Protocol):
     of coupled sampling and the drafter's sharing both derive from them."""
 
     def __call__(self, prompt: str, *, group: str, sample: int, round: int) -> Completion: ...
+
+
+@dataclass(frozen=True)
+class SequenceAsk:
+    """One sequence a batched paradigm asks for: its prompt and identity."""
+
+    prompt: str
+    group: str
+    sample: int = 0
+    round: int = 0
+
+
+class GenerateManyFn(Protocol):
+    """Generate the asked completions together (one batch), in order."""
+
+    def __call__(self, asks: Sequence[SequenceAsk]) -> list[Completion]: ...
+
+
+def chunks(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 @dataclass
@@ -67,11 +87,32 @@ class MultiRound:
         for r in range(self.rounds):
             completion = generate(prompt, group=problem.key, sample=0, round=r)
             outcome.completions.append(completion)
-            prompt = (f"{problem.question}\n\nThe previous answer was:\n"
-                      f"{answer_part(completion.text)}\n\n"
-                      f"Please re-answer. {ANSWER_INSTRUCTION}")
+            prompt = self.next_prompt(problem, completion)
         outcome.final_answer = extract_answer(outcome.completions[-1].text)
         return outcome
+
+    def next_prompt(self, problem: Problem, completion: Completion) -> str:
+        return (f"{problem.question}\n\nThe previous answer was:\n"
+                f"{answer_part(completion.text)}\n\nPlease re-answer. {ANSWER_INSTRUCTION}")
+
+    def run_batched(self, problems: Sequence[Problem], generate: GenerateManyFn,
+                    batch: int) -> list[Outcome]:
+        """The rounds of `batch` problems at a time decode together: round r of every
+        problem of a chunk is one batch (round r + 1 needs round r's answer)."""
+        outcomes = []
+        for chunk in chunks(problems, batch):
+            done = [Outcome(p) for p in chunk]
+            prompts = [first_prompt(p) for p in chunk]
+            for r in range(self.rounds):
+                completions = generate([SequenceAsk(prompt, p.key, 0, r)
+                                        for prompt, p in zip(prompts, chunk)])
+                for outcome, completion in zip(done, completions):
+                    outcome.completions.append(completion)
+                prompts = [self.next_prompt(p, c) for p, c in zip(chunk, completions)]
+            for outcome in done:
+                outcome.final_answer = extract_answer(outcome.completions[-1].text)
+            outcomes += done
+        return outcomes
 
 
 @dataclass(frozen=True)
@@ -90,6 +131,19 @@ class BestOfN:
             outcome.completions.append(generate(prompt, group=problem.key, sample=s, round=0))
         outcome.final_answer = majority_vote([extract_answer(c.text) for c in outcome.completions])
         return outcome
+
+    def run_batched(self, problems: Sequence[Problem], generate: GenerateManyFn,
+                    batch: int) -> list[Outcome]:
+        """The N samples of each problem decode together; with batch > N, several
+        problems' samples share a batch (in problem order, then sample order)."""
+        outcomes = [Outcome(p) for p in problems]
+        asks = [SequenceAsk(first_prompt(p), p.key, s, 0) for p in problems for s in range(self.n)]
+        completions = [c for chunk in chunks(asks, batch) for c in generate(chunk)]
+        for i, outcome in enumerate(outcomes):
+            outcome.completions = completions[i * self.n:(i + 1) * self.n]
+            outcome.final_answer = majority_vote([extract_answer(c.text)
+                                                  for c in outcome.completions])
+        return outcomes
 
 
 PARADIGM_NAMES = ("multi_round", "best_of_n")

@@ -102,6 +102,7 @@ class CaseRecord:
     drafter_options: dict = _optional(factory=dict)
     paradigm: str = _required()
     temperature: float = _required()
+    batch: int = _optional()  # sequences decoded together; a record without it: 1
     target: str = _required()
     dtype: str = _required()
     device: str = _required()

@@ -11,8 +11,10 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from pytest_specdec.bench.paradigms import Completion, MultiRound, BestOfN, Outcome
+from pytest_specdec.bench.paradigms import (BestOfN, Completion, MultiRound, Outcome,
+                                            SequenceAsk)
 from pytest_specdec.bench.problems import Problem
+from pytest_specdec.engine.batch import generate_batch
 from pytest_specdec.engine.guard import attach
 from pytest_specdec.engine.loop import Generation, GenerationRequest, generate
 from pytest_specdec.engine.metrics import SpecDecodingStats, accuracy, output_digest
@@ -47,6 +49,8 @@ class DecodeSettings:
 
 #: decodes one request; the runner times nothing itself but the whole run
 Method = Callable[[GenerationRequest], Generation]
+#: decodes several requests together (one batch), in order
+BatchMethod = Callable[[Sequence[GenerationRequest]], list[Generation]]
 
 
 def engine_method(target: Target, drafter: Drafter | None, *, k: int, drafter_name: str,
@@ -63,6 +67,28 @@ def engine_method(target: Target, drafter: Drafter | None, *, k: int, drafter_na
                                     step_timeout=step_timeout, exact=exact)
 
 
+def engine_batch_method(target: Target, make_drafter: Callable[[], Drafter] | None, *,
+                        batch: int, k: int, drafter_name: str,
+                        step_timeout: float = 0.0) -> BatchMethod:
+    """Our batched engine (:func:`pytest_specdec.batch.generate_batch`): one drafter
+    instance per row of the batch (a drafter serves one open sequence at a time), made
+    and attached here, before any batch is timed; row i of every batch is served by
+    instance i, so each instance sees its row's sequences one after another."""
+    slots: list[Drafter] = []
+    if make_drafter is not None:
+        slots = [make_drafter() for _ in range(batch)]
+        for drafter in slots:
+            attach(target, drafter, drafter_name, step_timeout=step_timeout)
+
+    def decode(requests: Sequence[GenerationRequest]) -> list[Generation]:
+        drafters = slots[:len(requests)] if slots else None
+        return generate_batch(target, requests, drafters, k=k, drafter_name=drafter_name,
+                              step_timeout=step_timeout)
+
+    decode.drafters = slots  # type: ignore[attr-defined]
+    return decode
+
+
 @dataclass
 class RunResult:
     outputs: dict[SequenceKey, Generation] = field(default_factory=dict)
@@ -74,6 +100,10 @@ class RunResult:
     wall_s: float = 0.0  # the run's seconds, calibration probes excluded
     # the run cut into segments by calibration probes (see pytest_specdec.engine.timing)
     timeline: Timeline = field(default_factory=Timeline)
+    # per output (in order), the timeline segment it was decoded in: its own at batch
+    # 1, its batch's at batch > 1
+    segment_of: list[int] = field(default_factory=list)
+    batch: int = 1
 
     @property
     def accuracy(self) -> float:
@@ -100,6 +130,7 @@ def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Seque
         generation = method(request)
         result.requests[(group, sample, round)] = request
         result.outputs[(group, sample, round)] = generation
+        result.segment_of.append(len(result.timeline.probes) - 1)
         result.stats.merge(generation.stats)
         return Completion(target.decode(generation.tokens), tuple(generation.tokens))
 
@@ -107,9 +138,54 @@ def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Seque
         if progress is not None:
             progress(f"{paradigm.name}: problem {current + 1}/{len(problems)} ({problem.key})")
         result.outcomes.append(paradigm.run(problem, generate_fn))
+    return _finished(result)
+
+
+def _finished(result: RunResult) -> RunResult:
     result.timeline.finish()
     # per-sequence wall times add up to less than the run (prompt encoding, decoding
     # text): the run's own clock is the figure that counts
     result.wall_s = result.timeline.wall_s
     result.stats.wall_s = result.wall_s
     return result
+
+
+def run_paradigm_batched(target: Target, paradigm: MultiRound | BestOfN,
+                         problems: Sequence[Problem], method: BatchMethod,
+                         settings: DecodeSettings, batch: int,
+                         progress: Callable[[str], None] | None = None,
+                         probe: Callable[[], float] | None = None) -> RunResult:
+    """As :func:`run_paradigm`, with the paradigm's sequences decoded `batch` at a time
+    (``paradigm.run_batched``); the probe runs before every batch and after the last,
+    and each batch's segment belongs to the first problem in it."""
+    result = RunResult(timeline=Timeline(probe), batch=batch)
+    index = {problem.key: i for i, problem in enumerate(problems)}
+
+    def generate_many(asks: Sequence[SequenceAsk]) -> list[Completion]:
+        first = index[asks[0].group]
+        if progress is not None:
+            progress(f"{paradigm.name}: problem {first + 1}/{len(problems)}, a batch of "
+                     f"{len(asks)}")
+        result.timeline.cut(first)
+        requests = [settings.request(target.encode_prompt(a.prompt), a.group, a.sample, a.round)
+                    for a in asks]
+        generations = method(requests)
+        completions = []
+        for ask, request, generation in zip(asks, requests, generations):
+            key = (ask.group, ask.sample, ask.round)
+            result.requests[key], result.outputs[key] = request, generation
+            result.segment_of.append(len(result.timeline.probes) - 1)
+            result.stats.merge(generation.stats)
+            completions.append(Completion(target.decode(generation.tokens),
+                                          tuple(generation.tokens)))
+        return completions
+
+    result.outcomes = paradigm.run_batched(problems, generate_many, batch)
+    # in the order batch 1 decodes them (problem, then sample, then round), so a run's
+    # output digest does not depend on the batch size
+    keys = list(result.outputs)
+    order = sorted(range(len(keys)), key=lambda i: (index[keys[i][0]], keys[i][1], keys[i][2]))
+    result.outputs = {keys[i]: result.outputs[keys[i]] for i in order}
+    result.requests = {keys[i]: result.requests[keys[i]] for i in order}
+    result.segment_of = [result.segment_of[i] for i in order]
+    return _finished(result)

@@ -17,8 +17,8 @@ from pytest_specdec.bench.paradigms import make_paradigm
 from pytest_specdec.bench.peer import check_peer, hf_method, plain_peer_settings, pld_peer_settings
 from pytest_specdec.bench.problems import Problem
 from pytest_specdec.bench.record import OUR_PLD, PEER_PLAIN, SCHEMA_VERSION, CaseRecord
-from pytest_specdec.bench.runner import (DecodeSettings, Method, RunResult, engine_method,
-                                         run_paradigm)
+from pytest_specdec.bench.runner import (DecodeSettings, Method, RunResult, engine_batch_method,
+                                         engine_method, run_paradigm, run_paradigm_batched)
 from pytest_specdec.engine.integrity import TargetChanged, TargetFingerprint
 from pytest_specdec.engine.metrics import ideal_speedup, mat_by_index, median_round
 from pytest_specdec.engine.target import Target
@@ -39,20 +39,31 @@ class ParadigmCase:
     paradigm: str
     temperature: float
     explicit_temperature: bool = False
+    batch: int = 1  # sequences decoded together (--specdec-batch)
+    explicit_batch: bool = False  # --specdec-batch was given: the id names the size
 
     @property
     def id(self) -> str:
-        if not self.explicit_temperature:
-            return self.paradigm
-        return f"{self.paradigm}-T{self.temperature:g}"
+        out = self.paradigm
+        if self.explicit_temperature:
+            out += f"-T{self.temperature:g}"
+        if self.explicit_batch:
+            out += f"-b{self.batch}"
+        return out
+
+    @property
+    def at_batch_1(self) -> ParadigmCase:
+        return dataclasses.replace(self, batch=1)
 
 
 def paradigm_cases(cfg: SpecdecConfig) -> list[ParadigmCase]:
-    """Each paradigm at the asked temperatures, or at its own default temperature."""
+    """Each paradigm at the asked temperatures, or at its own default temperature, at
+    every asked batch size."""
     out = []
     for name in cfg.paradigms:
         temps = cfg.temperatures or (make_paradigm(name).default_temperature,)
-        out += [ParadigmCase(name, t, cfg.temperatures is not None) for t in temps]
+        out += [ParadigmCase(name, t, cfg.temperatures is not None, b, cfg.batch_explicit)
+                for t in temps for b in cfg.batches]
     return out
 
 
@@ -105,6 +116,8 @@ class SpecdecSession:
     #: (paradigm case, stack) pairs whose first-call costs a warm-up has already paid
     _warm: set[tuple[ParadigmCase, str]] = field(default_factory=set)
     _probe: Probe | None = None  # the calibration workload of the loaded target
+    #: plain decoding at batch 1 of a case asked for at batch > 1 only (untimed)
+    _references: dict[ParadigmCase, RunResult] = field(default_factory=dict)
 
     @property
     def target(self) -> Target:
@@ -158,14 +171,13 @@ class SpecdecSession:
             # small budget: first-call costs, not the work
             warmup = dataclasses.replace(settings,
                                          max_new_tokens=min(WARMUP_TOKENS, cfg.max_new_tokens))
-            run_paradigm(self.target, paradigm, self.problems[:1], make_method(), warmup)
+            self._run(case, paradigm, self.problems[:1], make_method(), warmup, None)
             self._warm.add((case, stack))
         runs: list[RunResult] = []
-        probe = self.probe.measure
+        probe = self.probe.reading
 
         def one_round(method: Method) -> None:
-            runs.append(run_paradigm(self.target, paradigm, self.problems, method,
-                                     settings, progress=log.info, probe=probe))
+            runs.append(self._run(case, paradigm, self.problems, method, settings, probe))
 
         def fresh_method() -> tuple[tuple[Method], dict]:  # untimed: a model drafter loads here
             if before_round is not None:
@@ -181,7 +193,22 @@ class SpecdecSession:
             one_round(*fresh_method()[0])
         return Measured(runs)
 
-    def baseline_method(self) -> Method:
+    def _run(self, case: ParadigmCase, paradigm: Any, problems: list[Problem], method: Any,
+             settings: DecodeSettings, probe: Callable[[], Any] | None) -> RunResult:
+        """One run of the paradigm, one sequence at a time or case.batch together
+        (`method` then decodes a batch: runner.engine_batch_method); a probed run
+        (a timed round) logs its progress."""
+        progress = log.info if probe is not None else None
+        if case.batch == 1:
+            return run_paradigm(self.target, paradigm, problems, method, settings,
+                                progress=progress, probe=probe)
+        return run_paradigm_batched(self.target, paradigm, problems, method, settings,
+                                    case.batch, progress=progress, probe=probe)
+
+    def baseline_method(self, case: ParadigmCase | None = None) -> Any:
+        if case is not None and case.batch > 1:
+            return engine_batch_method(self.target, None, batch=case.batch, k=0,
+                                       drafter_name="baseline")
         return engine_method(self.target, None, k=0, drafter_name="baseline",
                              exact=self.config.exact)
 
@@ -190,8 +217,34 @@ class SpecdecSession:
         case has paid its first-call costs."""
         cfg = self.config
         paradigm = make_paradigm(case.paradigm, rounds=cfg.rounds, n=cfg.n)
-        return run_paradigm(self.target, paradigm, self.problems, self.baseline_method(),
-                            self.settings(case), progress=log.info, probe=self.probe.measure)
+        return self._run(case, paradigm, self.problems, self.baseline_method(case),
+                         self.settings(case), self.probe.reading)
+
+    def reference(self, case: ParadigmCase) -> RunResult:
+        """What every case of `case` is judged against: plain decoding one sequence at
+        a time (batch 1), so a batched run must give each sequence exactly what it gets
+        alone. The batch-1 baseline's last round when measured, else one untimed run."""
+        plain = case.at_batch_1
+        if plain in self._baselines:
+            return self._baselines[plain].last
+        if plain not in self._references:
+            cfg = self.config
+            paradigm = make_paradigm(case.paradigm, rounds=cfg.rounds, n=cfg.n)
+            self._references[plain] = run_paradigm(self.target, paradigm, self.problems,
+                                                   self.baseline_method(), self.settings(plain))
+        return self._references[plain]
+
+    def _judge(self, case: ParadigmCase, measured: Measured, label: str) -> Any:
+        """Every token of every timed round (not just one round's) judged against plain
+        decoding at batch 1 (:meth:`reference`)."""
+        target = self.target
+        verdict = check_lossless(target, self.reference(case).outputs,
+                                 [(run.requests, run.outputs) for run in measured.runs],
+                                 exact_mode=self.config.exact, tie_margin=self.config.tie_margin,
+                                 strict=self.config.strict, decode=target.decode)
+        for tie in verdict.near_ties:
+            log.info("near-tie accepted (%s): %s", label, tie.describe(target.decode))
+        return verdict
 
     def baseline(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
         """Plain decoding on our engine; measured once per session and paradigm case.
@@ -202,7 +255,8 @@ class SpecdecSession:
         only ``run_baseline_case`` adds a baseline record.
         """
         if case not in self._baselines or benchmark is not None:
-            self._baselines[case] = self.measure(case, self.baseline_method, benchmark=benchmark)
+            self._baselines[case] = self.measure(case, lambda: self.baseline_method(case),
+                                                 benchmark=benchmark)
         return self._baselines[case]
 
     def peer_plain(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
@@ -254,7 +308,14 @@ class SpecdecSession:
 
     def _baseline_case(self, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
         measured = self.baseline(case, benchmark)
-        return self._record("baseline", "baseline", case, measured, measured, lossless="exact")
+        if case.batch == 1:
+            return self._record("baseline", "baseline", case, measured, measured,
+                                lossless="exact")
+        # a batched baseline is judged like a drafter, each sequence against its plain
+        # decoding alone: a batched forward that leaks between rows fails here
+        verdict = self._judge(case, measured, "baseline")
+        return self._record("baseline", "baseline", case, measured, measured,
+                            **verdict.summary())
 
     def _speculative_case(self, spec: DrafterSpec, case: ParadigmCase,
                           benchmark: Any) -> dict[str, Any]:
@@ -265,9 +326,16 @@ class SpecdecSession:
         target, k = self.target, draft_depth(registered.factory, override=self.config.k,
                                              options=options, drafter=spec.label,
                                              profile=self.depth_profile)
-        made: list[Any] = []  # the latest round's drafter: its note, a hybrid's part counts
+        # the latest round's drafters (one per row of a batch): their record fields
+        made: list[Any] = []
 
-        def fresh_method() -> Method:
+        def fresh_method() -> Any:
+            if case.batch > 1:
+                method = engine_batch_method(target, lambda: registered.create(**options),
+                                             batch=case.batch, k=k, drafter_name=spec.label,
+                                             step_timeout=self.config.step_timeout)
+                made[:] = method.drafters
+                return method
             made[:] = [registered.create(**options)]
             return engine_method(target, made[-1], k=k, drafter_name=spec.label,
                                  step_timeout=self.config.step_timeout, exact=self.config.exact)
@@ -278,16 +346,10 @@ class SpecdecSession:
         measured = self.measure(case, fresh_method, benchmark=benchmark, k=k,
                                 before_round=before_round)
         measured.paired_baseline = paired
-        # every token of every timed round is judged, not just one round's
-        verdict = check_lossless(target, base.last.outputs,
-                                 [(run.requests, run.outputs) for run in measured.runs],
-                                 exact_mode=self.config.exact, tie_margin=self.config.tie_margin,
-                                 strict=self.config.strict, decode=target.decode)
-        for tie in verdict.near_ties:
-            log.info("near-tie accepted (%s): %s", spec.label, tie.describe(target.decode))
+        verdict = self._judge(case, measured, spec.label)
         return self._record("speculative", spec.label, case, measured, base,
                             drafter_options=dict(spec.options), k=k, **verdict.summary(),
-                            **drafter_record_fields(made[-1]))  # the last timed round's
+                            **_record_fields_of(made))  # the last timed round's
 
     def _peer_case(self, peer: str, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
         target, k = self.target, 0
@@ -331,6 +393,7 @@ class SpecdecSession:
             drafter_options=drafter_options or {},
             paradigm=case.paradigm,
             temperature=case.temperature,
+            batch=case.batch,
             target=target.name,
             dtype=str(target.dtype).removeprefix("torch."),
             device=str(target.device),
@@ -422,3 +485,18 @@ class SpecdecSession:
         if changes:
             size, self._target, self._fingerprint = self._fingerprint.size, None, None
             raise TargetChanged.of(case_label, changes, size)
+
+
+def _record_fields_of(drafters: list[Any]) -> dict[str, Any]:
+    """The record fields of a case's drafters: the first one's, a hybrid's part counts
+    added up over every row's instance (one per row of a batch)."""
+    fields = drafter_record_fields(drafters[0])
+    parts: dict[str, dict] = {}
+    for drafter in drafters:
+        for name, counts in drafter_record_fields(drafter).get("hybrid_parts", {}).items():
+            total = parts.setdefault(name, {})
+            for key, value in counts.items():
+                total[key] = total.get(key, 0) + value
+    if parts:
+        fields["hybrid_parts"] = parts
+    return fields

@@ -39,8 +39,9 @@ import torch
 #: The clock of every timed figure (runs, probes, engine steps); tests replace it.
 clock: Callable[[], float] = time.perf_counter
 
-#: One-token forwards per probe; the probe reads their median (one hiccup cannot move it).
-PROBE_FORWARDS = 3
+#: One-token forwards per probe; the probe reads the mean of all but the fastest and the
+#: slowest (one hiccup cannot move it, while a contended machine's slower forwards count)
+PROBE_FORWARDS = 5
 #: Context tokens the probe's forwards attend to (prefilled once, never timed).
 PROBE_CONTEXT = 64
 #: Bootstrap resamples over problems, from a fixed seed (same data, same interval).
@@ -75,8 +76,17 @@ class Probe:
             self.cache = target.new_cache()
             target.forward(ids[:-1], self.cache, keep_logits=1)
 
-    @torch.inference_mode()
     def measure(self) -> float:
+        return self.reading()[0]
+
+    @torch.inference_mode()
+    def reading(self) -> tuple[float, float]:
+        """(the probe's time, its relative spread): the trimmed mean of the forwards,
+        and half the range of the kept ones over that mean. On a quiet machine the
+        forwards agree to a few percent; on a contended one (threads descheduled by
+        other processes) they scatter, and so does the cost of every forward of a
+        run, which the probe then follows only roughly: the spread enters the timing
+        noise (see :attr:`Timeline.relative_noise`)."""
         times = []
         for _ in range(PROBE_FORWARDS):
             started = now()
@@ -84,7 +94,9 @@ class Probe:
             float(logits[0, 0])  # waits for an asynchronous device
             times.append(now() - started)
             self.cache.crop(-1)
-        return statistics.median(times)
+        kept = sorted(times)[1:-1] if len(times) > 2 else times
+        mean = statistics.fmean(kept)
+        return mean, ((kept[-1] - kept[0]) / 2 / mean if mean > 0 else 0.0)
 
 
 @dataclass
@@ -93,15 +105,20 @@ class Timeline:
     belongs to problem ``problem_of[i]``. Without a probe (``probe=None``) every probe
     reads 1.0, so calibrated times are the raw seconds."""
 
-    probe: Callable[[], float] | None = None
+    #: returns the probe's time, or (time, relative spread) as Probe.reading does
+    probe: Callable[[], Any] | None = None
     probes: list[float] = field(default_factory=list)
+    spreads: list[float] = field(default_factory=list)  # each probe's relative spread
     segments: list[float] = field(default_factory=list)
     problem_of: list[int] = field(default_factory=list)
     _mark: float | None = None
     _problem: int = 0
 
     def _take_probe(self) -> None:
-        self.probes.append(self.probe() if self.probe is not None else 1.0)
+        reading = self.probe() if self.probe is not None else 1.0
+        value, spread = reading if isinstance(reading, tuple) else (reading, 0.0)
+        self.probes.append(value)
+        self.spreads.append(spread)
         self._mark = now()
 
     def cut(self, problem: int) -> None:
@@ -142,17 +159,22 @@ class Timeline:
     @property
     def relative_noise(self) -> float:
         """The calibrated time's relative uncertainty: per segment, half the relative
-        difference of its two probes (the speed changed somewhere between them), added
-        in quadrature over the segments, weighted by their calibrated lengths."""
+        difference of its two probes (the speed changed somewhere between them) and
+        the probes' own spread (a contended machine, whose forwards scatter) in
+        quadrature; then over the segments, in quadrature weighted by their calibrated
+        lengths. The spread is not divided by the segments' count: contention moves
+        every forward of a stretch alike, so it does not average out."""
         total = self.calibrated
         if total <= 0:
             return 0.0
-        square = 0.0
+        square = weighted_spread = 0.0
+        spreads = self.spreads if len(self.spreads) == len(self.probes) else [0.0] * len(self.probes)
         for i, (s, c) in enumerate(zip(self.segments, self.scales())):
             a, b = self.probes[i], self.probes[i + 1]
             u = abs(a - b) / (a + b) if a + b > 0 else 0.0
             square += (s / c * u) ** 2
-        return math.sqrt(square) / total
+            weighted_spread += s / c * (spreads[i] + spreads[i + 1]) / 2
+        return math.sqrt(square / total ** 2 + (weighted_spread / total) ** 2)
 
     @property
     def probe_s(self) -> float:
@@ -255,19 +277,23 @@ class StepCosts:
 
 def step_costs(runs: Sequence[Any]) -> StepCosts | None:
     """The calibrated step costs of timed runs (``runner.RunResult``s): each sequence's
-    step times divided by the calibration of its own segment (segment i is the run's
-    i-th sequence). None when no sequence has a step past its first (a peer's
-    generate records none)."""
+    step times divided by the calibration of the segment it was decoded in (its own at
+    batch 1, its batch's at batch > 1). A batched forward is counted once per row, so
+    the forward mean is per forward; drafting is per forward too: a row's drafting
+    time times the rows of that forward (the rows draft one after another). None when
+    no sequence has a step past its first (a peer's generate records none)."""
     forward = draft = 0.0
     count = 0
     for run in runs:
         scales = run.timeline.scales()
-        for scale, generation in zip(scales, run.outputs.values()):
+        segments = getattr(run, "segment_of", None) or range(len(run.outputs))
+        for segment, generation in zip(segments, run.outputs.values()):
+            scale = scales[segment] if segment < len(scales) else 0.0
             if scale <= 0:
                 continue
             for step in generation.steps[1:]:
                 forward += step.target_s / scale
-                draft += step.drafter_s / scale
+                draft += step.drafter_s * step.rows / scale
                 count += 1
     if not count:
         return None

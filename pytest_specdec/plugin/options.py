@@ -21,8 +21,8 @@ from pytest_specdec.bench.paradigms import PARADIGM_NAMES
 from pytest_specdec.bench.problems import DEFAULT_PROBLEMS
 from pytest_specdec.bench.record import GATED_METRICS, PEER_NAMES, PEER_PLAIN
 from pytest_specdec.engine.timing import TIMING_MODES
-from pytest_specdec.plugin.values import (compare_fail, non_negative_float, non_negative_int,
-                                          positive_int)
+from pytest_specdec.plugin.values import (batch_sizes, compare_fail, non_negative_float,
+                                          non_negative_int, positive_int)
 from pytest_specdec.protocol.drafter import (CPU_PROFILE_DEPTH, DEFAULT_MAX_DEPTH, DEPTH_PROFILES,
                                              MAX_DRAFT_NODES)
 from pytest_specdec.protocol.spec import parse_drafter_spec
@@ -176,6 +176,13 @@ OPTIONS = (
                 f"capped at {CPU_PROFILE_DEPTH}: deep drafts that are mostly wrong lose on "
                 "a CPU), auto (cpu for a target on a CPU, else reference); default: "
                 "reference"),
+    Option("--specdec-batch", "specdec_batch", type=batch_sizes, metavar="B[,B...]",
+           help="batch sizes: every case runs at each, its sequences decoded B at a time "
+                "(best_of_n: the N samples of a problem together, several problems when B "
+                "> N; multi_round: round r of B problems together), each sequence still "
+                "checked against plain decoding alone; peers run at batch 1 (default: 1, "
+                "on a CPU and a GPU alike: the reference table is at batch 1; ask for "
+                "e.g. 1,8,32 on a GPU to see where speculative decoding stops paying)"),
     Option("--specdec-timed-rounds", "specdec_timed_rounds", default=1, type=positive_int,
            metavar="N", help="timed rounds per case after one warm-up; the median is "
                              "reported (default: 1)"),
@@ -241,6 +248,11 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
     if not report_dir.is_absolute():
         report_dir = Path(config.rootpath) / report_dir
     drafters = get("specdec_drafters")
+    batches = get("specdec_batch")
+    if batches and max(batches) > 1 and get("specdec_lossless") == "exact":
+        raise pytest.UsageError(f"--specdec-batch {','.join(map(str, batches))} with "
+                                "--specdec-lossless exact: exact mode runs at batch 1 only "
+                                "(its row-invariant forwards are not batched yet); drop one")
     return SpecdecConfig(
         target=get("specdec_target"), device=get("specdec_device"), dtype=get("specdec_dtype"),
         trust_remote_code=get("specdec_trust_remote_code"),
@@ -258,4 +270,5 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
         depth_profile=get("specdec_depth_profile"), step_timeout=get("specdec_step_timeout"),
         compare=Path(get("specdec_compare")).expanduser() if get("specdec_compare") else None,
         compare_fail=get("specdec_compare_fail") or (),
+        batches=batches or (1,), batch_explicit=batches is not None,
     )

@@ -57,6 +57,26 @@ def positive_float(zero_ok: bool) -> Callable[[str], float]:
 temperature = at_least(float, 0, "a temperature >= 0 such as 0 or 0.6", name_range=False)
 
 
+#: The most sequences one batch may decode together.
+MAX_BATCH = 1024
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """B[,B...]: the batch sizes to run every case at, each in [1, MAX_BATCH]."""
+    sizes = []
+    for part in text.split(","):
+        try:
+            size = int(part)
+        except ValueError:
+            size = 0
+        if not 1 <= size <= MAX_BATCH:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated batch sizes in [1, {MAX_BATCH}], e.g. 1,4; "
+                f"got {part.strip()!r} in {text!r}")
+        sizes.append(size)
+    return tuple(dict.fromkeys(sizes))
+
+
 def compare_fail(text: str) -> tuple[tuple[str, float], ...]:
     """METRIC:DROP[,METRIC:DROP...], DROP a percentage ("10%") or a fraction ("0.1"):
     fail when the metric falls by more than that share of its compared value."""

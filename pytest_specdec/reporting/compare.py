@@ -149,10 +149,12 @@ class CaseDelta:
     metrics: dict[str, MetricDelta] = field(default_factory=dict)
     single_round: bool = False  # a run measured this case (or its reference) once
     own_reference: bool = False  # baseline / hf_generate: speedup 1 by definition
+    batch: int = 1  # sequences decoded together
 
     @property
     def label(self) -> str:
-        return f"{self.drafter} {self.paradigm} T={self.temperature:g}"
+        batch = f" batch {self.batch}" if self.batch != 1 else ""
+        return f"{self.drafter} {self.paradigm} T={self.temperature:g}{batch}"
 
     @property
     def failures(self) -> list[MetricDelta]:
@@ -160,7 +162,8 @@ class CaseDelta:
 
     def as_dict(self) -> dict[str, Any]:
         return {"role": self.role, "drafter": self.drafter, "paradigm": self.paradigm,
-                "temperature": self.temperature, "target": self.target, "status": self.status,
+                "temperature": self.temperature, "batch": self.batch, "target": self.target,
+                "status": self.status,
                 "metrics": {k: d.as_dict() for k, d in self.metrics.items()},
                 "failed": [d.metric for d in self.failures]}
 
@@ -245,12 +248,13 @@ def load_compare_options(compare: Path | None,
 
 # --------------------------------------------------------------------------- comparing
 
-Key = tuple[str, str, str, float, str]
+Key = tuple[str, str, str, float, int, str]
 
 
 def _key(record: Mapping[str, Any], *, with_target: bool) -> Key:
+    # a case is matched at its batch size too (a record without one ran at batch 1)
     return (record["role"], record["drafter"], record["paradigm"], float(record["temperature"]),
-            record["target"] if with_target else "")
+            int(record.get("batch", 1) or 1), record["target"] if with_target else "")
 
 
 def _index(records: Iterable[dict], with_target: bool, name: str,
@@ -267,11 +271,11 @@ def _index(records: Iterable[dict], with_target: bool, name: str,
 
 def _reference(index: Mapping[Key, dict], key: Key) -> dict | None:
     """The record a case's speedup is a ratio to, in the same run (None: not there)."""
-    role, drafter, paradigm, temperature, target = key
+    role, drafter, paradigm, temperature, batch, target = key
     if role == "speculative":
-        return index.get(("baseline", "baseline", paradigm, temperature, target))
+        return index.get(("baseline", "baseline", paradigm, temperature, batch, target))
     if role == "peer" and drafter != PEER_PLAIN:
-        return index.get(("peer", PEER_PLAIN, paradigm, temperature, target))
+        return index.get(("peer", PEER_PLAIN, paradigm, temperature, batch, target))
     return None  # the baseline and hf_generate: their own reference
 
 
@@ -348,7 +352,7 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
         assert shown is not None
         status = "compared" if old is not None and now is not None else (
             "only_base" if now is None else "only_new")
-        case = CaseDelta(key[0], key[1], key[2], key[3], shown["target"], status)
+        case = CaseDelta(key[0], key[1], key[2], key[3], shown["target"], status, batch=key[4])
         for metric in METRICS:
             before = old.get(metric.key) if old is not None else None
             after = now.get(metric.key) if now is not None else None

@@ -62,19 +62,33 @@ def _distinct_text(records: Sequence[dict], key: str) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """One summary column: a paradigm at one temperature."""
+    """One summary column: a paradigm at one temperature and batch size."""
 
     paradigm: str
     temperature: float
+    batch: int = 1
 
     def header(self, *, with_temperature: bool) -> str:
-        if not with_temperature:
-            return self.paradigm
-        return f"{self.paradigm} T={temperature_text(self.temperature)}"
+        text = self.paradigm
+        if with_temperature:
+            text += f" T={temperature_text(self.temperature)}"
+        # batch 1 is the reference protocol's: only other sizes are named
+        return text if self.batch == 1 else f"{text} · batch {self.batch}"
+
+
+def batch_of(record: dict) -> int:
+    """A record's batch size (a record saved before the batch axis ran at batch 1)."""
+    return int(record.get("batch", 1) or 1)
+
+
+def paradigm_text(record: dict) -> str:
+    """A record's paradigm as the tables name it, with its batch size when not 1."""
+    batch = batch_of(record)
+    return record["paradigm"] if batch == 1 else f"{record['paradigm']} · batch {batch}"
 
 
 def column_of(record: dict) -> Column:
-    return Column(record["paradigm"], float(record["temperature"]))
+    return Column(record["paradigm"], float(record["temperature"]), batch_of(record))
 
 
 def columns_of(records: Sequence[dict]) -> list[Column]:
@@ -85,7 +99,7 @@ def columns_of(records: Sequence[dict]) -> list[Column]:
     """
     paradigms = list(dict.fromkeys([*PARADIGM_ORDER, *(r["paradigm"] for r in records)]))
     columns = set(map(column_of, records))
-    return sorted(columns, key=lambda c: (paradigms.index(c.paradigm), c.temperature))
+    return sorted(columns, key=lambda c: (paradigms.index(c.paradigm), c.temperature, c.batch))
 
 
 def shows_temperature(records: Sequence[dict]) -> bool:

@@ -19,9 +19,10 @@ from typing import Callable, Sequence, Union
 
 from pytest_specdec.reporting.charts import CHART_TITLES
 from pytest_specdec.reporting.layout import group_by_target, summary_table
-from pytest_specdec.reporting.tables import (HOW_TO_READ, HYBRIDS_NOTE, LOSSLESS_NOTE,
+from pytest_specdec.reporting.tables import (BATCH_NOTE, HOW_TO_READ, HYBRIDS_NOTE, LOSSLESS_NOTE,
                                              MAT_BY_SEQUENCE_NOTE, PER_POSITION_NOTE, TIMING_NOTE,
-                                             details_table, drafter_note_lines, hybrid_part_lines,
+                                             batch_table, details_table, drafter_note_lines,
+                                             hybrid_part_lines,
                                              lossless_table, mat_by_sequence_table,
                                              peer_ratio_lines, peer_settings_lines,
                                              per_position_table, timing_table)
@@ -125,6 +126,7 @@ def _items_section(section_id: str, title: str, note: str,
     return build
 
 
+batch_section = _table_section("batches", "Batch sizes", BATCH_NOTE, batch_table)
 timing_section = _table_section("timing", "Timing and costs", TIMING_NOTE, timing_table)
 lossless_section = _table_section("lossless", "Losslessness", LOSSLESS_NOTE, lossless_table)
 per_position_section = _table_section("per-position", "Per-position acceptance",
@@ -145,7 +147,8 @@ def how_to_read_section(records: Sequence[dict]) -> Section:
 #: The plugin's sections, in report order: each builds its section from the records,
 #: or None when the records hold nothing for it.
 DEFAULT_SECTIONS: tuple[Callable[[Sequence[dict]], Section | None], ...] = (
-    summary_section, charts_section, details_section, timing_section, lossless_section,
+    summary_section, charts_section, details_section, batch_section, timing_section,
+    lossless_section,
     per_position_section, mat_by_sequence_section, hybrids_section, drafter_notes_section,
     peers_section, how_to_read_section,
 )

@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 from pytest_specdec.bench.record import OUR_PLD, PEER_PLAIN, PEER_PLD
-from pytest_specdec.reporting.layout import (NO_VALUE, NUMBER_TYPES, Column, column_of, columns_of,
+from pytest_specdec.reporting.layout import (NO_VALUE, NUMBER_TYPES, Column, batch_of, column_of,
+                                             columns_of, paradigm_text,
                                              draft_depth_of, group_by_target, number_text,
                                              percent_text, report_order, row_key, row_order,
                                              shows_temperature, speedup_text, target_label,
@@ -37,7 +38,7 @@ def _depth_text(record: dict) -> str:
 def _detail_row(record: dict) -> list[str]:
     """The details of one record; the last cell is the output hash, unformatted."""
     return [
-        record["drafter"], record["paradigm"], temperature_text(record["temperature"]),
+        record["drafter"], paradigm_text(record), temperature_text(record["temperature"]),
         _depth_text(record), speedup_text(record["speedup"]), number_text(record["mat"]),
         percent_text(record["acceptance_rate"]), percent_text(record["draft_share"]),
         tokens_per_s_text(record), wall_text(record), percent_text(record["accuracy"]),
@@ -81,7 +82,7 @@ def timing_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
             continue
         low, high = r.get("speedup_problems_low"), r.get("speedup_problems_high")
         rows.append([
-            r["drafter"], r["paradigm"], temperature_text(r["temperature"]),
+            r["drafter"], paradigm_text(r), temperature_text(r["temperature"]),
             str(r.get("timing", NO_VALUE)), speedup_text(r["speedup"]),
             percent_text(r.get("speedup_noise"), 1),
             f"{number_text(low)}–{number_text(high)}x" if isinstance(low, NUMBER_TYPES) else NO_VALUE,
@@ -91,6 +92,37 @@ def timing_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
             number_text(r.get("measured_over_ideal")), ", ".join(timing_flags_of(r)) or NO_VALUE,
         ])
     return TIMING_HEADERS, rows
+
+
+BATCH_NOTE = (
+    "Each case at every batch size run (`--specdec-batch`): tokens/s of the whole run, "
+    "the speedup over plain decoding at the same batch size, MAT, and the ideal speedup "
+    "its step costs at that size allow (MAT × t_step ÷ (t_verify + t_draft): the verify "
+    "forward carries every row's draft, and the rows draft one after another). Where the "
+    "ideal falls towards 1x, speculative decoding stops paying.")
+
+
+def batch_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """Per drafter and paradigm, side by side at each batch size; no rows at one size."""
+    batches = sorted({batch_of(r) for r in records})
+    if len(batches) < 2:
+        return [], []
+    cells: dict[tuple[str, str, str], dict[int, dict]] = {}
+    for r in report_order(records):
+        if r["role"] != "peer":
+            key = (r["drafter"], r["paradigm"], temperature_text(r["temperature"]))
+            cells.setdefault(key, {})[batch_of(r)] = r
+    rows = []
+    for key, by_batch in cells.items():
+        row = list(key)
+        for b in batches:
+            r = by_batch.get(b)
+            row.append(NO_VALUE if r is None else " · ".join((
+                f"{number_text(r['tokens_per_s'], 1)} tok/s", speedup_text(r["speedup"]),
+                f"MAT {number_text(r['mat'])}",
+                f"ideal {speedup_text(r.get('ideal_speedup'))}")))
+        rows.append(row)
+    return ["drafter", "paradigm", "T", *(f"batch {b}" for b in batches)], rows
 
 
 LOSSLESS_NOTE = (

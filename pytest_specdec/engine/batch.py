@@ -1,0 +1,331 @@
+"""The decode loop over a batch: B sequences, one target forward per step verifying
+every open sequence's draft (the N samples of a Best-of-N problem decode together, as
+a serving engine runs them). Baseline and speculative decoding share it, as they share
+the batch-1 loop, and every sequence's tokens are what plain decoding gives it alone.
+
+Cache discipline: the batch shares one KV cache whose columns are appended together;
+which column a row may attend to is explicit, never implied by its index:
+
+- ``valid[b, c]``: row b's column c holds one of its context tokens. A forward appends
+  one column per fed slot to every row; a row feeding fewer tokens than the widest is
+  left-padded, and pad columns are never valid. Rejected draft tokens (chain tail, tree
+  branches off the accepted path) are marked invalid: rolling a row back is a mask
+  change, and no key moves.
+- ``position[b, c]``: the absolute position of that token in row b's sequence (RoPE
+  was applied at it when the key was written), which the sliding-window rule reads.
+
+Sequences accept different lengths and finish at different times; a finished row is
+dropped from the cache (``batch_select_indices``), and when the holes left by rejected
+drafts outgrow the kept columns the cache is compacted row by row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from pytest_specdec.engine import timing
+from pytest_specdec.engine.guard import Guard, attach
+from pytest_specdec.engine.loop import (SIGNAL_TOP_K, Generation, GenerationRequest, _HiddenStates,
+                                        _tell_drafter, _until_eos)
+from pytest_specdec.engine.metrics import SpecDecodingStats, StepRecord
+from pytest_specdec.engine.target import SLIDING, Target
+from pytest_specdec.engine.verify import StepResult, _accepted_path, _tree_mask
+from pytest_specdec.protocol.drafter import Draft, DraftRequest, Drafter, node_depths
+
+#: the token fed in pad slots (never attended to: its column is never valid)
+PAD_TOKEN = 0
+
+
+@dataclass
+class _Row:
+    """One open sequence of the batch."""
+
+    index: int  # its place in the requests
+    request: GenerationRequest
+    context: list[int]
+    guard: Guard | None
+    needs: frozenset[str]
+    cached: int = 0  # context tokens the cache holds for this row
+    feed: _HiddenStates = field(default_factory=_HiddenStates)
+    new: list[int] = field(default_factory=list)
+    stop: str = "budget"
+    stats: SpecDecodingStats = field(default_factory=SpecDecodingStats)
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+@dataclass
+class _Fed:
+    """What one row feeds to a step's forward, and how its slots attend to each other."""
+
+    tokens: list[int]  # the uncached context, then the draft's nodes (probes last)
+    positions: list[int]
+    parents: list[int]  # per node: -1 (after the last context token) or a node index
+    depth: list[int]  # per node: 1 + its parent's depth
+    n_draft: int  # nodes that may be accepted (probes follow them)
+
+    @property
+    def uncached(self) -> int:
+        return len(self.tokens) - len(self.parents)
+
+
+def _fed(row: _Row, draft: Draft) -> _Fed:
+    n_draft = len(draft.tokens)
+    nodes = (*draft.tokens, *draft.probe_tokens)
+    parents = [*(draft.parents if draft.parents is not None else range(-1, n_draft - 1)),
+               *(p if p < 0 else p + n_draft for p in draft.probe_parents)]
+    depth = node_depths(parents)
+    last = len(row.context) - 1
+    return _Fed([*row.context[row.cached:], *nodes],
+                [*range(row.cached, len(row.context)), *(last + d for d in depth)],
+                parents, depth, n_draft)
+
+
+class BatchCache:
+    """The batch's shared KV cache (every layer keeps every column: the sliding
+    window is applied by the mask, from the columns' positions) and which columns
+    each row may attend to."""
+
+    def __init__(self, rows: int, device: torch.device):
+        from transformers import DynamicCache
+
+        self.kv = DynamicCache()
+        self.valid = torch.zeros(rows, 0, dtype=torch.bool)  # [rows, columns]
+        self.position = torch.zeros(rows, 0, dtype=torch.long)  # [rows, columns]
+        self.device = device
+
+    @property
+    def columns(self) -> int:
+        return self.valid.shape[1]
+
+    def append(self, valid: torch.Tensor, position: torch.Tensor) -> None:
+        """valid, position: [rows, q], the columns a forward just wrote."""
+        self.valid = torch.cat([self.valid, valid], dim=1)
+        self.position = torch.cat([self.position, position], dim=1)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Drop the rows not in `keep` (finished sequences)."""
+        index = torch.tensor(keep, dtype=torch.long)
+        self.kv.batch_select_indices(index.to(self.device))
+        self.valid, self.position = self.valid[index], self.position[index]
+
+    def compact(self) -> None:
+        """Move each row's valid columns to the front (in order) and drop the columns no
+        row needs any more; attention never reads a column's index, so nothing else
+        changes. Done when holes outnumber the kept columns, so its cost is amortised."""
+        width = int(self.valid.sum(dim=1).max()) if self.valid.numel() else 0
+        if self.columns <= 2 * max(width, 1):
+            return
+        # per row: its valid columns first (a stable sort keeps their order), then holes
+        order = torch.sort((~self.valid).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        for layer in self.kv.layers:
+            for name in ("keys", "values"):
+                states = getattr(layer, name, None)
+                if states is None or states.dim() != 4:
+                    continue
+                heads, dim = states.shape[1], states.shape[3]
+                gather = order.to(states.device)[:, None, :, None].expand(-1, heads, -1, dim)
+                setattr(layer, name, states.gather(2, gather))
+        self.valid = self.valid.gather(1, order)
+        self.position = self.position.gather(1, order)
+
+
+def _mask(target: Target, cache: BatchCache, fed: list[_Fed], width: int,
+          positions: torch.Tensor) -> Any:
+    """The additive attention masks of one batched forward: [rows, 1, width, columns +
+    width] per layer type (one tensor when all layers share a type). Row b's slot i
+    attends to b's valid past columns and, among the new slots, to its own uncached
+    context causally and to its draft node's ancestors; a pad slot to itself only.
+    On sliding-window layers, also only to keys less than a window behind it."""
+    rows, past = len(fed), cache.columns
+    allowed = torch.zeros(rows, width, past + width, dtype=torch.bool)
+    allowed[:, :, :past] = cache.valid[:, None, :]
+    for b, f in enumerate(fed):
+        pad = width - len(f.tokens)
+        allowed[b, :pad, :past] = False
+        allowed[b, range(pad), range(past, past + pad)] = True
+        # the batch-1 tree mask over the row's own new slots: [fed, fed]
+        context = f.positions[0] + f.uncached
+        block = _tree_mask(context, f.positions[0], f.parents)[:, f.positions[0]:]
+        allowed[b, pad:, past + pad:] = block
+    types, window = target.layer_types()
+    masks = {}
+    for kind in dict.fromkeys(types):
+        kept = allowed
+        if kind == SLIDING:
+            key_at = torch.cat([cache.position, positions], dim=1)  # [rows, past + width]
+            kept = allowed & (positions[:, :, None] - key_at[:, None, :] < window)
+        mask = torch.zeros(kept.shape, dtype=target.dtype)
+        masks[kind] = mask.masked_fill_(~kept, torch.finfo(target.dtype).min)[:, None] \
+            .to(target.device)
+    return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
+def _verify(row: _Row, f: _Fed, draft: Draft, logits: torch.Tensor,
+            hidden: torch.Tensor | None, top_k: int) -> tuple[StepResult, list[int]]:
+    """One row's acceptance, from its slots' logits (the last context token's, then
+    each node's: [1 + nodes, vocab]); returns the step and the accepted nodes.
+
+    The acceptance rule is batch 1's (see :mod:`pytest_specdec.engine.verify`), on the
+    row's own logits with its own sampler: nothing of another row enters it."""
+    last = len(row.context) - 1
+    at = torch.tensor([last + 1, *(last + 1 + d for d in f.depth[:f.n_draft])],
+                      device=logits.device)
+    scores = row.request.sampler.scores(logits[: f.n_draft + 1], at)
+    choices = scores.argmax(dim=-1).tolist()
+    path = _accepted_path(draft.tokens, f.parents, choices)
+    rows = [0, *(1 + i for i in path)]
+    if hidden is not None:  # the uncached context, then the accepted path's nodes
+        hidden = hidden[[*range(f.uncached), *(f.uncached + i for i in path)]]
+    step = StepResult(
+        emitted=[*(draft.tokens[i] for i in path), choices[rows[-1]]], logits=logits[rows],
+        scores=scores[rows], hidden=hidden,
+        top_k=logits[: f.n_draft + 1].topk(top_k, dim=-1).indices if top_k else None,
+        probe_choices=tuple(logits[f.n_draft + 1:].argmax(dim=-1).tolist()))
+    return step, path
+
+
+def _forward(target: Target, cache: BatchCache, fed: list[_Fed],
+             layers: bool | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward of every open row (left-padded to the widest); returns, per row,
+    the logits of its last context token and its nodes, right-aligned:
+    [rows, keep, vocab], and, if asked, the hidden states of every slot
+    [rows, width, hidden]. Appends the new columns, valid where a slot is not a pad
+    (the caller invalidates rejected nodes)."""
+    width = max(len(f.tokens) for f in fed)
+    ids = torch.full((len(fed), width), PAD_TOKEN, dtype=torch.long)
+    positions = torch.zeros(len(fed), width, dtype=torch.long)
+    valid = torch.zeros(len(fed), width, dtype=torch.bool)
+    for b, f in enumerate(fed):
+        pad = width - len(f.tokens)
+        ids[b, pad:] = torch.tensor(f.tokens)
+        positions[b, pad:] = torch.tensor(f.positions)
+        valid[b, pad:] = True
+    keep = max(len(f.parents) for f in fed) + 1
+    out = target.model(input_ids=ids.to(target.device), position_ids=positions.to(target.device),
+                       attention_mask=_mask(target, cache, fed, width, positions),
+                       cache=cache.kv, use_cache=True, logits_to_keep=keep,
+                       output_hidden_states=bool(layers))
+    cache.append(valid, positions)
+    hidden = None
+    if layers is True:
+        hidden = out.hidden_states[-1]
+    elif layers:
+        hidden = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+    return out.logits, hidden
+
+
+@torch.inference_mode()
+def generate_batch(target: Target, requests: Sequence[GenerationRequest],
+                   drafters: Sequence[Drafter | None] | None = None, *, k: int = 0,
+                   drafter_name: str = "drafter", step_timeout: float = 0.0) -> list[Generation]:
+    """Decode every request together; with drafters, speculatively: ``drafters[i]``
+    serves request i (None: no drafter, as plain decoding). A drafter instance serves
+    one open sequence at a time: the same instance for two requests of one batch is
+    refused (the batch keeps them all open at once). Each call into a drafter goes
+    through the same guard as at batch 1 (see :func:`pytest_specdec.engine.loop.generate`).
+
+    Returns one Generation per request, in order, each stopped exactly where plain
+    decoding stops it (EOS or its budget). Every row's step records carry the shared
+    forward's time as ``target_s`` and its own drafting time as ``drafter_s``."""
+    if not requests:
+        raise ValueError("generate_batch needs at least one request")
+    drafters = list(drafters) if drafters is not None else [None] * len(requests)
+    if len(drafters) != len(requests):
+        raise ValueError(f"{len(drafters)} drafters for {len(requests)} requests: give one per "
+                         "request (None for plain decoding)")
+    shared = [d for d in drafters if d is not None]
+    if len({id(d) for d in shared}) != len(shared):
+        raise ValueError("the same drafter instance serves two requests of one batch: a drafter "
+                         "instance serves one open sequence at a time, so give each its own")
+    for request in requests:
+        if not request.prompt_ids:
+            raise ValueError("a prompt is empty: at least one token is needed")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+    if refusal := target.tree_support():
+        raise ValueError(f"a batched run needs a target whose forward takes an explicit mask; "
+                         f"target {target.name!r} cannot: {refusal}")
+    rows: list[_Row] = []
+    for index, (request, drafter) in enumerate(zip(requests, drafters)):
+        context = list(request.prompt_ids)
+        guard, needs = None, frozenset()
+        if drafter is not None:
+            attachment = attach(target, drafter, drafter_name, step_timeout=step_timeout)
+            needs = attachment.needs
+            guard = Guard(drafter, drafter_name, step_timeout, context, attachment)
+            guard.call("begin", DraftRequest(tuple(context), request.group, request.sample,
+                                             request.round, request.sampler))
+        rows.append(_Row(index, request, context, guard, needs))
+    layer_sets = {r.guard.attachment.hidden_layers for r in rows if "hidden_states" in r.needs}
+    if len(layer_sets) > 1:
+        raise ValueError(f"the batch's drafters ask for different hidden layers {sorted(layer_sets)}")
+    layers: bool | Sequence[int] = next(iter(layer_sets), False)
+    top_k = SIGNAL_TOP_K if any("top_k" in r.needs for r in rows) else 0
+    done: dict[int, Generation] = {}
+    cache = BatchCache(len(rows), target.device)
+    open_rows = rows
+    while open_rows:
+        drafts, fed, drafting = [], [], []
+        for row in open_rows:
+            room = min(k, row.request.max_new_tokens - len(row.new) - 1)
+            t0 = timing.now()
+            draft = row.guard.propose(room, target.vocab_size) \
+                if row.guard is not None and room > 0 else Draft()
+            drafting.append(timing.now() - t0)
+            drafts.append(draft)
+            fed.append(_fed(row, draft))
+        t1 = timing.now()
+        logits, hidden = _forward(target, cache, fed, layers)
+        forward_s = timing.now() - t1
+        width = max(len(f.tokens) for f in fed)
+        for b, (row, f, draft) in enumerate(zip(open_rows, fed, drafts)):
+            row_logits = logits[b, logits.shape[1] - len(f.parents) - 1:]
+            row_hidden = hidden[b, width - len(f.tokens):] if hidden is not None else None
+            step, path = _verify(row, f, draft, row_logits, row_hidden, top_k)
+            # the row's rejected nodes (chain tail, tree branches, probes) drop out
+            nodes = cache.columns - len(f.parents)
+            cache.valid[b, nodes:] = False
+            cache.valid[b, [nodes + i for i in path]] = True
+            _finish_step(target, row, step, draft, forward_s, len(open_rows), drafting[b])
+        cache.compact()
+        still = [b for b, row in enumerate(open_rows) if row.stop != "eos"
+                 and len(row.new) < row.request.max_new_tokens]
+        for b, row in enumerate(open_rows):
+            if b not in still:
+                done[row.index] = _close(row)
+        if still and len(still) < len(open_rows):
+            cache.keep_rows(still)
+        open_rows = [open_rows[b] for b in still]
+    return [done[i] for i in range(len(rows))]
+
+
+def _finish_step(target: Target, row: _Row, step: StepResult, draft: Draft,
+                 forward_s: float, rows: int, propose_s: float) -> None:
+    """Append one row's emitted tokens (cut at EOS), tell its drafter, and record the
+    step: the shared forward's seconds, the row's own drafting (propose, then observe
+    and accept) and the rows the forward verified."""
+    t0 = timing.now()
+    emitted, row.stop = _until_eos(step.emitted, target.eos_ids)
+    # all but the bonus token are cached: the next forward feeds it first
+    row.cached = len(row.context) + len(step.emitted) - 1
+    row.context.extend(emitted)
+    row.new.extend(emitted)
+    if row.guard is not None:
+        _tell_drafter(row.guard, step, draft, emitted, row.context, row.needs, row.feed)
+    drafter_s = propose_s + timing.now() - t0
+    accepted = min(len(step.emitted) - 1, len(emitted))
+    record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted,
+                        emitted=len(emitted), drafter_s=drafter_s,
+                        target_s=forward_s, rows=rows)
+    row.steps.append(record)
+    row.stats.add_step(record)
+
+
+def _close(row: _Row) -> Generation:
+    if row.guard is not None:
+        row.guard.call("end")
+        row.guard.check_whole_context()
+    return Generation(tokens=row.new, stop=row.stop, stats=row.stats, steps=row.steps)

@@ -52,7 +52,7 @@ from pytest_specdec.models.tree import DynamicTree, dynamic_tree
 from pytest_specdec.models.weights import state_digest
 from pytest_specdec.models.weights import training_summary
 from pytest_specdec.protocol.drafter import (MAX_DRAFT_NODES, Draft, DrafterBase, DraftRequest,
-                                             TargetInfo, TargetSignals)
+                                             MissingPrerequisite, TargetInfo, TargetSignals)
 from pytest_specdec.protocol.sampling import Sampler, gumbel_noise
 
 
@@ -65,7 +65,7 @@ def weights_folder(model: str, info: TargetInfo) -> Path:
         folder = default_weights("eagle3", info)
         why = weights_fit(folder, info)
         if why:
-            raise FileNotFoundError(
+            raise MissingPrerequisite(
                 f"eagle3 has no trained weights for target {info.name!r} ({why}); train them "
                 "with `pytest-specdec train eagle3`, or name a checkpoint with "
                 "--specdec-drafter eagle3:model=PATH_OR_HUB_ID")

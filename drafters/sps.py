@@ -50,7 +50,8 @@ import torch
 from pytest_specdec.engine.target import Target, wrap_model
 from pytest_specdec.models.draft_lm import DraftModelError, derived_note, load_draft_model
 from pytest_specdec.models.weights import state_digest
-from pytest_specdec.protocol.drafter import Draft, DraftRequest, DrafterBase, TargetInfo
+from pytest_specdec.protocol.drafter import (Draft, DraftRequest, DrafterBase, MissingPrerequisite,
+                                             TargetInfo)
 from pytest_specdec.protocol.sampling import Sampler
 
 
@@ -70,7 +71,7 @@ def default_draft_folder(info: TargetInfo) -> Path:
 
     folder = default_weights("sps", info)
     if not (folder / "model.safetensors").is_file():
-        raise DraftModelError(
+        raise MissingPrerequisite(
             f"sps has no draft model for target {info.name!r}: {folder} holds no weights. "
             f"Make them with `pytest-specdec train sps` (derives a draft from the target and "
             f"distils it), or pass one: --specdec-drafter sps:model=PATH_OR_ID")

@@ -109,6 +109,8 @@ class SpecdecSession:
     #: the pytest-xdist worker this session runs on ("gw0", ...), or "main" without xdist
     worker: str = "main"
     records: list[dict[str, Any]] = field(default_factory=list)
+    #: default drafters skipped for a missing prerequisite (their weights): name -> why
+    unavailable: dict[str, str] = field(default_factory=dict)
     _target: Target | None = None
     _fingerprint: Any = None  # the target's as loaded (integrity.TargetFingerprint)
     _baselines: dict[ParadigmCase, Measured] = field(default_factory=dict)

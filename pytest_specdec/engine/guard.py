@@ -21,6 +21,7 @@ from pytest_specdec.engine import torch_state
 from pytest_specdec.engine.integrity import digest
 from pytest_specdec.engine.target import Target
 from pytest_specdec.protocol.drafter import (NEEDS, TARGET_RESOURCES, Draft, DraftError, Drafter,
+                                             DrafterUnavailable, MissingPrerequisite,
                                              TargetInfo, describe_value, validate_draft)
 
 
@@ -167,6 +168,17 @@ def _exception_text(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _missing_prerequisite(exc: BaseException) -> MissingPrerequisite | None:
+    """The MissingPrerequisite behind `exc` (itself, or what a wrapper such as a hybrid's
+    part error was raised from), if any."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, MissingPrerequisite):
+            return exc
+        exc, seen = exc.__cause__, seen + 1
+    return None
+
+
 class Guard:
     """Calls into a drafter; anything it raises, or breaks, becomes a DraftError naming it.
 
@@ -230,6 +242,9 @@ class Guard:
             result = getattr(self.drafter, method)(*args)
         except (Exception, SystemExit) as exc:
             torch_state.restore(self.torch_state)
+            if method == "attach" and _missing_prerequisite(exc) is not None:
+                raise DrafterUnavailable(self.name, "its prerequisites are present",
+                                         str(_missing_prerequisite(exc))) from exc
             if self.attachment is not None and self.attachment.lent_changed(full=True):
                 raise DraftError(self.name, LENT, f"{method} wrote to the target's "
                                  f"{self.lent_names()} ({_exception_text(exc)})") from exc

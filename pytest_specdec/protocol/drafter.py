@@ -366,6 +366,22 @@ class DraftError(Exception):
         return f"drafter {self.drafter!r} broke the rule '{self.rule}'{tail}"
 
 
+class MissingPrerequisite(FileNotFoundError):
+    """Raised by a drafter's ``attach`` when something it needs before it can run is not
+    there yet (trained weights, a datastore): not a broken rule but a missing step. The
+    message names what is missing and the command that provides it. In the default
+    drafter set such a drafter is skipped with that message; named with
+    ``--specdec-drafter``, its cases fail with it."""
+
+
+@dataclass
+class DrafterUnavailable(DraftError):
+    """A drafter's :class:`MissingPrerequisite`, as the engine reports it."""
+
+    def __str__(self) -> str:
+        return f"drafter {self.drafter!r} cannot run: a prerequisite is missing: {self.detail}"
+
+
 def describe_value(value: object) -> str:
     """A bad value for an error message: its repr (shortened) and its type."""
     kind = type(value)

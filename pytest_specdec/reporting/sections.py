@@ -15,7 +15,7 @@ or package adds, removes or reorders sections of the session's report.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 from pytest_specdec.reporting.charts import CHART_TITLES
 from pytest_specdec.reporting.layout import group_by_target, summary_table
@@ -138,6 +138,16 @@ drafter_notes_section = _items_section("drafter-notes", "Drafter notes", "", dra
 peers_section = _items_section("peers", "Compared with Hugging Face generate", "",
                                lambda records: peer_ratio_lines(records)
                                + peer_settings_lines(records))
+
+
+NOT_RUN_NOTE = ("Drafters of the default set that were skipped because something they need "
+                "is not there yet; each line says what and the command that provides it.")
+
+
+def not_run_section(unavailable: Mapping[str, str]) -> Section:
+    """The default drafters skipped for a missing prerequisite: name -> why."""
+    return Section("not-run", "Drafters not run", NOT_RUN_NOTE,
+                   [Items([f"`{name}`: {why}" for name, why in unavailable.items()])])
 
 
 def how_to_read_section(records: Sequence[dict]) -> Section:

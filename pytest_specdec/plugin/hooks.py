@@ -345,6 +345,6 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(
             "WARNING: speedups flagged as timing artefacts or unstable (never marked best): "
             + "; ".join(flagged), yellow=True, bold=True)
-    for path in write_session_report(config, records):
+    for path in write_session_report(config, records, final=True):
         terminalreporter.write_line(f"report written: {path}")
     show_comparison(terminalreporter, config)

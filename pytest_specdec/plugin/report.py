@@ -4,6 +4,8 @@ replaced atomically), its meta block, and the sections the
 
 from __future__ import annotations
 
+import importlib.util
+
 import datetime as _dt
 import platform
 from pathlib import Path
@@ -62,9 +64,13 @@ def depth_profile_text(records: list[dict], cfg: SpecdecConfig) -> str:
     return ", ".join(texts.get(p, p) for p in profiles) or "—"
 
 
-def write_session_report(config: pytest.Config, records: list[dict]) -> list[Path]:
+def write_session_report(config: pytest.Config, records: list[dict], *,
+                         final: bool = False) -> list[Path]:
     """The session's report files: a free name at the first write (never an earlier
-    report's), the same name replaced atomically at every later one."""
+    report's), the same name replaced atomically at every later one. The last write (at
+    the end of the session) adds the PNG charts when matplotlib is installed (the
+    ``charts`` extra; ``make bench`` installs it): drawing them after every case would
+    cost a second each."""
     from pytest_specdec.reporting.files import write_reports
     from pytest_specdec.reporting.layout import depth_text
 
@@ -91,7 +97,8 @@ def write_session_report(config: pytest.Config, records: list[dict]) -> list[Pat
     }
     sections: list = []
     config.hook.pytest_specdec_report_sections(config=config, records=records, sections=sections)
+    charts = final and importlib.util.find_spec("matplotlib") is not None
     paths = write_reports(records, cfg.report_dir, stem, meta=meta, sections=sections,
-                          replace=REPORT_STEM_KEY in config.stash)
+                          replace=REPORT_STEM_KEY in config.stash, charts=charts)
     config.stash[REPORT_STEM_KEY] = paths[0].stem
     return paths

@@ -54,7 +54,7 @@ def _speedup_figure(records: Sequence[dict], figure_class: Any) -> Any:
     """Per target: drafters along x, one bar per paradigm × temperature, baseline at 1."""
     groups = group_by_target(records)
     widest = max(len(row_keys(group)) * max(len(columns_of(group)), 1) for group in groups.values())
-    figure = figure_class(figsize=(max(6.0, 0.45 * widest + 2), 3.8 * len(groups)),
+    figure = figure_class(figsize=(max(6.0, 0.45 * widest + 2) + 2.0, 3.8 * len(groups)),
                           layout="constrained")
     axes = figure.subplots(len(groups), 1, squeeze=False)[:, 0]
     for ax, (label, group) in zip(axes, groups.items()):
@@ -76,7 +76,9 @@ def _speedup_figure(records: Sequence[dict], figure_class: Any) -> Any:
         ax.set_xlim(-0.6, max(len(rows), 1) - 0.4)
         ax.set_ylabel("speedup over baseline (x)")
         ax.set_title(f"Speedup: {label}")
-        ax.legend(fontsize="small")
+        # beside the axes, never over a bar or a curve
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0.0)
     return figure
 
 
@@ -93,7 +95,7 @@ def _acceptance_figure(records: Sequence[dict], figure_class: Any) -> Any:
                 name = column.header(with_temperature=with_temperature)
                 panels[f"{label}, {name}" if several_targets else name] = curves
     count = max(len(panels), 1)
-    figure = figure_class(figsize=(6.4, 3.6 * count), layout="constrained")
+    figure = figure_class(figsize=(8.0, 3.6 * count), layout="constrained")
     axes = figure.subplots(count, 1, squeeze=False)[:, 0]
     if not panels:
         axes[0].text(0.5, 0.5, "no per-position acceptance in these records",
@@ -110,7 +112,9 @@ def _acceptance_figure(records: Sequence[dict], figure_class: Any) -> Any:
         ax.set_xlabel("draft position")
         ax.set_ylabel("accepted (%)")
         ax.set_title(f"Per-position acceptance: {name}")
-        ax.legend(fontsize="small")
+        # beside the axes, never over a bar or a curve
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0.0)
     return figure
 
 

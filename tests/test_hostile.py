@@ -509,8 +509,11 @@ def read_reports(directory: Path) -> tuple[dict, list[dict], str]:
     """The one report of a session: its JSON, CSV rows and Markdown, each parsed whole."""
     names = sorted(p.name for p in directory.iterdir())
     assert not [n for n in names if n.endswith(".tmp")], names  # no half-written file left
+    # one report, one file of each kind (and its two charts, drawn at the session's end)
+    assert len([n for n in names if n.endswith(".png")]) in (0, 2), names
+    names = [n for n in names if not n.endswith(".png")]
     suffixes = [Path(n).suffix for n in names]
-    assert len(set(suffixes)) == len(names), names  # one report, one file of each kind
+    assert len(set(suffixes)) == len(names), names
     assert {".csv", ".json", ".md"} <= set(suffixes), names
     by_suffix = {Path(n).suffix: (directory / n).read_text(encoding="utf-8") for n in names}
     if ".html" in by_suffix:

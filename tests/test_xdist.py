@@ -65,11 +65,16 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
 
 
 def the_report(directory: Path) -> dict:
-    """The one report a run wrote: four files of one name, its JSON read."""
+    """The one report a run wrote: four files of one name (and its two charts), its
+    JSON read."""
     names = sorted(p.name for p in directory.iterdir())
+    charts = [n for n in names if n.endswith(".png")]
+    names = [n for n in names if n not in charts]
     stems = {name.rsplit(".", 1)[0] for name in names}
     assert len(stems) == 1, names
     assert [n.rsplit(".", 1)[1] for n in names] == ["csv", "html", "json", "md"], names
+    assert sorted(charts) in ([], [f"{s}-acceptance.png" for s in stems]
+                              + [f"{s}-speedup.png" for s in stems]), charts
     (stem,) = stems
     return json.loads((directory / f"{stem}.json").read_text(encoding="utf-8"))
 
@@ -104,7 +109,9 @@ def test_two_workers_give_the_single_process_report(suite, tiny_model_dir, tmp_p
 
     # one report, from the controller: the workers neither report nor gate
     out = multi.stdout.str()
-    assert out.count("report written: ") == 4, out
+    written = [line for line in out.splitlines() if line.startswith("report written: ")]
+    assert len([w for w in written if not w.endswith(".png")]) == 4, out
+    assert len(written) == 6, out  # and the two charts (matplotlib: the test extra)
     assert out.count("= pytest-specdec =") == out.count("= pytest-specdec compare =") == 1, out
 
     # the same records, in the same order, on every deterministic field

@@ -432,6 +432,11 @@ def run_train(args: argparse.Namespace) -> int:
                       f"nothing to do (--if-missing)")
                 return 0
             log(f"training {args.kind}: {why or unfinished}")
+            steps = args.steps or t.kind_defaults(args.kind)["steps"]
+            log(f"{args.kind}: {steps} steps from seed {args.seed} (the same weights on any "
+                f"machine with this torch build), after the distillation data unless they "
+                f"are cached; a checkpoint every {args.checkpoint_every} steps, from which "
+                f"an interrupted run resumes when run again; the bars show each phase's ETA")
             # an unfinished run resumes from its checkpoint; one of other settings restarts
             resume, restart = True, True
         result = t.train(

@@ -127,10 +127,12 @@ def test_workflow_uses_only_real_options(path: Path):
     assert not bad, f"{path.name} passes values the options reject:\n  " + "\n  ".join(bad)
 
 
-def test_flag_pattern_reads_values():
+def test_flag_pattern_reads_values(tmp_path):
     """The parser these checks rely on: =VALUE, a following word, a flag alone."""
-    sample = CI / "specdec-gpu-gate.yml"
-    got = {(flag, value) for _, flag, value in used_flags(sample)}
-    assert ("--specdec-problems", "4") in got
+    got = {(flag, value) for _, flag, value in used_flags(CI / "specdec-gpu-gate.yml")}
+    assert ("--specdec-profile", "gate") in got
     assert ("--specdec-compare-fail", "speedup:10%,mat:5%") in got
-    assert ("--specdec-no-peer", None) in got
+    sample = tmp_path / "sample.yml"
+    sample.write_text("run: pytest --specdec-no-peer --specdec-k 3 \\\n"
+                      "  # --specdec-comment-only 1\n")
+    assert used_flags(sample) == [(1, "--specdec-no-peer", None), (1, "--specdec-k", "3")]

@@ -422,3 +422,14 @@ def test_cli_trains_end_to_end(tiny_model_dir, tmp_path, capsys, monkeypatch):
     # the data cache, the target's states captured while generating them, the weights
     assert sorted(p.name for p in (tmp_path / "drafters").iterdir()) == \
         [td.DATA_FILE, td.states_path(Path(td.DATA_FILE)).name, "sps"]
+
+
+def test_each_checkpoint_says_how_far_the_run_is_and_how_long_is_left(target, tmp_path):
+    messages: list[str] = []
+    t.train(Toy, target, output=tmp_path / "w", steps=12, lr=1e-2, batch_size=4,
+            progress=False, max_minutes=None, checkpoint_every=5, data=toy_data(),
+            log=messages.append)
+    told = [m for m in messages if "checkpoint saved" in m]
+    assert [m.split(" after ")[0] for m in told] == ["toy: step 5/12", "toy: step 10/12"]
+    assert all(" to go; checkpoint saved (an interrupted run resumes from it when run again)"
+               in m for m in told)

@@ -44,3 +44,12 @@ class SpecdecConfig:
     timing: str = "calibrated"  # --specdec-timing (timing.TIMING_MODES)
     batches: tuple[int, ...] = (1,)  # --specdec-batch: every case at each size
     batch_explicit: bool = False  # --specdec-batch was given: case ids name the size
+    profile: str = "default"  # --specdec-profile (profiles.PROFILES)
+    # --specdec-drafter was given: a drafter whose weights are missing fails its cases
+    # (the default set's, or a profile's, are skipped with the command that trains them)
+    drafters_named: bool = False
+    # the start-of-session estimate (bench.estimate): a given decode-step cost in ms
+    # (None: measured on the loaded target), and the speedup assumed for a case that no
+    # earlier report measured
+    step_ms: float | None = None
+    expected_speedup: float = 1.0

@@ -109,6 +109,7 @@ class CaseRecord:
     worker: str = _optional()  # the pytest-xdist worker ("main" without xdist)
     k: int = _required(checked=False)
     depth_profile: str = _optional()
+    profile: str = _optional()  # --specdec-profile: the run's size (bench.profiles)
     problems: int = _required(checked=False)
     max_new_tokens: int = _required(checked=False)
     sequences: int = _optional()

@@ -27,3 +27,5 @@ REPORT_STEM_KEY = pytest.StashKey[str]()
 TORCH_STATE_KEY = pytest.StashKey[Any]()
 #: the key of the records a worker sends to the controller in config.workeroutput
 WORKEROUTPUT_RECORDS = "specdec_records"
+#: the start-of-session estimate (bench.estimate.RunEstimate) and when the cases began
+ESTIMATE_KEY = pytest.StashKey[Any]()

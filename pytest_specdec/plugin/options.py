@@ -18,11 +18,12 @@ import pytest
 
 from pytest_specdec.bench.config import SpecdecConfig
 from pytest_specdec.bench.paradigms import PARADIGM_NAMES
+from pytest_specdec.bench.profiles import DEFAULT_PROFILE, PROFILE_OPTIONS, PROFILES, describe
 from pytest_specdec.bench.problems import DEFAULT_PROBLEMS
 from pytest_specdec.bench.record import GATED_METRICS, PEER_NAMES, PEER_PLAIN
 from pytest_specdec.engine.timing import TIMING_MODES
 from pytest_specdec.plugin.values import (batch_sizes, compare_fail, non_negative_float,
-                                          non_negative_int, positive_int)
+                                          non_negative_int, positive_float, positive_int)
 from pytest_specdec.protocol.drafter import (CPU_PROFILE_DEPTH, DEFAULT_MAX_DEPTH, DEPTH_PROFILES,
                                              MAX_DRAFT_NODES)
 from pytest_specdec.protocol.spec import parse_drafter_spec
@@ -72,6 +73,13 @@ def _lossless_mode(text: str) -> str:
     if text not in LOSSLESS_MODES:
         raise argparse.ArgumentTypeError(
             f"expected one of {', '.join(LOSSLESS_MODES)}, got {text!r}")
+    return text
+
+
+def _profile(text: str) -> str:
+    if text not in PROFILES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(PROFILES)}, got {text!r}")
     return text
 
 
@@ -134,6 +142,13 @@ class Option:
 
 
 OPTIONS = (
+    Option("--specdec-profile", "specdec_profile", default=DEFAULT_PROFILE, type=_profile,
+           metavar="PROFILE",
+           help="the run's size, several options at once (an option given explicitly "
+                "overrides its profile's value): "
+                + " | ".join(f"{p.name}: {describe(p)}".replace("%", "%%")
+                             for p in PROFILES.values())
+                + f" (default: {DEFAULT_PROFILE})"),
     Option("--specdec-target", "specdec_target", default="embedded", metavar="MODEL",
            help="target model: 'embedded' (SmolLM2-135M-Instruct, offline), a local model "
                 "folder, a config .json (random weights), or a Hugging Face id"),
@@ -194,6 +209,15 @@ OPTIONS = (
                 "(also a fresh baseline round next to every timed round of a case, the "
                 "speedup the median of the paired ratios; about twice the time); "
                 "default: calibrated"),
+    Option("--specdec-step-ms", "specdec_step_ms", type=positive_float(False), metavar="MS",
+           help="the start-of-session estimate of the run's length uses this decode-step "
+                "cost of the target (milliseconds) instead of measuring it on the loaded "
+                "target; with --collect-only no model is loaded, so a run on another "
+                "machine can be sized here (default: measured)"),
+    Option("--specdec-expected-speedup", "specdec_expected_speedup", default=1.0,
+           type=positive_float(False), metavar="X",
+           help="the speedup the estimate assumes for a drafter's case that no earlier "
+                "report in --specdec-report-dir measured on this target (default: 1.0)"),
     Option("--specdec-report-dir", "specdec_report_dir", default="reports", metavar="DIR",
            help="where the session's Markdown/CSV/JSON report goes (default: reports/ "
                 "under the rootdir); never overwrites"),
@@ -232,18 +256,39 @@ OPTIONS = (
 )
 
 
+#: dest -> the option's own default, for the options a profile may set: those are
+#: registered with the default None, so read_config can tell "given" from "not given"
+PROFILED_DEFAULTS = {o.dest: o.default for o in OPTIONS if o.dest in PROFILE_OPTIONS.values()}
+
+
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("specdec", "speculative decoding benchmarks (pytest-specdec)")
     for opt in OPTIONS:
-        kwargs: dict[str, Any] = {"dest": opt.dest, "help": opt.help, "default": opt.default}
+        default = None if opt.dest in PROFILED_DEFAULTS else opt.default
+        kwargs: dict[str, Any] = {"dest": opt.dest, "help": opt.help, "default": default}
         for name in ("type", "action", "metavar"):
             if getattr(opt, name) is not None:
                 kwargs[name] = getattr(opt, name)
         group.addoption(opt.flag, **kwargs)
 
 
+def _resolver(config: pytest.Config) -> Callable[[str], Any]:
+    """getoption, with --specdec-profile's values for the options not given."""
+    profile = PROFILES[config.getoption("specdec_profile")]
+    by_dest = {dest: getattr(profile, name) for name, dest in PROFILE_OPTIONS.items()}
+
+    def get(dest: str) -> Any:
+        value = config.getoption(dest)
+        if value is not None or dest not in PROFILED_DEFAULTS:
+            return value
+        chosen = by_dest[dest]
+        return chosen if chosen is not None else PROFILED_DEFAULTS[dest]
+
+    return get
+
+
 def read_config(config: pytest.Config) -> SpecdecConfig:
-    get = config.getoption
+    get = _resolver(config)
     report_dir = Path(get("specdec_report_dir")).expanduser()
     if not report_dir.is_absolute():
         report_dir = Path(config.rootpath) / report_dir
@@ -257,6 +302,8 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
         target=get("specdec_target"), device=get("specdec_device"), dtype=get("specdec_dtype"),
         trust_remote_code=get("specdec_trust_remote_code"),
         drafters=tuple(dict.fromkeys(drafters)) if drafters else None,
+        drafters_named=config.getoption("specdec_drafters") is not None,
+        profile=get("specdec_profile"),
         paradigms=tuple(dict.fromkeys(get("specdec_paradigms"))),
         dataset=get("specdec_dataset"), dataset_split=get("specdec_dataset_split"),
         problems=get("specdec_problems"), max_new_tokens=get("specdec_max_new_tokens"),
@@ -271,4 +318,5 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
         compare=Path(get("specdec_compare")).expanduser() if get("specdec_compare") else None,
         compare_fail=get("specdec_compare_fail") or (),
         batches=batches or (1,), batch_explicit=batches is not None,
+        step_ms=get("specdec_step_ms"), expected_speedup=get("specdec_expected_speedup"),
     )

@@ -64,6 +64,17 @@ def depth_profile_text(records: list[dict], cfg: SpecdecConfig) -> str:
     return ", ".join(texts.get(p, p) for p in profiles) or "—"
 
 
+def _profile_overrides(config: pytest.Config) -> str:
+    """`` (with --specdec-problems, ... given)``: the options that overrode the profile."""
+    from pytest_specdec.plugin.options import OPTIONS, PROFILED_DEFAULTS
+
+    given = [o.flag for o in OPTIONS if o.dest in PROFILED_DEFAULTS
+             and config.getoption(o.dest) is not None]
+    if config.getoption("specdec_no_peer"):
+        given.append("--specdec-no-peer")
+    return f" (overridden: {', '.join(given)})" if given else ""
+
+
 def write_session_report(config: pytest.Config, records: list[dict], *,
                          final: bool = False) -> list[Path]:
     """The session's report files: a free name at the first write (never an earlier
@@ -81,6 +92,7 @@ def write_session_report(config: pytest.Config, records: list[dict], *,
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         stem = f"specdec-{saved}-{stamp}" if saved else f"specdec-{stamp}"
     meta = {
+        "profile": cfg.profile + _profile_overrides(config),
         "target": records[0]["target"],
         "dtype": records[0]["dtype"],
         "device": ", ".join(dict.fromkeys(r["device"] for r in records)),  # one per GPU worker

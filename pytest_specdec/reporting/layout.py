@@ -16,8 +16,8 @@ NUMBER_TYPES = (int, float)
 PARADIGM_ORDER = ("multi_round", "best_of_n")
 
 #: Meta block of the Markdown report, in this order.
-META_KEYS = ("target", "dtype", "device", "problems", "max_new_tokens", "k", "depth profile",
-             "date", "machine")
+META_KEYS = ("profile", "target", "dtype", "device", "problems", "max_new_tokens", "k",
+             "depth profile", "date", "machine")
 
 NO_VALUE = "—"
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from pytest_specdec.bench.estimate import duration
 from pytest_specdec.engine.target import Target
 from pytest_specdec.models import draft_lm
 from pytest_specdec.models.eagle3 import training as eagle3_training
@@ -272,6 +273,15 @@ def _train(name: str, factory: TrainableFactory, target: Target, *, output: Path
             if step % checkpoint_every == 0 and step < steps:
                 save_checkpoint(checkpoint, step=step, module=module, optimizer=optimizer,
                                 meta=meta)
+                elapsed = time.perf_counter() - started - states_seconds
+                left = elapsed / (step - start) * (steps - step)
+                message = (f"{name}: step {step}/{steps} after {duration(elapsed)}, about "
+                           f"{duration(left)} to go; checkpoint saved (an interrupted run "
+                           "resumes from it when run again)")
+                if progress:  # above the bar (a log line would break it)
+                    bar.write(f"pytest-specdec: {message}", file=sys.stderr)
+                else:
+                    log(message)
     finally:
         bar.close()
     seconds = time.perf_counter() - started - states_seconds

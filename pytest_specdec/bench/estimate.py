@@ -1,0 +1,215 @@
+"""How long a session will take, priced before it runs: the cost model of each case.
+
+A case's time is the target forwards it takes times the cost of one decode step:
+
+- a paradigm case's timed round decodes ``problems × sequences per problem`` sequences
+  of up to ``max_new_tokens`` tokens, B at a time: ``tokens ÷ B`` plain decode steps;
+- a drafter's case takes those steps ÷ its *expected speedup*, a peer's × its *expected
+  ratio* to our baseline;
+- every timed round adds the calibration probes (:data:`~pytest_specdec.engine.timing.
+  PROBE_FORWARDS` decode forwards before every sequence or batch and after the last),
+  paired timing a baseline round next to each drafter's round, and the first case of a
+  paradigm case on a decoding stack (our engine, transformers' generate) its warm-up.
+
+The step cost is measured on the loaded target at the start of the session (or given,
+``--specdec-step-ms``, to size a run for another machine). Expected speedups, peer
+ratios and how much of the token budget sequences use (they may stop at an end token)
+come from the newest earlier report of the same target in the report folder, case by
+case; where it has none, the speedup is ``--specdec-expected-speedup`` (default 1.0)
+and every sequence is assumed to use its whole budget. So the first run on a machine is
+priced at face value, and later ones by what the machine measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pytest_specdec.bench.config import SpecdecConfig
+from pytest_specdec.bench.session import WARMUP_TOKENS, ParadigmCase
+from pytest_specdec.engine.timing import PROBE_FORWARDS
+
+ROLE_BASELINE, ROLE_SPECULATIVE, ROLE_PEER = "baseline", "speculative", "peer"
+
+#: (drafter label or peer name, paradigm, temperature, batch): one case of a report
+CaseKey = tuple[str, str, float, int]
+
+
+@dataclass(frozen=True)
+class PlannedCase:
+    """One collected case, as the estimate prices it."""
+
+    label: str  # the case's id, e.g. test_speculative[pld-best_of_n]
+    role: str  # baseline, speculative or peer
+    drafter: str  # the drafter's label; "baseline"; or the peer's name
+    case: ParadigmCase
+
+    @property
+    def key(self) -> CaseKey:
+        return (self.drafter, self.case.paradigm, self.case.temperature, self.case.batch)
+
+
+@dataclass(frozen=True)
+class History:
+    """What an earlier report of this target measured, as ratios (so they carry over
+    to another token budget, problem count or machine speed)."""
+
+    source: Path | None = None
+    speedups: dict[CaseKey, float] = field(default_factory=dict)
+    peer_ratios: dict[CaseKey, float] = field(default_factory=dict)  # peer wall ÷ baseline wall
+    # new tokens ÷ (sequences × max_new_tokens), per (paradigm, temperature, batch)
+    fill: dict[tuple[str, float, int], float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CaseEstimate:
+    planned: PlannedCase
+    steps: float  # target forwards (decode steps' worth), warm-up and probes included
+    seconds: float
+    basis: str  # where its speedup or ratio came from
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    cases: list[CaseEstimate]
+    step_s: float  # the cost of one decode step the estimate used
+    step_basis: str  # "measured on the loaded target" or "given (--specdec-step-ms)"
+    history: History
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.seconds for c in self.cases)
+
+    def lines(self, *, per_case: bool = True) -> list[str]:
+        """The start-of-session block: a headline, then one line per case."""
+        source = (f"speedups from {self.history.source.name} where it measured the case, "
+                  "else assumed" if self.history.source is not None
+                  else "no earlier report of this target: speedups assumed")
+        out = [f"pytest-specdec: {len(self.cases)} cases, estimated {duration(self.seconds)} "
+               f"at {self.step_s * 1000:.1f} ms per decode step ({self.step_basis}; "
+               f"{source}; model loading not included)"]
+        if per_case:
+            width = max((len(c.planned.label) for c in self.cases), default=0)
+            out += [f"  {c.planned.label:<{width}}  {duration(c.seconds):>9}  {c.basis}"
+                    for c in self.cases]
+        return out
+
+
+def duration(seconds: float) -> str:
+    """``4.2 s``, ``42 s``, ``3 min 05 s``, ``2 h 10 min``, ``3 d 4 h``."""
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def sequences_per_problem(cfg: SpecdecConfig, paradigm: str) -> int:
+    return cfg.n if paradigm == "best_of_n" else cfg.rounds
+
+
+def estimate_run(cfg: SpecdecConfig, planned: Sequence[PlannedCase], *, step_s: float,
+                 step_basis: str, problems: int, history: History = History()) -> RunEstimate:
+    """Price every planned case, in order (the order the session runs them)."""
+    warm: set[tuple[ParadigmCase, str]] = set()
+    baselines = {p.case for p in planned if p.role == ROLE_BASELINE}
+    estimates = []
+    for p in planned:
+        per_problem = sequences_per_problem(cfg, p.case.paradigm)
+        sequences = problems * per_problem
+        fill = history.fill.get((p.case.paradigm, p.case.temperature, p.case.batch), 1.0)
+        round_steps = sequences * cfg.max_new_tokens * fill / p.case.batch
+        probes = (math.ceil(sequences / p.case.batch) + 1) * PROBE_FORWARDS
+        notes = []
+        if p.role == ROLE_SPECULATIVE:
+            speedup = history.speedups.get(p.key)
+            notes.append(f"{speedup:.2f}x measured" if speedup is not None
+                         else f"{cfg.expected_speedup:g}x assumed")
+            timed = round_steps / (speedup or cfg.expected_speedup)
+            if cfg.timing == "paired":
+                timed += round_steps + probes
+        elif p.role == ROLE_PEER:
+            ratio = history.peer_ratios.get(p.key)
+            notes.append(f"{ratio:.2f}x our baseline's time, measured" if ratio is not None
+                         else "as long as our baseline, assumed")
+            timed = round_steps * (ratio or 1.0)
+        else:
+            timed = round_steps
+        steps = cfg.timed_rounds * (timed + probes)
+        implicit_baseline = p.role != ROLE_BASELINE and p.case not in baselines
+        if implicit_baseline:  # the session measures the baseline inside this case
+            steps += cfg.timed_rounds * (round_steps + probes)
+            baselines.add(p.case)
+            notes.append("with its baseline")
+        # our engine's warm-up runs in the case that first measures plain decoding;
+        # transformers' generate has its own, in the first peer case
+        stacks = {"generate"} if p.role == ROLE_PEER else set()
+        if p.role == ROLE_BASELINE or implicit_baseline:
+            stacks.add("engine")
+        for stack in sorted(stacks):
+            if (p.case, stack) not in warm:
+                warm.add((p.case, stack))
+                steps += per_problem * min(WARMUP_TOKENS, cfg.max_new_tokens) / p.case.batch
+        estimates.append(CaseEstimate(p, steps, steps * step_s, ", ".join(notes)))
+    return RunEstimate(estimates, step_s, step_basis, history)
+
+
+def read_history(report_dir: Path, target_name: str) -> History:
+    """The newest report in `report_dir` (``specdec-*.json``) with cases of
+    `target_name`; an empty History when there is none or it cannot be read (an
+    estimate never stops a session)."""
+    candidates = sorted(report_dir.glob("specdec-*.json"), key=_mtime, reverse=True)
+    for path in candidates:
+        try:
+            records = json.loads(path.read_text())["records"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        mine = [r for r in records if isinstance(r, dict) and r.get("target") == target_name]
+        if mine:
+            return _history_of(path, mine)
+    return History()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _history_of(source: Path, records: Iterable[dict]) -> History:
+    speedups: dict[CaseKey, float] = {}
+    peer_walls: dict[CaseKey, float] = {}
+    baseline_walls: dict[tuple[str, float, int], float] = {}
+    fill: dict[tuple[str, float, int], float] = {}
+    for r in records:
+        try:
+            where = (str(r["paradigm"]), float(r["temperature"]), int(r.get("batch", 1)))
+            key = (str(r["drafter"]), *where)
+            if r["role"] == ROLE_SPECULATIVE and _positive(r.get("speedup")):
+                speedups[key] = float(r["speedup"])
+            elif r["role"] == ROLE_PEER and _positive(r.get("wall_s")):
+                peer_walls[key] = float(r["wall_s"])
+            elif r["role"] == ROLE_BASELINE and _positive(r.get("wall_s")):
+                baseline_walls[where] = float(r["wall_s"])
+                budget = int(r["sequences"]) * int(r["max_new_tokens"])
+                if budget > 0 and _positive(r.get("new_tokens")):
+                    fill[where] = min(1.0, int(r["new_tokens"]) / budget)
+        except (KeyError, TypeError, ValueError):
+            continue  # a record of another shape prices nothing
+    ratios = {key: wall / baseline_walls[key[1:]] for key, wall in peer_walls.items()
+              if key[1:] in baseline_walls}
+    return History(source, speedups, ratios, fill)
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+

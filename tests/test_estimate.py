@@ -1,0 +1,151 @@
+"""The start-of-session estimate: each case priced by its target steps, from a step
+cost measured on the loaded target or given, and earlier reports' ratios."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from pytest_specdec.bench.config import SpecdecConfig
+from pytest_specdec.bench.estimate import (History, PlannedCase, duration, estimate_run,
+                                           read_history)
+from pytest_specdec.bench.session import ParadigmCase
+
+MR, BON = ParadigmCase("multi_round", 0.0), ParadigmCase("best_of_n", 0.6)
+BON4 = ParadigmCase("best_of_n", 0.6, batch=4, explicit_batch=True)
+
+
+def _config(tmp_path, **changes) -> SpecdecConfig:
+    base = SpecdecConfig(
+        target="", device="cpu", dtype="float32", trust_remote_code=False,
+        drafters=None, paradigms=("multi_round", "best_of_n"), dataset="embedded",
+        dataset_split="test", problems=2, max_new_tokens=10, n=4, rounds=2,
+        temperatures=None, seed=0, k=None, timed_rounds=1, report_dir=tmp_path, peers=(),
+        strict=False, tie_margin=None, step_timeout=0.0, compare=None, compare_fail=())
+    return dataclasses.replace(base, **changes)
+
+
+def _case(role, drafter, case):
+    return PlannedCase(f"{role}-{drafter}-{case.id}", role, drafter, case)
+
+
+HISTORY = History(speedups={("pld", "multi_round", 0.0, 1): 2.0},
+                  peer_ratios={("hf_generate", "multi_round", 0.0, 1): 1.5})
+
+# 2 problems, max_new_tokens 10, 1 timed round; multi_round: 2 rounds (4 sequences),
+# best_of_n: n=4 (8 sequences); probes: (sequences or batches + 1) x 5 forwards;
+# warm-up: 1 problem's sequences x min(16, 10) tokens
+#   (planned case, expected target steps)
+STEPS = [
+    (_case("baseline", "baseline", MR), 40 + 25 + 20),
+    (_case("speculative", "pld", MR), 40 / 2.0 + 25),  # measured 2.0x
+    (_case("speculative", "sam", MR), 40 / 1.0 + 25),  # none measured: 1.0x assumed
+    (_case("peer", "hf_generate", MR), 40 * 1.5 + 25 + 20),  # its own warm-up (generate)
+    # no baseline collected for best_of_n: the first case measures it, with the warm-up
+    (_case("speculative", "sam", BON), (80 + 45) + (80 + 45) + 40),
+    (_case("speculative", "pld", BON), 80 + 45),
+    # batch 4: 4 sequences per step, probes per batch
+    (_case("baseline", "baseline", BON4), 80 / 4 + 15 + 40 / 4),
+]
+
+
+def test_each_case_is_priced_by_its_target_steps(tmp_path):
+    cfg = _config(tmp_path)
+    estimate = estimate_run(cfg, [p for p, _ in STEPS], step_s=0.01, step_basis="given",
+                            problems=2, history=HISTORY)
+    assert [c.steps for c in estimate.cases] == [steps for _, steps in STEPS]
+    assert estimate.seconds == pytest.approx(0.01 * sum(steps for _, steps in STEPS))
+    assert [c.basis for c in estimate.cases] == [
+        "", "2.00x measured", "1x assumed", "1.50x our baseline's time, measured",
+        "1x assumed, with its baseline", "1x assumed", ""]
+
+
+def test_paired_timing_and_more_timed_rounds_cost_what_they_run(tmp_path):
+    planned = [_case("baseline", "baseline", MR), _case("speculative", "pld", MR)]
+    paired = estimate_run(_config(tmp_path, timing="paired", timed_rounds=3), planned,
+                          step_s=1.0, step_basis="given", problems=2, history=HISTORY)
+    # every timed round of the drafter also has a baseline round (40 steps + 25 probes)
+    assert [c.steps for c in paired.cases] == [3 * 65 + 20, 3 * (20 + 25 + 65)]
+
+
+def test_an_expected_speedup_prices_the_unmeasured_cases(tmp_path):
+    planned = [_case("baseline", "baseline", MR), _case("speculative", "sam", MR)]
+    estimate = estimate_run(_config(tmp_path, expected_speedup=2.0), planned, step_s=1.0,
+                            step_basis="given", problems=2)
+    assert estimate.cases[1].steps == 40 / 2 + 25 and estimate.cases[1].basis == "2x assumed"
+
+
+def _report(path, records):
+    path.write_text(json.dumps({"meta": {}, "records": records}))
+
+
+def _record(role, drafter, paradigm="multi_round", temperature=0.0, **fields):
+    return {"role": role, "drafter": drafter, "paradigm": paradigm, "temperature": temperature,
+            "target": "tiny", "sequences": 4, "max_new_tokens": 10, **fields}
+
+
+def test_history_comes_from_the_newest_report_of_the_same_target(tmp_path):
+    import os
+
+    older, newer, other, broken = (tmp_path / f"specdec-{n}.json"
+                                   for n in ("old", "new", "other", "broken"))
+    _report(older, [_record("speculative", "pld", speedup=9.0)])
+    _report(newer, [_record("baseline", "baseline", wall_s=2.0, new_tokens=30),
+                    _record("speculative", "pld", speedup=1.25),
+                    _record("speculative", "sam", speedup=None),
+                    _record("peer", "hf_generate", wall_s=3.0)])
+    _report(other, [{**_record("speculative", "pld", speedup=5.0), "target": "another"}])
+    broken.write_text("{not json")
+    for age, path in enumerate((older, newer, other, broken)):
+        os.utime(path, (1000 + age, 1000 + age))
+    history = read_history(tmp_path, "tiny")
+    assert history.source == newer
+    assert history.speedups == {("pld", "multi_round", 0.0, 1): 1.25}
+    assert history.peer_ratios == {("hf_generate", "multi_round", 0.0, 1): 1.5}
+    assert history.fill == {("multi_round", 0.0, 1): 0.75}  # 30 of 4 x 10 tokens
+    assert read_history(tmp_path, "nobody") == History()
+    assert read_history(tmp_path / "missing", "tiny") == History()
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (0.04, "0.0 s"), (4.24, "4.2 s"), (42.4, "42 s"), (185, "3 min 05 s"),
+    (7800, "2 h 10 min"), (273600, "3 d 4 h")])
+def test_duration(seconds, text):
+    assert duration(seconds) == text
+
+
+def test_collect_only_with_a_given_step_cost_prices_the_run_without_a_model(suite):
+    result = suite.runpytest_subprocess("--collect-only", "--specdec-step-ms", "25",
+                                        "--specdec-target", "Qwen/Qwen3-8B",
+                                        "--specdec-profile", "smoke")
+    result.stdout.fnmatch_lines([
+        "pytest-specdec: 8 cases, estimated * at 25.0 ms per decode step (given with "
+        "--specdec-step-ms; no earlier report of this target: speedups assumed; model "
+        "loading not included)",
+        "  test_baseline[[]multi_round[]] * ",
+        "  test_speculative[[]pld-multi_round[]] * 1x assumed",
+    ])
+    assert result.ret == 0
+
+
+def test_a_session_prints_its_estimate_first_and_what_it_took_last(suite, tiny_model_dir,
+                                                                     tmp_path):
+    args = ["-p", "no:cacheprovider", "--specdec-target", str(tiny_model_dir),
+            "--specdec-problems", "1", "--specdec-max-new-tokens", "8", "--specdec-paradigm",
+            "multi_round", "--specdec-drafter", "pld", "--specdec-no-peer",
+            "--specdec-report-dir", str(tmp_path)]
+    first = suite.runpytest_subprocess(*args, timeout=300)
+    first.assert_outcomes(passed=2, deselected=2)
+    first.stdout.fnmatch_lines([
+        "pytest-specdec: 2 cases, estimated * ms per decode step (measured on the loaded "
+        "target; no earlier report of this target: speedups assumed; *",
+        "*pytest-specdec: the cases took *; estimated at the start: * of the estimate)"])
+    # the second run prices pld by the speedup the first one measured
+    second = suite.runpytest_subprocess(*args, timeout=300)
+    second.stdout.fnmatch_lines(["pytest-specdec: 2 cases, * (measured on the loaded target; "
+                                 "speedups from specdec-*.json where it measured the case, *",
+                                 "  test_speculative[[]pld-multi_round[]] * measured"])
+    quiet = suite.runpytest_subprocess(*args, "-qq", timeout=300)
+    quiet.stdout.no_fnmatch_line("*estimated*")

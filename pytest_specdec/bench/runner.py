@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 from pytest_specdec.bench.paradigms import (BestOfN, Completion, MultiRound, Outcome,
                                             SequenceAsk)
 from pytest_specdec.bench.problems import Problem
+from pytest_specdec.bench.progress import ProgressMeter, sequences_per_problem
 from pytest_specdec.engine.batch import generate_batch
 from pytest_specdec.engine.guard import attach
 from pytest_specdec.engine.loop import Generation, GenerationRequest, generate
@@ -117,11 +118,15 @@ class RunResult:
 def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Sequence[Problem],
                  method: Method, settings: DecodeSettings,
                  progress: Callable[[str], None] | None = None,
-                 probe: Callable[[], float] | None = None) -> RunResult:
+                 probe: Callable[[], float] | None = None,
+                 meter: ProgressMeter | None = None) -> RunResult:
     """Run the paradigm on every problem; wall_s covers the whole run end to end, but
     for the calibration `probe` (see :mod:`pytest_specdec.engine.timing`), which runs before
-    every sequence and after the last, untimed."""
+    every sequence and after the last, untimed. `progress` gets a line per problem (the
+    session logs it), `meter` every finished sequence (the live progress line)."""
     result = RunResult(timeline=Timeline(probe))
+    if meter is not None:
+        meter.start(paradigm.name, len(problems) * sequences_per_problem(paradigm), len(problems))
     current = 0  # the problem being run
 
     def generate_fn(prompt: str, *, group: str, sample: int, round: int) -> Completion:
@@ -132,6 +137,8 @@ def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Seque
         result.outputs[(group, sample, round)] = generation
         result.segment_of.append(len(result.timeline.probes) - 1)
         result.stats.merge(generation.stats)
+        if meter is not None:
+            meter.add(1, current + 1, len(generation.tokens))
         return Completion(target.decode(generation.tokens), tuple(generation.tokens))
 
     for current, problem in enumerate(problems):
@@ -154,12 +161,16 @@ def run_paradigm_batched(target: Target, paradigm: MultiRound | BestOfN,
                          problems: Sequence[Problem], method: BatchMethod,
                          settings: DecodeSettings, batch: int,
                          progress: Callable[[str], None] | None = None,
-                         probe: Callable[[], float] | None = None) -> RunResult:
+                         probe: Callable[[], float] | None = None,
+                         meter: ProgressMeter | None = None) -> RunResult:
     """As :func:`run_paradigm`, with the paradigm's sequences decoded `batch` at a time
     (``paradigm.run_batched``); the probe runs before every batch and after the last,
-    and each batch's segment belongs to the first problem in it."""
+    and each batch's segment belongs to the first problem in it; `meter` counts a
+    batch's sequences when it finishes."""
     result = RunResult(timeline=Timeline(probe), batch=batch)
     index = {problem.key: i for i, problem in enumerate(problems)}
+    if meter is not None:
+        meter.start(paradigm.name, len(problems) * sequences_per_problem(paradigm), len(problems))
 
     def generate_many(asks: Sequence[SequenceAsk]) -> list[Completion]:
         first = index[asks[0].group]
@@ -178,6 +189,9 @@ def run_paradigm_batched(target: Target, paradigm: MultiRound | BestOfN,
             result.stats.merge(generation.stats)
             completions.append(Completion(target.decode(generation.tokens),
                                           tuple(generation.tokens)))
+        if meter is not None:
+            meter.add(len(asks), index[asks[-1].group] + 1,
+                      sum(len(g.tokens) for g in generations))
         return completions
 
     result.outcomes = paradigm.run_batched(problems, generate_many, batch)

@@ -16,6 +16,7 @@ from pytest_specdec.bench.lossless import check_lossless
 from pytest_specdec.bench.paradigms import make_paradigm
 from pytest_specdec.bench.peer import check_peer, hf_method, plain_peer_settings, pld_peer_settings
 from pytest_specdec.bench.problems import Problem
+from pytest_specdec.bench.progress import ProgressMeter, RunProgress
 from pytest_specdec.bench.record import OUR_PLD, PEER_PLAIN, SCHEMA_VERSION, CaseRecord
 from pytest_specdec.bench.runner import (DecodeSettings, Method, RunResult, engine_batch_method,
                                          engine_method, run_paradigm, run_paradigm_batched)
@@ -111,6 +112,9 @@ class SpecdecSession:
     records: list[dict[str, Any]] = field(default_factory=list)
     #: default drafters skipped for a missing prerequisite (their weights): name -> why
     unavailable: dict[str, str] = field(default_factory=dict)
+    #: told where every run of a case stands (bench/progress.py): the plugin's live
+    #: progress line (plugin/progress.py) sets it; None: nobody listens
+    progress: Callable[[RunProgress], None] | None = None
     _target: Target | None = None
     _fingerprint: Any = None  # the target's as loaded (integrity.TargetFingerprint)
     _baselines: dict[ParadigmCase, Measured] = field(default_factory=dict)
@@ -150,7 +154,7 @@ class SpecdecSession:
 
     def measure(self, case: ParadigmCase, make_method: Callable[[], Method], *,
                 benchmark: Any = None, k: int = 0, stack: str = "engine",
-                before_round: Callable[[], None] | None = None) -> Measured:
+                before_round: Callable[[], None] | None = None, label: str = "") -> Measured:
         """A short warm-up on the first problem, then the timed rounds over all problems.
 
         The warm-up pays first-call costs (kernel selection, lazy imports, caches) of
@@ -163,7 +167,8 @@ class SpecdecSession:
         nothing it learnt in one round (or in the warm-up) speeds up the next. Every
         timed round is calibrated by the session's probe; `before_round` (paired
         timing: a baseline round) runs before each timed round, untimed by
-        pytest-benchmark.
+        pytest-benchmark. `label` names the method in the progress events
+        (``pld-best_of_n``).
         """
         cfg = self.config
         paradigm = make_paradigm(case.paradigm, rounds=cfg.rounds, n=cfg.n)
@@ -173,13 +178,15 @@ class SpecdecSession:
             # small budget: first-call costs, not the work
             warmup = dataclasses.replace(settings,
                                          max_new_tokens=min(WARMUP_TOKENS, cfg.max_new_tokens))
-            self._run(case, paradigm, self.problems[:1], make_method(), warmup, None)
+            self._run(case, paradigm, self.problems[:1], make_method(), warmup, None,
+                      meter=self._meter(label, "warm-up"))
             self._warm.add((case, stack))
         runs: list[RunResult] = []
         probe = self.probe.reading
 
         def one_round(method: Method) -> None:
-            runs.append(self._run(case, paradigm, self.problems, method, settings, probe))
+            runs.append(self._run(case, paradigm, self.problems, method, settings, probe,
+                                  meter=self._meter(label, "timed round", len(runs) + 1)))
 
         def fresh_method() -> tuple[tuple[Method], dict]:  # untimed: a model drafter loads here
             if before_round is not None:
@@ -196,16 +203,23 @@ class SpecdecSession:
         return Measured(runs)
 
     def _run(self, case: ParadigmCase, paradigm: Any, problems: list[Problem], method: Any,
-             settings: DecodeSettings, probe: Callable[[], Any] | None) -> RunResult:
+             settings: DecodeSettings, probe: Callable[[], Any] | None, *,
+             meter: ProgressMeter | None = None) -> RunResult:
         """One run of the paradigm, one sequence at a time or case.batch together
         (`method` then decodes a batch: runner.engine_batch_method); a probed run
         (a timed round) logs its progress."""
         progress = log.info if probe is not None else None
         if case.batch == 1:
             return run_paradigm(self.target, paradigm, problems, method, settings,
-                                progress=progress, probe=probe)
+                                progress=progress, probe=probe, meter=meter)
         return run_paradigm_batched(self.target, paradigm, problems, method, settings,
-                                    case.batch, progress=progress, probe=probe)
+                                    case.batch, progress=progress, probe=probe, meter=meter)
+
+    def _meter(self, label: str, phase: str, round: int = 0) -> ProgressMeter | None:
+        """A run's progress meter for :attr:`progress`, None when nobody listens."""
+        if self.progress is None:
+            return None
+        return ProgressMeter(self.progress, label, phase, round, self.config.timed_rounds)
 
     def baseline_method(self, case: ParadigmCase | None = None) -> Any:
         if case is not None and case.batch > 1:
@@ -214,13 +228,14 @@ class SpecdecSession:
         return engine_method(self.target, None, k=0, drafter_name="baseline",
                              exact=self.config.exact)
 
-    def baseline_round(self, case: ParadigmCase) -> RunResult:
+    def baseline_round(self, case: ParadigmCase, round: int = 0) -> RunResult:
         """One calibrated baseline round (paired timing), not warmed: the baseline's
-        case has paid its first-call costs."""
+        case has paid its first-call costs. `round`: the timed round it pairs with."""
         cfg = self.config
         paradigm = make_paradigm(case.paradigm, rounds=cfg.rounds, n=cfg.n)
         return self._run(case, paradigm, self.problems, self.baseline_method(case),
-                         self.settings(case), self.probe.reading)
+                         self.settings(case), self.probe.reading,
+                         meter=self._meter(f"baseline-{case.id}", "paired baseline round", round))
 
     def reference(self, case: ParadigmCase) -> RunResult:
         """What every case of `case` is judged against: plain decoding one sequence at
@@ -232,8 +247,9 @@ class SpecdecSession:
         if plain not in self._references:
             cfg = self.config
             paradigm = make_paradigm(case.paradigm, rounds=cfg.rounds, n=cfg.n)
-            self._references[plain] = run_paradigm(self.target, paradigm, self.problems,
-                                                   self.baseline_method(), self.settings(plain))
+            self._references[plain] = run_paradigm(
+                self.target, paradigm, self.problems, self.baseline_method(),
+                self.settings(plain), meter=self._meter(f"baseline-{plain.id}", "reference"))
         return self._references[plain]
 
     def _judge(self, case: ParadigmCase, measured: Measured, label: str) -> Any:
@@ -258,14 +274,15 @@ class SpecdecSession:
         """
         if case not in self._baselines or benchmark is not None:
             self._baselines[case] = self.measure(case, lambda: self.baseline_method(case),
-                                                 benchmark=benchmark)
+                                                 benchmark=benchmark, label=f"baseline-{case.id}")
         return self._baselines[case]
 
     def peer_plain(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
         if case not in self._peer_plain or benchmark is not None:
             target = self.target
             self._peer_plain[case] = self.measure(case, lambda: hf_method(target),
-                                                  benchmark=benchmark, stack="generate")
+                                                  benchmark=benchmark, stack="generate",
+                                                  label=f"{PEER_PLAIN}-{case.id}")
         return self._peer_plain[case]
 
     # -- the three kinds of case -------------------------------------------------
@@ -343,10 +360,10 @@ class SpecdecSession:
                                  step_timeout=self.config.step_timeout, exact=self.config.exact)
 
         paired: list[RunResult] = []
-        before_round = (lambda: paired.append(self.baseline_round(case))) \
+        before_round = (lambda: paired.append(self.baseline_round(case, len(paired) + 1))) \
             if self.config.timing == "paired" else None
         measured = self.measure(case, fresh_method, benchmark=benchmark, k=k,
-                                before_round=before_round)
+                                before_round=before_round, label=f"{spec.label}-{case.id}")
         measured.paired_baseline = paired
         verdict = self._judge(case, measured, spec.label)
         return self._record("speculative", spec.label, case, measured, base,
@@ -367,7 +384,7 @@ class SpecdecSession:
             measured = self.measure(
                 case, lambda: hf_method(target, prompt_lookup_tokens=k,
                                         max_ngram=pld_settings.max_matching_ngram_size),
-                benchmark=benchmark, k=k, stack="generate")
+                benchmark=benchmark, k=k, stack="generate", label=f"{peer}-{case.id}")
             settings = pld_settings.as_record()
         verdict = check_peer(self.baseline(case).last.outputs,
                              [run.outputs for run in measured.runs], peer=peer,

@@ -16,6 +16,7 @@ from pytest_specdec.bench.session import SpecdecSession, paradigm_cases, worker_
 from pytest_specdec.plugin.keys import (COMPARE_BASE_KEY, COMPARISON_KEY, CONFIG_KEY, ORIGINS_KEY,
                                         REGISTRY_KEY, SESSION_KEY, TORCH_STATE_KEY)
 from pytest_specdec.plugin.options import add_options, read_config
+from pytest_specdec.plugin.progress import install_progress
 from pytest_specdec.plugin.report import show_comparison, write_progress, write_session_report
 from pytest_specdec.plugin.xdist import (is_worker, keep_worker_records, send_records,
                                          session_records, worker_id)
@@ -216,7 +217,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         raise pytest.UsageError(f"--specdec-dataset {cfg.dataset!r}: {exc}") from None
     worker = worker_id(config)
     config.stash[SESSION_KEY] = SpecdecSession(cfg, config.stash[REGISTRY_KEY], problems,
-                                               lambda: _load_target(cfg, worker), worker=worker)
+                                               lambda: _load_target(cfg, worker), worker=worker,
+                                               progress=install_progress(config))
 
 
 def _is_case(item: pytest.Item) -> bool:

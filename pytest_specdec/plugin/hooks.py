@@ -101,7 +101,7 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     try:
         return (yield)
     except DrafterUnavailable as exc:
-        if specdec is None or specdec.config.drafters is not None:
+        if specdec is None or specdec.config.drafters_named:
             raise  # named with --specdec-drafter: the case fails with the message
         # in the default set, a drafter whose weights are not trained yet is skipped
         # with the command that provides them (pytest's skip summary and the report)
@@ -219,6 +219,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     config.stash[SESSION_KEY] = SpecdecSession(cfg, config.stash[REGISTRY_KEY], problems,
                                                lambda: _load_target(cfg, worker), worker=worker,
                                                progress=install_progress(config))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Before the first case: the cases and an estimate of the run's length
+    (plugin/estimate.py); the controller of pytest-xdist collects no cases."""
+    from pytest_specdec.plugin.estimate import announce
+
+    if not is_worker(session.config):
+        announce(session)
 
 
 def _is_case(item: pytest.Item) -> bool:
@@ -349,4 +358,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             + "; ".join(flagged), yellow=True, bold=True)
     for path in write_session_report(config, records, final=True):
         terminalreporter.write_line(f"report written: {path}")
+    from pytest_specdec.plugin.estimate import took_line
+
+    took = took_line(config)
+    if took is not None:
+        terminalreporter.write_line(took)
     show_comparison(terminalreporter, config)

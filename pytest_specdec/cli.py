@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="summary table and md/csv/json/html reports from pytest-benchmark JSON files",
         description="Read runs saved by pytest-benchmark (--benchmark-save/--benchmark-json), "
                     "print the summary table and write NAME.md, NAME.csv, NAME.json and "
-                    "NAME.html (with --charts, also NAME-speedup.png and NAME-acceptance.png). "
+                    "NAME.html (with --charts, also NAME-speedup.png, NAME-acceptance.png "
+                    "and, for runs of several batch sizes, NAME-batch.png). "
                     "Existing files are never overwritten: NAME-2, NAME-3, ... are used instead.")
     report.add_argument("runs", nargs="+", metavar="RUN.json", help="pytest-benchmark JSON file(s)")
     report.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",

@@ -20,8 +20,9 @@ PROMPT = (5, 17, 33, 9, 41, 17, 33, 9, 41, 17)
 
 @pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (192, 576)])
 def test_a_linear_row_is_the_same_for_every_row_count_from_two(shape):
-    # the premise exact mode rests on for the matmuls of this machine (torch CPU bf16);
-    # a lone row may take another kernel, which is why exact mode never runs one
+    # bf16 rows of these shapes on this CPU; not of every shape nor in float32, which is
+    # why exact mode runs its linear layers in blocks of a fixed row count
+    # (tests/test_batch_exact.py)
     torch.manual_seed(0)
     weight = (torch.randn(*shape) * 0.02).bfloat16()
     x = torch.randn(1, 40, shape[1]).bfloat16()

@@ -70,11 +70,12 @@ def engine_method(target: Target, drafter: Drafter | None, *, k: int, drafter_na
 
 def engine_batch_method(target: Target, make_drafter: Callable[[], Drafter] | None, *,
                         batch: int, k: int, drafter_name: str,
-                        step_timeout: float = 0.0) -> BatchMethod:
+                        step_timeout: float = 0.0, exact: bool = False) -> BatchMethod:
     """Our batched engine (:func:`pytest_specdec.batch.generate_batch`): one drafter
     instance per row of the batch (a drafter serves one open sequence at a time), made
     and attached here, before any batch is timed; row i of every batch is served by
-    instance i, so each instance sees its row's sequences one after another."""
+    instance i, so each instance sees its row's sequences one after another. exact:
+    exact mode's forwards, as in :func:`engine_method`."""
     slots: list[Drafter] = []
     if make_drafter is not None:
         slots = [make_drafter() for _ in range(batch)]
@@ -84,7 +85,7 @@ def engine_batch_method(target: Target, make_drafter: Callable[[], Drafter] | No
     def decode(requests: Sequence[GenerationRequest]) -> list[Generation]:
         drafters = slots[:len(requests)] if slots else None
         return generate_batch(target, requests, drafters, k=k, drafter_name=drafter_name,
-                              step_timeout=step_timeout)
+                              step_timeout=step_timeout, exact=exact)
 
     decode.drafters = slots  # type: ignore[attr-defined]
     return decode

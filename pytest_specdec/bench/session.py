@@ -224,7 +224,7 @@ class SpecdecSession:
     def baseline_method(self, case: ParadigmCase | None = None) -> Any:
         if case is not None and case.batch > 1:
             return engine_batch_method(self.target, None, batch=case.batch, k=0,
-                                       drafter_name="baseline")
+                                       drafter_name="baseline", exact=self.config.exact)
         return engine_method(self.target, None, k=0, drafter_name="baseline",
                              exact=self.config.exact)
 
@@ -352,7 +352,8 @@ class SpecdecSession:
             if case.batch > 1:
                 method = engine_batch_method(target, lambda: registered.create(**options),
                                              batch=case.batch, k=k, drafter_name=spec.label,
-                                             step_timeout=self.config.step_timeout)
+                                             step_timeout=self.config.step_timeout,
+                                             exact=self.config.exact)
                 made[:] = method.drafters
                 return method
             made[:] = [registered.create(**options)]

@@ -21,15 +21,17 @@ drafts outgrow the kept columns the cache is compacted row by row.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from pytest_specdec.engine import timing
+from pytest_specdec.engine.exact import row_invariant
 from pytest_specdec.engine.guard import Guard, attach
 from pytest_specdec.engine.loop import (SIGNAL_TOP_K, Generation, GenerationRequest, _HiddenStates,
-                                        _tell_drafter, _until_eos)
+                                        _exact_prefill, _tell_drafter, _until_eos)
 from pytest_specdec.engine.metrics import SpecDecodingStats, StepRecord
 from pytest_specdec.engine.target import SLIDING, Target
 from pytest_specdec.engine.verify import StepResult, _accepted_path, _tree_mask
@@ -220,7 +222,8 @@ def _forward(target: Target, cache: BatchCache, fed: list[_Fed],
 @torch.inference_mode()
 def generate_batch(target: Target, requests: Sequence[GenerationRequest],
                    drafters: Sequence[Drafter | None] | None = None, *, k: int = 0,
-                   drafter_name: str = "drafter", step_timeout: float = 0.0) -> list[Generation]:
+                   drafter_name: str = "drafter", step_timeout: float = 0.0,
+                   exact: bool = False) -> list[Generation]:
     """Decode every request together; with drafters, speculatively: ``drafters[i]``
     serves request i (None: no drafter, as plain decoding). A drafter instance serves
     one open sequence at a time: the same instance for two requests of one batch is
@@ -229,7 +232,14 @@ def generate_batch(target: Target, requests: Sequence[GenerationRequest],
 
     Returns one Generation per request, in order, each stopped exactly where plain
     decoding stops it (EOS or its budget). Every row's step records carry the shared
-    forward's time as ``target_s`` and its own drafting time as ``drafter_s``."""
+    forward's time as ``target_s`` and its own drafting time as ``drafter_s``.
+
+    ``exact`` (``--specdec-lossless exact``): as at batch 1, each row's prompt but its
+    last token is prefilled alone (:func:`_exact_prefill_rows`), then every forward runs
+    the row-invariant attention and pinned linear layers of
+    :mod:`pytest_specdec.engine.exact`, each row against its own mask row, and a forward
+    left with one row gets batch 1's probe: a sequence's logits, and so its tokens, are
+    bit-identical to batch 1's in exact mode whatever else the batch holds."""
     if not requests:
         raise ValueError("generate_batch needs at least one request")
     drafters = list(drafters) if drafters is not None else [None] * len(requests)
@@ -264,8 +274,19 @@ def generate_batch(target: Target, requests: Sequence[GenerationRequest],
         raise ValueError(f"the batch's drafters ask for different hidden layers {sorted(layer_sets)}")
     layers: bool | Sequence[int] = next(iter(layer_sets), False)
     top_k = SIGNAL_TOP_K if any("top_k" in r.needs for r in rows) else 0
-    done: dict[int, Generation] = {}
     cache = BatchCache(len(rows), target.device)
+    exact_forwards: Any = contextlib.nullcontext()
+    if exact:
+        _exact_prefill_rows(target, rows, cache, layers)
+        exact_forwards = row_invariant(target.model)
+    with exact_forwards:
+        return _decode(target, rows, cache, k=k, layers=layers, top_k=top_k, exact=exact)
+
+
+def _decode(target: Target, rows: list[_Row], cache: BatchCache, *, k: int,
+            layers: bool | Sequence[int], top_k: int, exact: bool) -> list[Generation]:
+    """The batch's steps, until every row has stopped; one Generation per row."""
+    done: dict[int, Generation] = {}
     open_rows = rows
     while open_rows:
         drafts, fed, drafting = [], [], []
@@ -277,6 +298,10 @@ def generate_batch(target: Target, requests: Sequence[GenerationRequest],
             drafting.append(timing.now() - t0)
             drafts.append(draft)
             fed.append(_fed(row, draft))
+        if exact and len(fed[0].tokens) < 2 and len(fed) == 1:
+            # a forward of one row takes other matmul kernels: batch 1's probe after the
+            # last token (scored, never accepted, its column dropped)
+            fed[0] = _fed(open_rows[0], Draft((), None, (open_rows[0].context[-1],), (-1,)))
         t1 = timing.now()
         logits, hidden = _forward(target, cache, fed, layers)
         forward_s = timing.now() - t1
@@ -300,6 +325,44 @@ def generate_batch(target: Target, requests: Sequence[GenerationRequest],
             cache.keep_rows(still)
         open_rows = [open_rows[b] for b in still]
     return [done[i] for i in range(len(rows))]
+
+
+def _exact_prefill_rows(target: Target, rows: list[_Row], cache: BatchCache,
+                        layers: bool | Sequence[int]) -> None:
+    """Exact mode's start, batch 1's (:func:`pytest_specdec.engine.loop._exact_prefill`)
+    for each row: its prompt but the last token prefilled alone in a cache of its own,
+    so its keys, values and hidden states are those batch 1 computes; then left-padded
+    (pad columns invalid) into the batch's cache."""
+    own = []
+    for row in rows:
+        one = target.new_cache()
+        row.cached, row.feed.prefilled = _exact_prefill(target, row.context, one, layers)
+        own.append(one)
+    width = max(row.cached for row in rows)
+    if width == 0:
+        return  # every prompt is one token: nothing to prefill
+    filled = next(one for row, one in zip(rows, own) if row.cached)
+    for i, layer in enumerate(filled.layers):
+        if getattr(layer, "keys", None) is None:
+            raise RuntimeError(f"exact mode cannot batch this target: its cache layer {i} "
+                               "(shared or uninitialised) holds no keys after the prefill")
+        keys, values = [], []
+        for row, one in zip(rows, own):
+            k, v = (one.layers[i].keys, one.layers[i].values) if row.cached else \
+                (layer.keys[:, :, :0], layer.values[:, :, :0])
+            if k.shape[2] != row.cached:
+                raise RuntimeError(f"cache layer {i} holds {k.shape[2]} positions after "
+                                   f"prefilling {row.cached}: exact mode needs them all")
+            pad = width - row.cached
+            keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+            values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+        cache.kv.update(torch.cat(keys), torch.cat(values), i)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    position = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        valid[b, width - row.cached:] = True
+        position[b, width - row.cached:] = torch.arange(row.cached)
+    cache.append(valid, position)
 
 
 def _finish_step(target: Target, row: _Row, step: StepResult, draft: Draft,

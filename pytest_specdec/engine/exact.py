@@ -1,34 +1,48 @@
-"""Exact mode: attention whose result for a row does not depend on the forward's shape.
+"""Exact mode: forwards whose result for a row does not depend on the forward's shape.
 
 In half precision, a k-token verify forward and a one-token decode forward round
 differently (transformers#39421, vLLM#54506): attention kernels pick their blocking,
 their GQA packing and their reduction order from the query length and the key length,
-so the logits at one position differ by a few tenths between the two paths and greedy
-can flip at a near-tie. Under ``--specdec-lossless exact`` every target forward of the
-decode loop (baseline and speculative alike) computes attention one query row at a
-time: row i gathers exactly the keys it may attend to (its context and its tree
-ancestors, in position order) and runs the same small kernels on tensors whose shapes
-depend only on its position. A row at position p therefore sees bit-identical inputs
-and identical kernels whether it was decoded alone or verified among k others, and by
-induction over the layers and positions its keys, values and logits are identical too.
+and matmul kernels from the row count, so the logits at one position differ by a few
+tenths between the two paths and greedy can flip at a near-tie. Under
+``--specdec-lossless exact`` every target forward of the decode loop (baseline and
+speculative alike, at batch 1 and batched) pins both:
 
-The linear layers are not replaced. On this CPU (torch 2.13, oneDNN bf16) a row of
-``F.linear`` is the same for every row count from 2 up (tested in tests/test_exact.py),
-but a lone row takes another (gemv) kernel that rounds differently, so exact mode never
-runs a forward of one row: the engine adds a probe row to a plain decoding step. A GPU
-GEMM library may pick different kernels for 2 rows and for 11, which exact mode does
-not pin (not measured: no GPU was lent). Attention sinks (gpt-oss) are refused.
+- attention is computed one query row at a time, per sequence of the batch: row i of
+  sequence b gathers exactly the keys its own mask row allows (its context and its tree
+  ancestors, in position order; never a pad or another sequence's column) and runs the
+  same small kernels on tensors whose shapes depend only on its position;
+- the target's ``nn.Linear`` layers run in blocks of exactly :data:`LINEAR_BLOCK` rows
+  (the last block padded with zeros): on this CPU (torch 2.13, MKL float32, oneDNN
+  bf16/fp16) a row of ``F.linear`` changes its bits with the row count (float32 from 3
+  or 16 rows on; bfloat16 for a 49152 x 576 output head from 28 or 33 rows on, by the
+  weights), while within a call of a fixed row count a row's result depends neither on
+  its place in the block nor on the other rows (tests/test_batch_exact.py).
+
+A row at position p therefore sees bit-identical inputs and identical kernels whether it
+was decoded alone, verified among k others, or batched with other sequences, and by
+induction over the layers and positions its keys, values and logits are identical too.
+What else runs per row (embeddings, RoPE, norms, activations, the sampler) was checked
+end to end (tiny models in float32, bfloat16 and float16, the default model in
+bfloat16: every emitted logit bit-identical), not kernel by kernel. Not
+pinned: a layer that is not a plain ``nn.Linear`` (a quantized or fused one, GPT-2's
+Conv1D) or whose ``forward`` was already replaced on the instance (accelerate's
+offloading hooks); a GPU's kernels (not measured). Attention sinks (gpt-oss) are refused.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 
 #: The name exact mode registers its attention function under in transformers.
 ROW_INVARIANT_ATTENTION = "specdec_row_invariant"
+#: The row count of every matmul exact mode runs in the target's linear layers.
+LINEAR_BLOCK = 8
 
 
 def row_invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
@@ -37,10 +51,11 @@ def row_invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
                             softcap: float | None = None, **kwargs: Any
                             ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query [b, H, M, D], key and value
-    [b, Hkv, L, D], an additive (or bool) mask [b, 1, M, L]; returns [b, M, H, D].
+    [b, Hkv, L, D], an additive (or bool) mask [b or 1, 1, M, L]; returns [b, M, H, D].
 
-    Each query row is computed alone, in float32, against the keys its mask allows,
-    so the kernels' shapes are (H, 1, n) with n the number of keys the row sees."""
+    Each query row of each sequence is computed alone, in float32, against the keys its
+    own mask row allows, so the kernels' shapes are (1, H, 1, n) with n the number of
+    keys the row sees, whatever the batch holds besides."""
     if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
         raise ValueError("exact mode (--specdec-lossless exact) does not support attention "
                          "sinks; run this target with --specdec-lossless auto")
@@ -50,24 +65,59 @@ def row_invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
     scale = scaling if scaling is not None else dim ** -0.5
     if attention_mask is None:  # plain causal: the new rows are the last `rows` keys
         length = key.shape[2]
-        allowed = torch.ones(rows, length, dtype=torch.bool, device=key.device).tril(length - rows)
+        allowed = torch.ones(1, rows, length, dtype=torch.bool, device=key.device).tril(length - rows)
     elif attention_mask.dtype == torch.bool:
-        allowed = attention_mask[0, 0]
+        allowed = attention_mask[:, 0]
     else:
-        allowed = attention_mask[0, 0] > torch.finfo(attention_mask.dtype).min / 2
-    allowed = allowed[:, -key.shape[2]:]  # a mask wider than this layer's keys (sliding caches)
+        allowed = attention_mask[:, 0] > torch.finfo(attention_mask.dtype).min / 2
+    allowed = allowed[:, :, -key.shape[2]:]  # a mask wider than this layer's keys (sliding caches)
     out = query.new_empty(b, rows, heads, dim)
-    for i in range(rows):
-        keep = allowed[i].nonzero().squeeze(1)
-        k = key.index_select(2, keep).float()  # [b, Hkv, n, D]
-        v = value.index_select(2, keep).float()
-        # the GQA group's query heads become rows of one matmul per key head: [b, Hkv, g, D]
-        q = query[:, :, i].float().reshape(b, kv_heads, groups, dim)
-        scores = q @ k.transpose(-1, -2) * scale
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        out[:, i] = (scores.softmax(dim=-1) @ v).reshape(b, heads, dim).to(query.dtype)
+    for s in range(b):
+        seen = allowed[s if allowed.shape[0] > 1 else 0]  # [M, L]: this sequence's own rows
+        for i in range(rows):
+            keep = seen[i].nonzero().squeeze(1)
+            k = key[s:s + 1].index_select(2, keep).float()  # [1, Hkv, n, D]
+            v = value[s:s + 1].index_select(2, keep).float()
+            # the GQA group's query heads become rows of one matmul per key head: [1, Hkv, g, D]
+            q = query[s:s + 1, :, i].float().contiguous().reshape(1, kv_heads, groups, dim)
+            scores = q @ k.transpose(-1, -2) * scale
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            out[s, i] = (scores.softmax(dim=-1) @ v).reshape(heads, dim).to(query.dtype)
     return out, None
+
+
+def pinned_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` computed in matmuls of exactly :data:`LINEAR_BLOCK` rows (the rows of
+    x flattened, the last block padded with zeros), so that a row's result does not
+    depend on how many rows the forward has."""
+    weight, bias = module.weight, module.bias
+    flat = x.reshape(-1, x.shape[-1])
+    n = flat.shape[0]
+    if n % LINEAR_BLOCK:
+        padded = flat.new_zeros(n + LINEAR_BLOCK - n % LINEAR_BLOCK, flat.shape[1])
+        padded[:n] = flat
+        flat = padded
+    out = torch.cat([F.linear(flat[j:j + LINEAR_BLOCK], weight, bias)
+                     for j in range(0, flat.shape[0], LINEAR_BLOCK)])
+    return out[:n].reshape(*x.shape[:-1], weight.shape[0])
+
+
+@contextmanager
+def pinned_linears(model: Any) -> Iterator[None]:
+    """Inside the block, every plain ``nn.Linear`` of the model runs :func:`pinned_linear`
+    (an instance attribute, deleted after: the target is shared by cases). A layer
+    whose ``forward`` is already replaced on the instance (offloading hooks) is left
+    alone."""
+    patched = [m for m in model.modules()
+               if type(m) is torch.nn.Linear and "forward" not in vars(m)]
+    try:
+        for m in patched:
+            m.forward = functools.partial(pinned_linear, m)
+        yield
+    finally:
+        for m in patched:
+            vars(m).pop("forward", None)
 
 
 def register() -> str:
@@ -93,15 +143,17 @@ def _configs(model: Any) -> list[Any]:
 
 @contextmanager
 def row_invariant(model: Any) -> Iterator[None]:
-    """Run the model's attention through :func:`row_invariant_attention` inside the
-    block, and restore its own implementation after (the target is shared by cases)."""
+    """Run the model's attention through :func:`row_invariant_attention` and its linear
+    layers through :func:`pinned_linear` inside the block, and restore its own after
+    (the target is shared by cases)."""
     name = register()
     configs = _configs(model)
     before = [c._attn_implementation for c in configs]
     try:
         for c in configs:
             c._attn_implementation = name
-        yield
+        with pinned_linears(model):
+            yield
     finally:
         for c, impl in zip(configs, before):
             c._attn_implementation = impl

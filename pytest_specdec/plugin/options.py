@@ -294,10 +294,6 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
         report_dir = Path(config.rootpath) / report_dir
     drafters = get("specdec_drafters")
     batches = get("specdec_batch")
-    if batches and max(batches) > 1 and get("specdec_lossless") == "exact":
-        raise pytest.UsageError(f"--specdec-batch {','.join(map(str, batches))} with "
-                                "--specdec-lossless exact: exact mode runs at batch 1 only "
-                                "(its row-invariant forwards are not batched yet); drop one")
     return SpecdecConfig(
         target=get("specdec_target"), device=get("specdec_device"), dtype=get("specdec_dtype"),
         trust_remote_code=get("specdec_trust_remote_code"),

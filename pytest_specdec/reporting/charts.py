@@ -1,5 +1,6 @@
-"""PNG charts of a report (the ``charts`` extra: matplotlib): speedup bars per paradigm
-and per-position acceptance curves, drawn from the same records as the tables."""
+"""PNG charts of a report (the ``charts`` extra: matplotlib): speedup bars per paradigm,
+per-position acceptance curves and, when the records span several batch sizes, speedup
+and tokens/s against the batch size; drawn from the same records as the tables."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import importlib
 import io
 from typing import Any, Sequence
 
-from pytest_specdec.reporting.layout import (column_of, columns_of, group_by_target, report_order,
-                                             row_key, row_keys, shows_temperature)
+from pytest_specdec.reporting.layout import (Column, batch_of, column_of, columns_of,
+                                             group_by_target, report_order, row_key, row_keys,
+                                             shows_temperature)
 from pytest_specdec.reporting.load import ReportError
 
 #: Chart files, ``<stem><suffix>``, written only when asked for (``--charts``), with
-#: their titles, in the order they are written and shown.
+#: their titles, in the order they are written and shown; the batch chart only when the
+#: records span more than one batch size.
 CHART_TITLES = {"-speedup.png": "Speedup per paradigm",
-                "-acceptance.png": "Per-position acceptance"}
+                "-acceptance.png": "Per-position acceptance",
+                "-batch.png": "Speedup and tokens/s per batch size"}
 CHART_SUFFIXES = tuple(CHART_TITLES)
 CHARTS_EXTRA = "pip install pytest-specdec[charts]"
 
@@ -37,10 +41,13 @@ def _matplotlib() -> tuple[Any, Any]:
 
 
 def render_charts(records: Sequence[dict]) -> dict[str, bytes]:
-    """PNG bytes by file suffix (CHART_SUFFIXES): speedup bars and acceptance curves."""
+    """PNG bytes by file suffix (CHART_SUFFIXES): speedup bars and acceptance curves,
+    and the batch-size chart when the records hold more than one batch size."""
     figure_class, canvas_class = _matplotlib()
     figures = dict(zip(CHART_SUFFIXES, (_speedup_figure(records, figure_class),
                                         _acceptance_figure(records, figure_class))))
+    if len({batch_of(r) for r in records}) > 1:
+        figures["-batch.png"] = _batch_figure(records, figure_class)
     pngs = {}
     for suffix, figure in figures.items():
         canvas_class(figure)
@@ -115,6 +122,75 @@ def _acceptance_figure(records: Sequence[dict], figure_class: Any) -> Any:
         # beside the axes, never over a bar or a curve
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
                   borderaxespad=0.0)
+    return figure
+
+
+def _batch_panels(records: Sequence[dict]) -> dict[str, dict[str, dict[int, dict]]]:
+    """Per target and paradigm × temperature run at more than one batch size: each
+    drafter's records by batch size (baseline first; peers run at batch 1 only)."""
+    panels: dict[str, dict[str, dict[int, dict]]] = {}
+    several_targets = len(group_by_target(records)) > 1
+    for label, group in group_by_target(records).items():
+        with_temperature = shows_temperature(group)
+        by_column: dict[Column, dict[str, dict[int, dict]]] = {}
+        for r in report_order(group):
+            if r["role"] != "peer":
+                column = Column(r["paradigm"], float(r["temperature"]))
+                by_column.setdefault(column, {}).setdefault(r["drafter"], {})[batch_of(r)] = r
+        for column, drafters in by_column.items():
+            if len({b for sizes in drafters.values() for b in sizes}) > 1:
+                name = column.header(with_temperature=with_temperature)
+                panels[f"{label}, {name}" if several_targets else name] = drafters
+    return panels
+
+
+def _batch_figure(records: Sequence[dict], figure_class: Any) -> Any:
+    """Per target and paradigm × temperature, two panels against the batch size: the
+    speedup over plain decoding at the same size (a line per speculative drafter,
+    baseline at 1) and tokens/s of the whole run (baseline included); one color per
+    drafter across the figure, the legend beside the panels."""
+    panels = _batch_panels(records)
+    count = max(len(panels), 1)
+    figure = figure_class(figsize=(12.0, 3.9 * count), layout="constrained")
+    # a subfigure per row: its name spans both panels, however long the target's name
+    rows = figure.subfigures(count, 1, squeeze=False)[:, 0]
+    axes = [row.subplots(1, 2) for row in rows]
+    drafters = list(dict.fromkeys(d for lines in panels.values() for d in lines
+                                  if d != "baseline"))  # the baseline: dashed grey
+    colors = {d: f"C{i % 10}" for i, d in enumerate(drafters)}
+    for row, (speed_ax, rate_ax), (name, lines) in zip(rows, axes, panels.items()):
+        row.suptitle(name)
+        sizes = sorted({b for by_size in lines.values() for b in by_size})
+        for drafter, by_size in lines.items():
+            points = sorted(by_size.items())
+            style = {"color": colors.get(drafter, "0.4"), "marker": "o", "markersize": 4,
+                     "label": drafter, "linestyle": "--" if drafter == "baseline" else "-"}
+            rates = [(b, r["tokens_per_s"]) for b, r in points if r.get("tokens_per_s") is not None]
+            if rates:
+                rate_ax.plot(*zip(*rates), **style)
+            if drafter != "baseline":
+                speeds = [(b, r["speedup"]) for b, r in points if r.get("speedup") is not None]
+                if speeds:
+                    speed_ax.plot(*zip(*speeds), **style)
+        speed_ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1)
+        for ax, ylabel, title in ((speed_ax, "speedup over baseline (x)",
+                                   "Speedup over plain decoding at each size"),
+                                  (rate_ax, "tokens/s", "Tokens/s of the whole run")):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(b) for b in sizes])
+            ax.minorticks_off()
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title, fontsize="medium")
+        rate_ax.set_ylim(bottom=0)
+        # one legend per row, beside the panels, never over a line
+        rate_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       borderaxespad=0.0)
+    if not panels:
+        for ax in axes[0]:
+            ax.set_axis_off()
+        axes[0][0].text(0.5, 0.5, "no case ran at more than one batch size",
+                        ha="center", va="center", transform=axes[0][0].transAxes)
     return figure
 
 

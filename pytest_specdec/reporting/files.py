@@ -23,8 +23,9 @@ def write_reports(records: Sequence[dict], directory: str | Path, stem: str, *,
                   charts: bool = False, replace: bool = False,
                   sections: Sequence[Section] | None = None) -> list[Path]:
     """Write ``<stem>.md``, ``.csv``, ``.json`` and ``.html`` into ``directory`` (with
-    ``charts``, also ``<stem>-speedup.png`` and ``<stem>-acceptance.png``, which the
-    Markdown links and the HTML embeds); return their paths.
+    ``charts``, also ``<stem>-speedup.png``, ``<stem>-acceptance.png`` and, for records
+    of several batch sizes, ``<stem>-batch.png``, which the Markdown links and the HTML
+    embeds); return their paths.
 
     Each file appears whole or not at all (temp file, fsync, rename). Existing files are
     never overwritten: if any of the names is taken, all files get the first free suffix

@@ -16,7 +16,10 @@ prompt (``prompt``) and from the generated outputs (``output``). The prompt's fi
 token is not a key (the reference inserts ``input_ids[1:]``), a prompt's branches stop
 at the prompt's end, and an output's start at its first token. One trie serves every
 sequence the drafter sees: the samples and rounds of one problem and all later
-problems, as the reference keeps one cache for all queries.
+problems, as the reference keeps one cache for all queries. Batched
+(``concurrent_sequences``), every open sequence extends that trie per accepted token
+through its own open branches, so siblings draft from each other's outputs (and the
+other problems' of the batch, as at batch 1) as they are generated.
 
 Retrieval (``hier_get``). With the last ``max_prefix`` tokens q1..qm of the context:
 the tree of q1 is searched for q2..qm, then the tree of q2 for q3..qm, and so on; a
@@ -42,7 +45,8 @@ Updates, the reference's:
 
 - branch inserting: the prompt at ``begin``, each accepted token at ``accept``;
 - branch eliminating: at ``end`` the prompt counts of the sequence are reset to 0
-  (``reset_input_freqs``); the nodes stay;
+  (``reset_input_freqs``; batched, only the sequence's own counts are taken back); the
+  nodes stay;
 - pruning (``squeeze``), per sequence: at ``end``, once the trees changed since the
   last pruning are at least :data:`SQUEEZE_AFTER_TREES` (1024), every one of them
   holding more than ``max_output_nodes`` output nodes (or :data:`MAX_TREE_NODES`
@@ -73,7 +77,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pytest_specdec.protocol.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
+from pytest_specdec.protocol.drafter import (MAX_DRAFT_NODES, ConcurrentDrafterBase, Draft,
+                                             DraftRequest, SequenceDrafter)
 from pytest_specdec.protocol.drafting import best_first, tree_draft
 
 #: The reference's weight of output counts against prompt counts (``output_weight``).
@@ -115,9 +120,23 @@ class KeyTree(TrieNode):
         self.output_nodes = 0  # created by outputs since the last pruning, then all
 
 
+class Branches:
+    """What one open sequence has in a :class:`BranchTrie`: its open branches (per
+    branch: its key token, the node it reached (None: none yet, the key's tree is made
+    by the branch's first token) and its length so far) and the nodes its prompt
+    counted, uncounted at its end."""
+
+    __slots__ = ("open", "prompt_nodes")
+
+    def __init__(self) -> None:
+        self.open: list[tuple[int, TrieNode | None, int]] = []
+        self.prompt_nodes: list[TrieNode] = []
+
+
 class BranchTrie:
     """The trees of every key token, with the reference's updates (see the module
-    docstring); ``visits`` counts the nodes touched."""
+    docstring); ``visits`` counts the nodes touched. Every open sequence extends it
+    through its own :class:`Branches`."""
 
     def __init__(self, branch_length: int, max_output_nodes: int = 512,
                  squeeze_after: int = SQUEEZE_AFTER_TREES,
@@ -126,17 +145,14 @@ class BranchTrie:
         self.max_output_nodes, self.max_tree_nodes = max_output_nodes, max_tree_nodes
         self.squeeze_after = squeeze_after
         self.trees: dict[int, KeyTree] = {}
-        # per open branch: its key token, the node it reached (None: none yet, the key's
-        # tree is made by the branch's first token) and its length so far
-        self.open: list[tuple[int, TrieNode | None, int]] = []
-        self.prompt_nodes: list[TrieNode] = []  # nodes the open sequence's prompt counted
         self.changed: set[int] = set()  # key tokens whose trees changed since pruning
         self.visits = 0
 
-    def extend(self, token: int, *, prompt: bool) -> None:
-        """The text grew by `token`: every open branch takes it, and one opens at it."""
+    def extend(self, token: int, branches: Branches, *, prompt: bool) -> None:
+        """A sequence's text grew by `token`: every open branch of it takes it, and one
+        opens at it."""
         grown = []
-        for key, node, depth in self.open:
+        for key, node, depth in branches.open:
             tree = self.trees.get(key)
             if tree is None:
                 tree = self.trees[key] = KeyTree()
@@ -151,25 +167,29 @@ class BranchTrie:
                     tree.output_nodes += 1
             if prompt:
                 child.prompt += 1
-                self.prompt_nodes.append(child)
+                branches.prompt_nodes.append(child)
             else:
                 child.output += 1
             self.visits += 1
             if depth + 1 < self.length:
                 grown.append((key, child, depth + 1))
         grown.append((token, None, 0))
-        self.open = grown
+        branches.open = grown
 
-    def close(self) -> None:
-        """Branches stop here (the end of a prompt or of an output)."""
-        self.open = []
+    def close(self, branches: Branches) -> None:
+        """A sequence's branches stop here (the end of a prompt or of an output)."""
+        branches.open = []
 
-    def end_sequence(self) -> None:
-        """Branch eliminating, then pruning when due (the reference's ``final`` put)."""
-        self.close()
-        for node in self.prompt_nodes:
-            node.prompt = 0.0
-        self.prompt_nodes = []
+    def end_sequence(self, branches: Branches) -> None:
+        """Branch eliminating, then pruning when due (the reference's ``final`` put).
+
+        The sequence's own prompt counts are taken back (the reference sets them to 0,
+        the same at batch 1, where no other prompt is counted then; a sibling's open
+        prompt keeps its counts)."""
+        self.close(branches)
+        for node in branches.prompt_nodes:
+            node.prompt -= 1.0
+        branches.prompt_nodes = []
         if len(self.changed) >= self.squeeze_after:
             for key in self.changed:
                 tree = self.trees[key]
@@ -273,7 +293,7 @@ class BranchTrie:
                 self._ravel(node.children, len(out) - 1, depth - 1, max_nodes, threshold, out)
 
 
-class PiaTrie(DrafterBase):
+class PiaTrie(ConcurrentDrafterBase):
     """PIA: depth-first tree drafts of the branches that followed the last tokens.
 
     branch_length: the reference's branch length: the deepest draft (a branch holds
@@ -305,37 +325,44 @@ class PiaTrie(DrafterBase):
         self.branch_length, self.max_nodes, self.max_prefix = branch_length, max_nodes, max_prefix
         self.max_output_nodes = max_output_nodes
         self.trie = BranchTrie(branch_length, max_output_nodes)
-        self._open = False
 
     @property
     def visits(self) -> int:
         """Trie nodes touched so far (the work measure of the cost bound)."""
         return self.trie.visits
 
-    def begin(self, request: DraftRequest) -> None:
-        if self._open:
-            self.end()
-        self._open = True
+    def open(self, request: DraftRequest) -> "_PiaSequence":
+        return _PiaSequence(self, request)
+
+
+class _PiaSequence(SequenceDrafter):
+    """One open sequence of a :class:`PiaTrie`: its branches in the shared trie."""
+
+    def __init__(self, drafter: PiaTrie, request: DraftRequest):
+        self.drafter, self.trie = drafter, drafter.trie
+        self.branches = Branches()
+        self.is_open = True
         for token in request.prompt_ids[1:]:
-            self.trie.extend(token, prompt=True)
-        self.trie.close()
+            self.trie.extend(token, self.branches, prompt=True)
+        self.trie.close(self.branches)
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
-        depth = min(k, self.branch_length)
+        drafter = self.drafter
+        depth = min(k, drafter.branch_length)
         if depth < 1 or not context:
             return Draft()
-        query = list(context[max(0, len(context) - self.max_prefix):])
-        found = self.trie.get(query, self.max_nodes, depth)
+        query = list(context[max(0, len(context) - drafter.max_prefix):])
+        found = self.trie.get(query, drafter.max_nodes, depth)
         if not found:
             return Draft()
         return tree_draft([token for token, _ in found], [parent for _, parent in found])
 
     def accept(self, tokens: Sequence[int]) -> None:
         for token in tokens:
-            self.trie.extend(token, prompt=False)
+            self.trie.extend(token, self.branches, prompt=False)
 
     def end(self) -> None:
-        if not self._open:
+        if not self.is_open:
             return
-        self._open = False
-        self.trie.end_sequence()
+        self.is_open = False
+        self.trie.end_sequence(self.branches)

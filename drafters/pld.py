@@ -23,8 +23,9 @@ Deliberate differences, each an option (off or at the reference's value by defau
   follow it (at least one). It adapts faster to the latest text but on a loop drafts
   only what the last period left: on ``a b a b a b`` it drafts 2 tokens, not k.
 - ``share_group``: also search the earlier samples and rounds of the same problem
-  (after the current sequence, most recent first, for each n); the reference sees one
-  sequence.
+  (after the current sequence, most recent first, for each n) and, in a batch, the
+  problem's samples open beside it as far as they have come (before the finished ones);
+  the reference sees one sequence.
 - ``min_ngram`` (1 in the reference) and ``max_ngram`` (3) are options.
 - with nothing found the reference verifies one dummy token; here the draft is empty.
 """
@@ -33,8 +34,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from pytest_specdec.protocol.drafter import Draft, DraftRequest, DrafterBase
-from pytest_specdec.protocol.drafting import ProblemMemory
+from pytest_specdec.protocol.drafter import (ConcurrentDrafterBase, Draft, DraftRequest,
+                                             SequenceDrafter)
 
 #: The occurrence a draft copies after: the reference's rule first.
 MATCH_RULES = ("first_full", "most_recent")
@@ -83,14 +84,20 @@ class NgramIndex:
         return tuple(self.tokens[end:end + k])
 
 
-class PromptLookup(DrafterBase):
+class PromptLookup(ConcurrentDrafterBase):
     """Prompt lookup decoding with an incremental n-gram index.
 
     max_ngram / min_ngram: the longest and shortest suffix n-gram tried (3 and 1, as
         Spec-Bench).
     match: ``first_full`` (the reference: the first occurrence with k tokens after it)
         or ``most_recent`` (the latest occurrence, however short its continuation).
-    share_group: also search the earlier samples and rounds of the same problem.
+    share_group: also search the earlier samples and rounds of the same problem, and
+        (batched) its samples open beside the sequence, as far as they have come.
+
+    Concurrent (``concurrent_sequences``): each open sequence is a :class:`_Lookup`
+    with its own index; with ``share_group`` a sequence searches, after its own text,
+    the problem's other open sequences (the latest opened first), then its finished
+    ones (most recent first).
     """
 
     max_depth = 10  # Spec-Bench's inference_pld.py drafts up to 10 tokens
@@ -105,42 +112,46 @@ class PromptLookup(DrafterBase):
         self.max_ngram, self.min_ngram, self.share_group = max_ngram, min_ngram, share_group
         self.match = match
         self._keep = "first" if match == "first_full" else "latest"
-        self._current = self._new_index()
-        # the open sequence's problem and, per problem, the indexes of its finished
-        # sequences (most recent last), filed when a sequence ends
-        self.memory: ProblemMemory[list[NgramIndex]] = ProblemMemory(self._file,
-                                                                     keep=share_group)
+        # per problem: the indexes of its finished sequences (most recent last), filed
+        # when a sequence ends (with share_group), and those of its open sequences
+        self.finished: dict[str, list[NgramIndex]] = {}
+        self.opened: dict[str, list[_Lookup]] = {}
 
     def _new_index(self) -> NgramIndex:
         return NgramIndex(self.min_ngram, self.max_ngram, self._keep)
 
-    def _file(self, previous: list[NgramIndex] | None,
-              sequences: tuple[tuple[int, ...], ...]) -> list[NgramIndex]:
-        """The ProblemMemory index: the problem's list of n-gram indexes with the one of
-        its newest finished sequence added. That sequence's index is the live one (it
-        ends before begin replaces it), so nothing is rebuilt."""
-        assert self._current.tokens == list(sequences[-1])
-        filed = previous if previous is not None else []
-        filed.append(self._current)
-        return filed
+    def open(self, request: DraftRequest) -> "_Lookup":
+        sequence = _Lookup(self, request.group, self._new_index())
+        sequence.index.extend(request.prompt_ids)
+        self.opened.setdefault(request.group, []).append(sequence)
+        return sequence
 
-    def begin(self, request: DraftRequest) -> None:
-        self.memory.begin(request)  # files a sequence left open, with its live index
-        self._current = self._new_index()
-        self._current.extend(request.prompt_ids)
+
+class _Lookup(SequenceDrafter):
+    """One open sequence of a :class:`PromptLookup`: its n-gram index, filed under its
+    problem when it ends (the live index: nothing is rebuilt)."""
+
+    def __init__(self, drafter: PromptLookup, group: str, index: NgramIndex):
+        self.drafter, self.group, self.index = drafter, group, index
+        self.is_open = True
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
+        drafter = self.drafter
         if k < 1:
             return Draft()
-        earlier = self.memory.index() or []
-        for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
+        others: list[NgramIndex] = []
+        if drafter.share_group:
+            opened = drafter.opened.get(self.group, ())
+            others += [s.index for s in reversed(opened) if s is not self]
+            others += reversed(drafter.finished.get(self.group, ()))
+        for n in range(min(drafter.max_ngram, len(context)), drafter.min_ngram - 1, -1):
             suffix = tuple(context[-n:])
-            for index in (self._current, *reversed(earlier)):
-                if self.match == "most_recent":
+            for index in (self.index, *others):
+                if drafter.match == "most_recent":
                     found = index.continuation(suffix, k)
-                elif index is self._current:
+                elif index is self.index:
                     found = index.full_continuation(suffix, k)
-                else:  # a finished sequence: its suffix n-gram is no match of ours
+                else:  # another sequence: its suffix n-gram is no match of ours
                     found = index.continuation(suffix, k)
                     found = found if len(found) == k else ()
                 if found:
@@ -148,8 +159,12 @@ class PromptLookup(DrafterBase):
         return Draft()
 
     def accept(self, tokens: Sequence[int]) -> None:
-        self.memory.extend(tokens)
-        self._current.extend(tokens)
+        self.index.extend(tokens)
 
     def end(self) -> None:
-        self.memory.end()
+        if not self.is_open:
+            return
+        self.is_open = False
+        self.drafter.opened[self.group].remove(self)
+        if self.drafter.share_group and self.index.tokens:
+            self.drafter.finished.setdefault(self.group, []).append(self.index)

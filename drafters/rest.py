@@ -18,6 +18,11 @@ the paper) is searched too (``"corpus+group"``), or alone with ``share_group=fal
 (``"corpus"``). The group's suffix array is rebuilt in ``end()``, between sequences
 (O(t log t) for the group's t tokens), never per token.
 
+Batched (``concurrent_sequences``): the problem's samples open beside a sequence are a
+source too, after its finished sequences: a datastore over their text so far, rebuilt
+once they have grown by 16 tokens or an eighth of its size (so their newest tokens may
+not be searchable yet). At batch 1 no sibling is open and nothing changes.
+
 Deliberate differences from the reference:
 
 - it searches one corpus datastore; here the problem's earlier sequences are a source
@@ -50,8 +55,9 @@ from typing import Sequence
 import numpy as np
 
 from pytest_specdec.protocol.datastore import SEPARATOR, Datastore, build_datastore
-from pytest_specdec.protocol.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
-from pytest_specdec.protocol.drafting import CountedTrie, ProblemMemory
+from pytest_specdec.protocol.drafter import (MAX_DRAFT_NODES, ConcurrentDrafterBase, Draft,
+                                             DraftRequest, SequenceDrafter)
+from pytest_specdec.protocol.drafting import CountedTrie, OpenSequence, ProblemMemory
 
 
 @lru_cache(maxsize=2)
@@ -109,7 +115,7 @@ def frequency_tree(rows: np.ndarray, max_nodes: int) -> Draft:
     return trie.top(max_nodes, rows.shape[1])
 
 
-class Rest(DrafterBase):
+class Rest(ConcurrentDrafterBase):
     """REST: retrieval from suffix-array datastores, drafts a frequency tree.
 
     By default (no ``datastore``) it retrieves only from the problem's earlier
@@ -168,31 +174,64 @@ class Rest(DrafterBase):
         return f"datastore {self.datastore_name}" + (
             " and the problem's earlier sequences" if self.share_group else "")
 
-    def begin(self, request: DraftRequest) -> None:
-        self.memory.begin(request)
+    def open(self, request: DraftRequest) -> "_Retrieval":
+        return _Retrieval(self, self.memory.open(request))
+
+
+#: The siblings' datastore is rebuilt once they have grown by this many tokens, or by an
+#: eighth of what it holds if more: amortised O(log t) per token for t sibling tokens.
+SIBLING_REFRESH = 16
+
+
+class _Retrieval(SequenceDrafter):
+    """One open sequence of a :class:`Rest`: its tokens (filed into the group datastore
+    at its end) and a datastore over its open siblings' text, rebuilt as they grow."""
+
+    def __init__(self, drafter: Rest, sequence: OpenSequence):
+        self.drafter, self.sequence = drafter, sequence
+        self._siblings: Datastore | None = None
+        # what the siblings' datastore was built from: the siblings, their total length
+        self._built: tuple[tuple[int, ...], int] = ((), 0)
+
+    def _sibling_store(self) -> Datastore | None:
+        """The problem's other open sequences as a datastore (None: there are none),
+        rebuilt when the set changed or they grew by SIBLING_REFRESH (see there)."""
+        siblings = [s for s in self.drafter.memory.open_sequences(self.sequence.group)
+                    if s is not self.sequence]
+        if not siblings:
+            return None
+        ids, size = tuple(map(id, siblings)), sum(len(s.tokens) for s in siblings)
+        built_ids, built_size = self._built
+        if ids != built_ids or size - built_size >= max(SIBLING_REFRESH, built_size // 8):
+            self._siblings = build_datastore([s.tokens for s in siblings])
+            self._built = (ids, size)
+        return self._siblings
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
-        group = self.memory.index() if self.share_group else None
+        drafter = self.drafter
+        group = drafter.memory.index(self.sequence.group) if drafter.share_group else None
+        siblings = self._sibling_store() if drafter.share_group else None
         # the group's own earlier sequences first: they fill max_matches first, being
-        # the likelier source; a source with a shorter longest suffix is not used
-        sources = [store for store in (group, self.corpus) if store is not None]
-        depth = min(k, self.max_depth)
+        # the likelier source, then its open siblings; a source with a shorter longest
+        # suffix is not used
+        sources = [store for store in (group, siblings, drafter.corpus) if store is not None]
+        depth = min(k, drafter.max_depth)
         if depth < 1 or not sources:
             return Draft()
-        found = [(store, *longest_match(store, context, self.min_suffix, self.max_suffix))
+        found = [(store, *longest_match(store, context, drafter.min_suffix, drafter.max_suffix))
                  for store in sources]
         length = max((n for _, n, _ in found), default=0)
         if length == 0:
             return Draft()
-        rows, room = [], self.max_matches
+        rows, room = [], drafter.max_matches
         for store, n, matches in found:
             if n == length and room > 0:
                 rows.append(store.continuations(matches, length, depth, room))
                 room -= len(rows[-1])
-        return frequency_tree(np.concatenate(rows), self.max_nodes)
+        return frequency_tree(np.concatenate(rows), drafter.max_nodes)
 
     def accept(self, tokens: Sequence[int]) -> None:
-        self.memory.extend(tokens)
+        self.sequence.extend(tokens)
 
     def end(self) -> None:
-        self.memory.end()
+        self.drafter.memory.close(self.sequence)

@@ -34,6 +34,14 @@ context, the drafter follows the text through begin and accept):
   the suffix link of the whole text's state); the draft is a slice of at most k tokens.
 
 The group automaton grows by a whole sequence when it ends (``end``), O(1) per token.
+
+Batched (``concurrent_sequences``): the problem's samples open at once are each other's
+siblings. Each sequence keeps its match in every sibling's automaton, advanced per
+accepted token like the group match, so it copies from a sibling's text as far as the
+sibling has come. An automaton that grew since a match was made may have split the
+match's state; :meth:`SuffixAutomaton.normalize` moves the match down the suffix links
+to the state that now holds it (amortised O(1), and a no-op at batch 1, where nothing
+a match points into grows). Per accepted token that is one match step per sibling.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Iterable, Sequence
 
-from pytest_specdec.protocol.drafter import Draft, DraftRequest, DrafterBase
+from pytest_specdec.protocol.drafter import (ConcurrentDrafterBase, Draft, DraftRequest,
+                                             SequenceDrafter)
 from pytest_specdec.protocol.drafting import ProblemMemory
 
 #: Never a token id: stands for the last token of each sequence in the group automaton.
@@ -107,14 +116,27 @@ class SuffixAutomaton:
                 link[q] = link[cur] = clone
         self.last = cur
 
+    def normalize(self, state: int, length: int) -> tuple[int, int]:
+        """(state, length) of a string matched before the text grew, valid now: a state
+        split since then (a clone took its shorter strings) is left for the state on its
+        suffix-link path that holds strings of that length. A no-op on an automaton that
+        did not grow since the match was made."""
+        link, lengths = self.link, self.length
+        while state > 0 and length <= lengths[link[state]]:
+            state = link[state]
+            self.visits += 1
+        return state, length
+
     def repeat(self) -> int:
         """The state of the longest suffix of the text that also ends earlier (0: none)."""
         return max(self.link[self.last], 0)
 
     def step(self, state: int, length: int, token: int) -> tuple[int, int]:
         """From (state, length), the longest suffix of some text that is a substring
-        here, to that of the text followed by `token`."""
+        here, to that of the text followed by `token` (the automaton may have grown
+        since (state, length) was found: see :meth:`normalize`)."""
         transitions = self.transitions
+        state, length = self.normalize(state, length)
         while (after := transitions[state].get(token)) is None:
             if state == 0:
                 return 0, 0
@@ -122,6 +144,17 @@ class SuffixAutomaton:
             length = self.length[state]
             self.visits += 1
         return after, length + 1
+
+    def advance(self, match: tuple[int, int], tokens: Iterable[int]) -> tuple[int, int]:
+        """:meth:`step` by each of `tokens` from ``match``, (state, length)."""
+        state, length = match
+        for token in tokens:
+            state, length = self.step(state, length, token)
+        return state, length
+
+    def match(self, tokens: Iterable[int]) -> tuple[int, int]:
+        """(state, length) of the longest suffix of `tokens` that occurs here."""
+        return self.advance((0, 0), tokens)
 
 
 class GroupAutomaton:
@@ -156,12 +189,19 @@ def grow_group(previous: GroupAutomaton | None,
     return group
 
 
-class SamDecoding(DrafterBase):
+class SamDecoding(ConcurrentDrafterBase):
     """SAM-Decoding: longest-suffix matching with suffix automatons, built incrementally.
 
     min_match: the shortest suffix match that gives a draft (shorter matches are too
         weak to copy from).
-    share_group: also match against the earlier samples and rounds of the same problem.
+    share_group: also match against the earlier samples and rounds of the same problem,
+        and (batched) against its samples open beside the sequence, as they grow.
+
+    Concurrent (``concurrent_sequences``): each open sequence is a :class:`_SamSequence`
+    with its own automaton; with ``share_group`` it also follows its match in every
+    sibling's automaton (the problem's other sequences open while it is, each extended
+    per accepted token), and the longest of all matches is copied from (ties: the
+    sequence itself, then the finished sequences, then the siblings in opening order).
     """
 
     # the default suite also runs SAM without the group automaton: what sharing is worth
@@ -174,50 +214,93 @@ class SamDecoding(DrafterBase):
         if not isinstance(share_group, bool):
             raise ValueError(f"share_group must be True or False, got {share_group!r}")
         self.min_match, self.share_group = min_match, share_group
-        # the current sequence (prompt, then accepted tokens) and, per problem, the group
-        # automaton of its finished sequences
+        # per problem, the group automaton of its finished sequences
         self.memory: ProblemMemory[GroupAutomaton] = ProblemMemory(grow_group,
                                                                    keep=share_group)
-        self._current = SuffixAutomaton()
-        self._earlier: GroupAutomaton | None = None  # this problem's finished sequences
-        self._group_match = (0, 0)  # (state, length) of the text's match in _earlier
+        self.opened: dict[str, list[_SamSequence]] = {}  # per problem, its open sequences
 
-    def begin(self, request: DraftRequest) -> None:
-        self.memory.begin(request)
-        self._current = SuffixAutomaton()
-        self._earlier = self.memory.index() if self.share_group else None
-        self._group_match = (0, 0)
-        self._follow(request.prompt_ids)
+    def open(self, request: DraftRequest) -> "_SamSequence":
+        sequence = _SamSequence(self, request)
+        siblings = self.opened.setdefault(request.group, [])
+        if self.share_group:
+            for sibling in siblings:  # each follows its match in the other's automaton
+                sequence.siblings.append((sibling, sibling.automaton.match(sequence.text)))
+                sibling.siblings.append((sequence, sequence.automaton.match(sibling.text)))
+        siblings.append(sequence)
+        return sequence
+
+    @property
+    def _current(self) -> SuffixAutomaton:
+        """The automaton of the sequence begun with ``begin`` (tests read it)."""
+        return self._single.automaton
+
+    @property
+    def _earlier(self) -> GroupAutomaton | None:
+        return self._single.earlier
+
+
+class _SamSequence(SequenceDrafter):
+    """One open sequence of a :class:`SamDecoding`: its automaton (the paper's dynamic
+    one), its match in the problem's group automaton and in each sibling's automaton."""
+
+    def __init__(self, drafter: SamDecoding, request: DraftRequest):
+        self.drafter = drafter
+        self.sequence = drafter.memory.open(request)
+        self.automaton = SuffixAutomaton(request.prompt_ids)
+        self.earlier = drafter.memory.index(request.group) if drafter.share_group else None
+        self.group_match = (0, 0)  # (state, length) of the text's match in `earlier`
+        # per sibling: it, and (state, length) of this text's match in its automaton
+        self.siblings: list[tuple[_SamSequence, tuple[int, int]]] = []
+        self._follow_group(request.prompt_ids)
+
+    @property
+    def text(self) -> list[int]:
+        """The sequence so far: prompt, then accepted tokens."""
+        return self.sequence.tokens
 
     def accept(self, tokens: Sequence[int]) -> None:
-        self.memory.extend(tokens)
-        self._follow(tokens)
+        self.sequence.extend(tokens)
+        self.automaton.extend(tokens)
+        self._follow_group(tokens)
+        self.siblings = [(sibling, sibling.automaton.advance(match, tokens))
+                         for sibling, match in self.siblings]
 
-    def _follow(self, tokens: Sequence[int]) -> None:
-        """The text grew by `tokens`: extend the automaton, advance the group match."""
-        self._current.extend(tokens)
-        if self._earlier is not None:
-            automaton, (state, length) = self._earlier.automaton, self._group_match
-            for token in tokens:
-                state, length = automaton.step(state, length, token)
-            self._group_match = (state, length)
+    def _follow_group(self, tokens: Sequence[int]) -> None:
+        """The text grew by `tokens`: advance the group match."""
+        if self.earlier is not None:
+            self.group_match = self.earlier.automaton.advance(self.group_match, tokens)
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
         # Scoring rule (the paper's): the longer match is the better predictor; on a tie
-        # the current sequence wins, being the text that is continued. A match shorter
-        # than min_match gives nothing. Both kinds of match always have a continuation.
-        current = self._current.repeat()
-        current_length = self._current.length[current]
-        group_state, group_length = self._group_match
-        if k < 1 or max(current_length, group_length) < self.min_match:
+        # the current sequence wins, being the text that is continued, then the finished
+        # sequences, then the siblings. A match shorter than min_match gives nothing.
+        # The sequence's and the group's matches always have a continuation; a sibling's
+        # only once the sibling has gone past it.
+        current = self.automaton.repeat()
+        length = self.automaton.length[current]
+        source: tuple[str, object, int] = ("current", self, current)
+        if self.earlier is not None:
+            state, group_length = self.earlier.automaton.normalize(*self.group_match)
+            if group_length > length:
+                length, source = group_length, ("group", self.earlier, state)
+        for sibling, match in self.siblings:
+            state, sibling_length = sibling.automaton.normalize(*match)
+            follows = sibling.automaton.first_end[state] + 1 < len(sibling.text)
+            if sibling_length > length and follows:
+                length, source = sibling_length, ("sibling", sibling, state)
+        if k < 1 or length < self.drafter.min_match:
             return Draft()
         # the reference's depth per step: 1 + 4 per matched token, capped by k (max_depth 40)
-        k = min(k, 1 + 4 * max(current_length, group_length))
-        if group_length > current_length and self._earlier is not None:
-            return Draft(self._earlier.continuation(group_state, k))
-        end = self._current.first_end[current]
-        return Draft(tuple(self.memory.current[end + 1:end + 1 + k]))
+        k = min(k, 1 + 4 * length)
+        kind, where, state = source
+        if kind == "group":
+            return Draft(where.continuation(state, k))
+        end = where.automaton.first_end[state]
+        return Draft(tuple(where.text[end + 1:end + 1 + k]))
 
     def end(self) -> None:
-        self.memory.end()
-        self._earlier = None
+        if not self.sequence.is_open:
+            return
+        self.drafter.memory.close(self.sequence)
+        self.drafter.opened[self.sequence.group].remove(self)
+        self.earlier, self.siblings = None, []

@@ -35,6 +35,14 @@ Deliberate differences from the reference:
 - match lengths are found per accepted token, not by rematching each suffix of the
   context's last 64 tokens from the root on every step; the candidates are the same.
 
+Batched (``concurrent_sequences``): one instance serves every open sequence, and each
+open response grows the global trie per accepted token, so siblings draft from each
+other's responses as far as they have come. A response still growing may be caught up
+by another: a string seen once, ending at the growing response's last token, that
+another response repeats becomes one of the growing response's active nodes
+(``SuffixTrie.track``), so its next token is counted under it. At batch 1 only the
+current response grows and that never happens.
+
 Cost per step does not grow with the context:
 
 - extending a trie by one token touches only the "active" nodes, the suffixes of the
@@ -63,7 +71,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from pytest_specdec.protocol.drafter import MAX_DRAFT_NODES, Draft, DraftRequest, DrafterBase
+from pytest_specdec.protocol.drafter import (MAX_DRAFT_NODES, ConcurrentDrafterBase, Draft,
+                                             DraftRequest, SequenceDrafter)
 from pytest_specdec.protocol.drafting import tree_draft
 
 
@@ -115,6 +124,8 @@ class SuffixTrie:
         self.root.count = 0
         self.clock = 0  # tokens added so far: when a node was last seen, for ties
         self.visits = 0
+        # per sequence still growing (by id), its active nodes: see _materialize
+        self.growing: dict[int, list[_Node]] = {}
 
     def extend(self, seq: Sequence[int], end: int, active: list[_Node]) -> list[_Node]:
         """Add the token ``seq[end]`` after the text whose active nodes (the suffixes
@@ -135,7 +146,17 @@ class SuffixTrie:
             child.seen = self.clock
             if child.depth < self.max_depth:
                 deeper.append(child)
+        if id(seq) in self.growing:
+            self.growing[id(seq)] = deeper
         return deeper
+
+    def track(self, seq: Sequence[int], active: list[_Node]) -> None:
+        """`seq` grows through :meth:`extend` while other sequences grow too (batched
+        sequences): see :meth:`_materialize`."""
+        self.growing[id(seq)] = active
+
+    def untrack(self, seq: Sequence[int]) -> None:
+        self.growing.pop(id(seq), None)
 
     def add_sequence(self, seq: Sequence[int]) -> None:
         active = [self.root]
@@ -155,6 +176,12 @@ class SuffixTrie:
         following = node.end + 1
         if node.depth < self.max_depth and following < len(node.seq):
             self._add_child(node, _Node(node.depth + 1, node.seq, following, node.seen))
+        elif node.depth < self.max_depth and (tip := self.growing.get(id(node.seq))) is not None:
+            # the string ends where its (growing) sequence ends now: it is one of that
+            # sequence's suffixes that now occurred before, so an active node of it;
+            # without this, its next token would never be counted under it. Happens
+            # only when another sequence catches up with a growing one (batched)
+            tip.append(node)
 
     def _promote(self, parent: _Node, child: _Node) -> None:
         # swap the child to the head of its count group, then count it once more: the
@@ -280,7 +307,7 @@ class SuffixTrie:
         return out
 
 
-class SuffixDecoding(DrafterBase):
+class SuffixDecoding(ConcurrentDrafterBase):
     """SuffixDecoding with a per-request and a global suffix trie.
 
     max_tree_depth: the longest substring counted, so the longest match (the method's 64).
@@ -291,6 +318,11 @@ class SuffixDecoding(DrafterBase):
     use_global: also draft from the global trie of this case's responses (every
         sample, round and problem, the current response as it is generated); prompts
         are never added to it.
+
+    Concurrent (``concurrent_sequences``): each open sequence is a :class:`_Speculation`
+    with its own request trie; every open response grows the one global trie per
+    accepted token, so a sequence drafts from its siblings' responses as they are
+    generated (as the reference's ``add_active_response`` for concurrent requests).
     """
 
     # what the earlier responses are worth (the method's global tree)
@@ -316,79 +348,22 @@ class SuffixDecoding(DrafterBase):
         self.max_spec_factor, self.max_spec_offset = float(max_spec_factor), float(max_spec_offset)
         self.min_token_prob = float(min_token_prob)
         self.global_trie = SuffixTrie(max_tree_depth)
-        self.begin(DraftRequest((), ""))
 
-    def begin(self, request: DraftRequest) -> None:
-        self.request_trie = SuffixTrie(self.max_tree_depth)
-        self._text: list[int] = []  # prompt + response, extended per accepted token
-        self._active = [self.request_trie.root]
-        # the current response, added to the global trie token by token, and its
-        # active nodes there: the context's suffixes within the response that occurred
-        # before, the global matches of up to len(response) tokens
-        self._response: list[int] = []
-        self._response_active = [self.global_trie.root]
-        # cursors of the context's longer suffixes (they begin in the prompt) in the
-        # global trie; only the last max_tree_depth tokens can be part of a match
-        self._global_cursors: list[Cursor] = []
-        # what the last proposal came from: (trie, match length, score); None if empty
-        self.last_match: tuple[str, int, float] | None = None
-        for token in request.prompt_ids:
-            self._add_to_request(token)
-        if self.use_global:
-            trie = self.global_trie
-            for token in request.prompt_ids[-self.max_tree_depth:]:
-                moved = [trie.step(cursor, token) for cursor in self._global_cursors]
-                moved.append(trie.step((trie.root, 0), token))
-                self._global_cursors = [cursor for cursor in moved if cursor is not None]
+    def open(self, request: DraftRequest) -> "_Speculation":
+        return _Speculation(self, request)
 
-    def accept(self, tokens: Sequence[int]) -> None:
-        for token in tokens:
-            self._add_to_request(token)
-            if self.use_global:
-                trie = self.global_trie
-                self._response.append(token)
-                self._response_active = trie.extend(self._response, len(self._response) - 1,
-                                                    self._response_active)
-                # a suffix that begins in the prompt stays one, a token longer (the
-                # shorter ones are the response's active nodes)
-                if self._global_cursors:
-                    moved = [trie.step(cursor, token) for cursor in self._global_cursors]
-                    self._global_cursors = [cursor for cursor in moved if cursor is not None]
+    @property
+    def request_trie(self) -> SuffixTrie | None:
+        """The request trie of the sequence begun with ``begin`` (tests read it)."""
+        return self._single.request_trie if self._single is not None else None
 
-    def _add_to_request(self, token: int) -> None:
-        self._text.append(token)
-        self._active = self.request_trie.extend(self._text, len(self._text) - 1, self._active)
+    @property
+    def last_match(self) -> tuple[str, int, float] | None:
+        """What the last proposal of the sequence begun with ``begin`` came from."""
+        return self._single.last_match if self._single is not None else None
 
-    def end(self) -> None:
-        # the response is in the global trie already (added per accepted token)
-        self.begin(DraftRequest((), ""))
 
-    def propose(self, context: Sequence[int], k: int) -> Draft:
-        # the tries and cursors already hold the context (extended in begin and accept)
-        self.last_match = None
-        if k < 1:
-            return Draft()
-        # a match is a proper suffix of the context (the reference matches lengths
-        # 1 .. len(context) - 1); request: the active nodes (root excluded) are the
-        # suffixes that occurred before, earlier in this text
-        longest = len(self._text) - 1
-        request = [((node, 0), node.depth) for node in self._active[1:]]
-        candidates = [("request", *self._best(self.request_trie, request, k, longest))]
-        if self.use_global:
-            trie = self.global_trie
-            cursors = [trie.normalize(cursor) for cursor in self._global_cursors]
-            matches = [(cursor, cursor[0].depth + cursor[1]) for cursor in cursors]
-            matches += [((node, 0), node.depth) for node in self._response_active[1:]]
-            candidates.append(("global", *self._best(trie, matches, k, longest)))
-        # the higher score wins; a tie goes to the current text (listed first)
-        source, length, best = candidates[0]
-        for other in candidates[1:]:
-            if other[2] is not None and (best is None or other[2].score > best.score + _TIE):
-                source, length, best = other
-        if best is None or not best.tokens:
-            return Draft()
-        self.last_match = (source, length, best.score)
-        return tree_draft(best.tokens, best.parents)
+    # --- drafting rules, shared by every open sequence ---------------------------------
 
     def budget(self, match_len: int) -> int:
         """Draft nodes a match of ``match_len`` tokens may grow: the method's adaptive
@@ -438,6 +413,89 @@ class SuffixDecoding(DrafterBase):
             return 0.0
         top, mass = trie.first_level(cursor, self.min_token_prob)
         return min(budget * top, room * mass)
+
+class _Speculation(SequenceDrafter):
+    """One open sequence of a :class:`SuffixDecoding`: its request trie, and its
+    response's place in the global trie (active nodes, prompt cursors)."""
+
+    def __init__(self, drafter: SuffixDecoding, request: DraftRequest):
+        self.drafter = drafter
+        self.request_trie = SuffixTrie(drafter.max_tree_depth)
+        self._text: list[int] = []  # prompt + response, extended per accepted token
+        self._active = [self.request_trie.root]
+        # the current response, added to the global trie token by token, and its
+        # active nodes there: the context's suffixes within the response that occurred
+        # before, the global matches of up to len(response) tokens
+        self._response: list[int] = []
+        self._response_active = [drafter.global_trie.root]
+        # cursors of the context's longer suffixes (they begin in the prompt) in the
+        # global trie; only the last max_tree_depth tokens can be part of a match
+        self._global_cursors: list[Cursor] = []
+        # what the last proposal came from: (trie, match length, score); None if empty
+        self.last_match: tuple[str, int, float] | None = None
+        self.is_open = True
+        for token in request.prompt_ids:
+            self._add_to_request(token)
+        if drafter.use_global:
+            trie = drafter.global_trie
+            trie.track(self._response, self._response_active)
+            for token in request.prompt_ids[-drafter.max_tree_depth:]:
+                moved = [trie.step(cursor, token) for cursor in self._global_cursors]
+                moved.append(trie.step((trie.root, 0), token))
+                self._global_cursors = [cursor for cursor in moved if cursor is not None]
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        use_global, trie = self.drafter.use_global, self.drafter.global_trie
+        for token in tokens:
+            self._add_to_request(token)
+            if use_global:
+                self._response.append(token)
+                self._response_active = trie.extend(self._response, len(self._response) - 1,
+                                                    self._response_active)
+                # a suffix that begins in the prompt stays one, a token longer (the
+                # shorter ones are the response's active nodes)
+                if self._global_cursors:
+                    moved = [trie.step(cursor, token) for cursor in self._global_cursors]
+                    self._global_cursors = [cursor for cursor in moved if cursor is not None]
+
+    def _add_to_request(self, token: int) -> None:
+        self._text.append(token)
+        self._active = self.request_trie.extend(self._text, len(self._text) - 1, self._active)
+
+    def end(self) -> None:
+        # the response is in the global trie already (added per accepted token)
+        if self.is_open:
+            self.is_open = False
+            self.drafter.global_trie.untrack(self._response)
+
+    def propose(self, context: Sequence[int], k: int) -> Draft:
+        # the tries and cursors already hold the context (extended in begin and accept)
+        drafter = self.drafter
+        self.last_match = None
+        if k < 1 or not self.is_open:
+            return Draft()
+        # a match is a proper suffix of the context (the reference matches lengths
+        # 1 .. len(context) - 1); request: the active nodes (root excluded) are the
+        # suffixes that occurred before, earlier in this text
+        longest = len(self._text) - 1
+        request = [((node, 0), node.depth) for node in self._active[1:]]
+        candidates = [("request", *drafter._best(self.request_trie, request, k, longest))]
+        if drafter.use_global:
+            trie = drafter.global_trie
+            cursors = [trie.normalize(cursor) for cursor in self._global_cursors]
+            matches = [(cursor, cursor[0].depth + cursor[1]) for cursor in cursors]
+            matches += [((node, 0), node.depth) for node in self._response_active[1:]]
+            candidates.append(("global", *drafter._best(trie, matches, k, longest)))
+        # the higher score wins; a tie goes to the current text (listed first)
+        source, length, best = candidates[0]
+        for other in candidates[1:]:
+            if other[2] is not None and (best is None or other[2].score > best.score + _TIE):
+                source, length, best = other
+        if best is None or not best.tokens:
+            return Draft()
+        self.last_match = (source, length, best.score)
+        return tree_draft(best.tokens, best.parents)
+
 
 #: Scores closer than this are a tie (they are sums of float ratios).
 _TIE = 1e-9

@@ -201,8 +201,7 @@ def test_sliding_window_targets_batched(arch):
 
 
 def test_one_instance_serves_one_open_sequence(small_vocab):
-    registry = load_registry()
-    shared = registry.get("pld").create()
+    shared = ForkedChain()  # no concurrent_sequences declared (tests/test_batch_concurrent.py)
     requests = ragged_requests(0.0, n=2)
     with pytest.raises(ValueError, match="the same drafter instance serves two requests"):
         generate_batch(small_vocab, requests, [shared, shared], k=4)

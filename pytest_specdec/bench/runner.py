@@ -21,7 +21,7 @@ from pytest_specdec.engine.loop import Generation, GenerationRequest, generate
 from pytest_specdec.engine.metrics import SpecDecodingStats, accuracy, output_digest
 from pytest_specdec.engine.target import Target
 from pytest_specdec.engine.timing import Timeline
-from pytest_specdec.protocol.drafter import Drafter
+from pytest_specdec.protocol.drafter import Drafter, serves_concurrent_sequences
 from pytest_specdec.protocol.sampling import Sampler
 
 #: (problem key, sample, round): one generated sequence of a paradigm run
@@ -74,16 +74,22 @@ def engine_batch_method(target: Target, make_drafter: Callable[[], Drafter] | No
     """Our batched engine (:func:`pytest_specdec.batch.generate_batch`): one drafter
     instance per row of the batch (a drafter serves one open sequence at a time), made
     and attached here, before any batch is timed; row i of every batch is served by
-    instance i, so each instance sees its row's sequences one after another. exact:
+    instance i, so each instance sees its row's sequences one after another. A drafter
+    that declares ``concurrent_sequences`` is made once and serves every row (it opens
+    a handle per sequence), so it sees all of a case's sequences, as at batch 1. exact:
     exact mode's forwards, as in :func:`engine_method`."""
     slots: list[Drafter] = []
+    concurrent = False
     if make_drafter is not None:
-        slots = [make_drafter() for _ in range(batch)]
+        slots = [make_drafter()]
+        concurrent = serves_concurrent_sequences(slots[0], drafter_name)
+        slots += [] if concurrent else [make_drafter() for _ in range(batch - 1)]
         for drafter in slots:
             attach(target, drafter, drafter_name, step_timeout=step_timeout)
 
     def decode(requests: Sequence[GenerationRequest]) -> list[Generation]:
-        drafters = slots[:len(requests)] if slots else None
+        drafters = (slots * len(requests) if concurrent else slots[:len(requests)]) \
+            if slots else None
         return generate_batch(target, requests, drafters, k=k, drafter_name=drafter_name,
                               step_timeout=step_timeout, exact=exact)
 

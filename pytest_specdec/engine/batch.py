@@ -29,13 +29,14 @@ import torch
 
 from pytest_specdec.engine import timing
 from pytest_specdec.engine.exact import row_invariant
-from pytest_specdec.engine.guard import Guard, attach
+from pytest_specdec.engine.guard import Attachment, Guard, attach
 from pytest_specdec.engine.loop import (SIGNAL_TOP_K, Generation, GenerationRequest, _HiddenStates,
                                         _exact_prefill, _tell_drafter, _until_eos)
 from pytest_specdec.engine.metrics import SpecDecodingStats, StepRecord
 from pytest_specdec.engine.target import SLIDING, Target
 from pytest_specdec.engine.verify import StepResult, _accepted_path, _tree_mask
-from pytest_specdec.protocol.drafter import Draft, DraftRequest, Drafter, node_depths
+from pytest_specdec.protocol.drafter import (SEQUENCE_METHODS, Draft, DraftError, DraftRequest,
+                                             Drafter, node_depths, serves_concurrent_sequences)
 
 #: the token fed in pad slots (never attended to: its column is never valid)
 PAD_TOKEN = 0
@@ -226,9 +227,12 @@ def generate_batch(target: Target, requests: Sequence[GenerationRequest],
                    exact: bool = False) -> list[Generation]:
     """Decode every request together; with drafters, speculatively: ``drafters[i]``
     serves request i (None: no drafter, as plain decoding). A drafter instance serves
-    one open sequence at a time: the same instance for two requests of one batch is
-    refused (the batch keeps them all open at once). Each call into a drafter goes
-    through the same guard as at batch 1 (see :func:`pytest_specdec.engine.loop.generate`).
+    one open sequence at a time (``begin`` ... ``end``): the same instance for two
+    requests of one batch is refused (the batch keeps them all open at once), unless it
+    declares ``concurrent_sequences``: such a drafter gets ``open(request)`` for each of
+    its rows and serves each row through the handle it returns (one instance may serve
+    every row). Each call into a drafter or a handle goes through the same guard as at
+    batch 1 (see :func:`pytest_specdec.engine.loop.generate`).
 
     Returns one Generation per request, in order, each stopped exactly where plain
     decoding stops it (EOS or its budget). Every row's step records carry the shared
@@ -246,10 +250,13 @@ def generate_batch(target: Target, requests: Sequence[GenerationRequest],
     if len(drafters) != len(requests):
         raise ValueError(f"{len(drafters)} drafters for {len(requests)} requests: give one per "
                          "request (None for plain decoding)")
-    shared = [d for d in drafters if d is not None]
-    if len({id(d) for d in shared}) != len(shared):
+    given = [d for d in drafters if d is not None]
+    concurrent = {id(d): serves_concurrent_sequences(d, drafter_name) for d in given}
+    repeated = [d for d in given if not concurrent[id(d)]]
+    if len({id(d) for d in repeated}) != len(repeated):
         raise ValueError("the same drafter instance serves two requests of one batch: a drafter "
-                         "instance serves one open sequence at a time, so give each its own")
+                         "instance serves one open sequence at a time, so give each its own "
+                         "(or declare concurrent_sequences)")
     for request in requests:
         if not request.prompt_ids:
             raise ValueError("a prompt is empty: at least one token is needed")
@@ -265,9 +272,14 @@ def generate_batch(target: Target, requests: Sequence[GenerationRequest],
         if drafter is not None:
             attachment = attach(target, drafter, drafter_name, step_timeout=step_timeout)
             needs = attachment.needs
-            guard = Guard(drafter, drafter_name, step_timeout, context, attachment)
-            guard.call("begin", DraftRequest(tuple(context), request.group, request.sample,
-                                             request.round, request.sampler))
+            begun = DraftRequest(tuple(context), request.group, request.sample, request.round,
+                                 request.sampler)
+            if concurrent[id(drafter)]:
+                handle = _open(drafter, begun, drafter_name, step_timeout, attachment)
+                guard = Guard(handle, drafter_name, step_timeout, context, attachment)
+            else:
+                guard = Guard(drafter, drafter_name, step_timeout, context, attachment)
+                guard.call("begin", begun)
         rows.append(_Row(index, request, context, guard, needs))
     layer_sets = {r.guard.attachment.hidden_layers for r in rows if "hidden_states" in r.needs}
     if len(layer_sets) > 1:
@@ -363,6 +375,22 @@ def _exact_prefill_rows(target: Target, rows: list[_Row], cache: BatchCache,
         valid[b, width - row.cached:] = True
         position[b, width - row.cached:] = torch.arange(row.cached)
     cache.append(valid, position)
+
+
+def _open(drafter: Drafter, request: DraftRequest, name: str, step_timeout: float,
+          attachment: Attachment) -> Any:
+    """A concurrent drafter's handle for one sequence: ``open(request)`` under the guard
+    (what it raises or breaks fails the drafter's case, as ``begin`` would); a handle
+    without the methods of an open sequence is a DraftError too."""
+    handle = Guard(drafter, name, step_timeout, None, attachment).call("open", request)
+    try:
+        missing = [m for m in SEQUENCE_METHODS if not callable(getattr(handle, m, None))]
+    except Exception:  # a handle whose attributes raise when read
+        missing = list(SEQUENCE_METHODS)
+    if missing:
+        raise DraftError(name, "open returns a sequence with propose, accept and end",
+                         f"it returned {type(handle).__name__}, without {', '.join(missing)}")
+    return handle
 
 
 def _finish_step(target: Target, row: _Row, step: StepResult, draft: Draft,

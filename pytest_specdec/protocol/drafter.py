@@ -30,6 +30,23 @@ A drafter declares its draft depth in ``max_depth``: the k its cases run with (t
 depth of the method's reference implementation, for the built-ins), unless
 ``--specdec-k`` overrides it for every drafter. A drafter without it runs at
 :data:`DEFAULT_MAX_DEPTH`; see :func:`draft_depth`.
+
+Several open sequences at once (optional; see :func:`serves_concurrent_sequences`). The
+batched engine keeps a batch's sequences open together; a drafter written to the life
+cycle above gets one instance per row of the batch. A drafter that declares
+``concurrent_sequences = True`` is given one instance for every row instead, and opens a
+handle per sequence, so it sees its siblings' text as it is generated::
+
+    handle = drafter.open(request)      # instead of begin; any number open at once
+    loop:
+        draft = handle.propose(context, k)
+        handle.accept(tokens)           # (handle.observe(signals) first, as above)
+    handle.end()
+
+Calls on different handles interleave in any order; each handle's calls follow the life
+cycle above. The one-sequence loop (batch 1) still calls ``begin``/``propose``/
+``accept``/``end`` on the instance: :class:`ConcurrentDrafterBase` implements those
+through one handle, so such a drafter writes its method once, in its handles.
 """
 
 from __future__ import annotations
@@ -222,6 +239,10 @@ class Drafter(Protocol):
     # datastore, a draft model derived from the target); ``drafter_weights``, a digest
     # of the weights a model drafter loaded; ``hybrid_parts``. DrafterBase's gives its
     # ``report_note``; a drafter without the method may still state ``report_note: str``.
+    # optional: ``concurrent_sequences: bool`` with ``open(request) -> handle``, a
+    # handle per open sequence with propose/accept/end (and observe): the batched
+    # engine then gives one instance every row of a batch (see the module docstring,
+    # :class:`ConcurrentDrafterBase`, :func:`serves_concurrent_sequences`).
     # optional (DrafterBase has both): ``attach(info: TargetInfo)``, called once per
     # instance before its first ``begin``; ``hidden_layers: tuple[int, ...]``, read after
     # it: the layers of the "hidden_states" signal, as indices into transformers'
@@ -254,6 +275,9 @@ class DrafterBase:
 
     needs: ClassVar[frozenset[str]] = frozenset()
     max_depth: ClassVar[int] = DEFAULT_MAX_DEPTH
+    #: serves several open sequences at once through ``open`` (see
+    #: :class:`ConcurrentDrafterBase`); False: one instance per open sequence
+    concurrent_sequences: ClassVar[bool] = False
     ablations: ClassVar[tuple[dict[str, str], ...]] = ()
     #: the layers of the "hidden_states" signal (see :class:`Drafter`); () = the last
     hidden_layers: tuple[int, ...] = ()
@@ -281,6 +305,98 @@ class DrafterBase:
     def record_fields(self) -> dict[str, Any]:
         """What this drafter adds to its case's record: its report note, if any."""
         return {"drafter_note": self.report_note} if self.report_note else {}
+
+
+class SequenceDrafter:
+    """One open sequence of a concurrent drafter (what its ``open(request)`` returns):
+    the life cycle of a drafter without ``begin``, no-op hooks to override. The engine
+    guards a handle's calls exactly as a drafter's (every rule of :class:`Guard` holds,
+    and a handle that raises fails its drafter's case)."""
+
+    def propose(self, context: Sequence[int], k: int) -> Draft:
+        return Draft()
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        pass
+
+    def observe(self, signals: TargetSignals) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+class ConcurrentDrafterBase(DrafterBase):
+    """Base of a drafter that serves several open sequences at once
+    (``concurrent_sequences``): subclasses implement ``open(request)``, returning a
+    :class:`SequenceDrafter` for that sequence, and keep what sequences share (a
+    problem's pooled n-grams) on the instance.
+
+    The one-sequence life cycle is served by one handle: ``begin`` opens it (ending one
+    left open), ``propose``/``accept``/``observe``/``end`` go to it; called before any
+    ``begin``, they go to a sequence of an empty prompt in group "" (the state a
+    drafter starts in). So a drafter's batch-1 drafts and its batched drafts come from
+    the same code, and with one sequence open at a time they are the same.
+    """
+
+    concurrent_sequences: ClassVar[bool] = True
+    #: the handle of the one-sequence life cycle (None: no sequence open)
+    _single: SequenceDrafter | None = None
+
+    def open(self, request: DraftRequest) -> SequenceDrafter:
+        raise NotImplementedError(f"{type(self).__name__} declares concurrent_sequences "
+                                  "but does not implement open(request)")
+
+    def begin(self, request: DraftRequest) -> None:
+        self.end()
+        self._single = self.open(request)
+
+    def _sequence(self) -> SequenceDrafter:
+        if self._single is None:
+            self._single = self.open(DraftRequest((), ""))
+        return self._single
+
+    def propose(self, context: Sequence[int], k: int) -> Draft:
+        return self._sequence().propose(context, k)
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        self._sequence().accept(tokens)
+
+    def observe(self, signals: TargetSignals) -> None:
+        self._sequence().observe(signals)
+
+    def end(self) -> None:
+        single, self._single = self._single, None
+        if single is not None:
+            single.end()
+
+
+#: The methods an open sequence (what ``open`` returns) has.
+SEQUENCE_METHODS = ("propose", "accept", "end")
+
+
+def serves_concurrent_sequences(drafter: object, name: str = "drafter") -> bool:
+    """Whether ``drafter`` (an instance or a class) declares ``concurrent_sequences``:
+    the batched engine then gives it every row of a batch and calls ``open(request)``
+    per sequence (see the module docstring). A drafter without the declaration (one
+    written before it existed) serves one open sequence at a time.
+
+    A declaration that is not a bool, or True on a drafter without an ``open`` method,
+    is a :class:`DraftError` naming ``name``: it fails that drafter's own cases.
+    """
+    try:
+        declared = getattr(drafter, "concurrent_sequences", False)
+        opens = callable(getattr(drafter, "open", None))
+    except Exception as exc:
+        raise DraftError(name, "concurrent_sequences is True or False",
+                         f"reading it raised {type(exc).__name__}") from exc
+    if type(declared) is not bool:
+        raise DraftError(name, "concurrent_sequences is True or False",
+                         f"declared {describe_value(declared)}")
+    if declared and not opens:
+        raise DraftError(name, "a drafter declaring concurrent_sequences has open(request)",
+                         "it has no open method")
+    return declared
 
 
 #: The longest drafter note and weights digest a record keeps.

@@ -2,11 +2,12 @@
 
 Two things most n-gram and retrieval drafters need, written once:
 
-- :class:`ProblemMemory`: the per-problem memory. It follows the open sequence (its
-  problem, its prompt and accepted tokens) and files every finished sequence under its
+- :class:`ProblemMemory`: the per-problem memory. It follows the open sequences (their
+  problem, their prompt and accepted tokens) and files every finished sequence under its
   problem (``DraftRequest.group``), so a drafter can search the earlier samples and
   rounds of the problem it is drafting for, optionally through an index it builds
-  from them (a suffix automaton, a suffix array) when a sequence ends.
+  from them (a suffix automaton, a suffix array) when a sequence ends, and (a
+  concurrent drafter) the sibling sequences open beside one.
 - :func:`best_first`: the top N nodes of a counted trie with every node after its
   parent, which is what a tree draft needs; :class:`CountedTrie` and
   :func:`tree_draft` build on it for drafts counted from scratch at each step.
@@ -30,13 +31,34 @@ N = TypeVar("N")
 Tokens = tuple[int, ...]
 
 
-class ProblemMemory(Generic[T]):
-    """The open sequence and the finished sequences of each problem.
+class OpenSequence:
+    """One open sequence of a :class:`ProblemMemory`: its problem, its sample and round,
+    and its tokens so far (prompt, then every accepted token)."""
 
-    Call :meth:`begin`, :meth:`extend` and :meth:`end` from the drafter's ``begin``,
-    ``accept`` and ``end``. Between them, :attr:`current` is the open sequence (prompt
-    and accepted tokens), :attr:`group` its problem, and :meth:`sequences` and
-    :meth:`index` what the problem's earlier sequences left.
+    __slots__ = ("group", "sample", "round", "tokens", "is_open")
+
+    def __init__(self, request: DraftRequest):
+        self.group, self.sample, self.round = request.group, request.sample, request.round
+        self.tokens: list[int] = list(request.prompt_ids)
+        self.is_open = True
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        """Tokens accepted into the sequence."""
+        self.tokens.extend(tokens)
+
+
+class ProblemMemory(Generic[T]):
+    """The open sequences and the finished sequences of each problem.
+
+    One sequence at a time: call :meth:`begin`, :meth:`extend` and :meth:`end` from the
+    drafter's ``begin``, ``accept`` and ``end``. Between them, :attr:`current` is the
+    open sequence (prompt and accepted tokens), :attr:`group` its problem, and
+    :meth:`sequences` and :meth:`index` what the problem's earlier sequences left.
+
+    Several at once (a concurrent drafter, see
+    :class:`pytest_specdec.protocol.drafter.ConcurrentDrafterBase`): :meth:`open` gives
+    an :class:`OpenSequence` per sequence, :meth:`close` files it, and
+    :meth:`open_sequences` lists a problem's sequences open now (a sequence's siblings).
 
     index: optional; called when a sequence ends as ``index(previous, sequences)``
         with the problem's previous index (None for its first sequence) and all its
@@ -44,42 +66,70 @@ class ProblemMemory(Generic[T]):
         problem's new index. Incremental indexes extend ``previous`` by
         ``sequences[-1]``; others rebuild from ``sequences``.
     keep: file finished sequences (false: a drafter whose sharing is turned off keeps
-        only the open sequence, and :meth:`sequences` stays empty).
+        only the open sequences, and :meth:`sequences` stays empty).
     """
 
     def __init__(self, index: Callable[[T | None, tuple[Tokens, ...]], T] | None = None,
                  *, keep: bool = True):
         self._index, self.keep = index, keep
         self.group = ""
-        self.current: list[int] = []
-        self.is_open = False
+        self._single: OpenSequence | None = None  # the one of begin/extend/end
+        self._open: dict[str, list[OpenSequence]] = {}
         self._sequences: dict[str, list[Tokens]] = {}
         self._indexes: dict[str, T] = {}
 
+    @property
+    def current(self) -> list[int]:
+        """The tokens of the sequence begun with :meth:`begin` ([] when none is open)."""
+        return self._single.tokens if self._single is not None else []
+
+    @property
+    def is_open(self) -> bool:
+        return self._single is not None
+
     def begin(self, request: DraftRequest) -> None:
-        """A sequence of ``request.group`` starts with ``request.prompt_ids``; an open
-        sequence that was never ended is ended (filed) first."""
-        if self.is_open:
-            self.end()
-        self.group, self.current, self.is_open = request.group, list(request.prompt_ids), True
+        """A sequence of ``request.group`` starts with ``request.prompt_ids``; a sequence
+        begun earlier and never ended is ended (filed) first."""
+        self.end()
+        self._single = self.open(request)
+        self.group = request.group
 
     def extend(self, tokens: Iterable[int]) -> None:
-        """Tokens accepted into the open sequence."""
-        self.current.extend(tokens)
+        """Tokens accepted into the sequence begun with :meth:`begin`."""
+        if self._single is not None:
+            self._single.extend(tokens)
 
     def end(self) -> Tokens | None:
-        """Close the open sequence and file it under its problem (when ``keep`` and
-        not empty); returns it, or None when no sequence was open (a second ``end``)."""
-        if not self.is_open:
+        """Close the sequence begun with :meth:`begin` and file it (see :meth:`close`);
+        None when none was open (a second ``end``)."""
+        single, self._single = self._single, None
+        return self.close(single) if single is not None else None
+
+    def open(self, request: DraftRequest) -> OpenSequence:
+        """A new open sequence of ``request.group``, beside any already open."""
+        sequence = OpenSequence(request)
+        self._open.setdefault(sequence.group, []).append(sequence)
+        return sequence
+
+    def close(self, sequence: OpenSequence) -> Tokens | None:
+        """Close ``sequence`` and file it under its problem (when ``keep`` and not
+        empty); returns its tokens, or None when it was closed already."""
+        if not sequence.is_open:
             return None
-        finished, self.current, self.is_open = tuple(self.current), [], False
+        sequence.is_open = False
+        self._open[sequence.group].remove(sequence)
+        finished = tuple(sequence.tokens)
         if self.keep and finished:
-            filed = self._sequences.setdefault(self.group, [])
+            filed = self._sequences.setdefault(sequence.group, [])
             filed.append(finished)
             if self._index is not None:
-                self._indexes[self.group] = self._index(self._indexes.get(self.group),
-                                                        tuple(filed))
+                self._indexes[sequence.group] = self._index(self._indexes.get(sequence.group),
+                                                            tuple(filed))
         return finished
+
+    def open_sequences(self, group: str) -> tuple[OpenSequence, ...]:
+        """The sequences of ``group`` open now, in the order they were opened."""
+        return tuple(self._open.get(group, ()))
 
     def sequences(self, group: str | None = None) -> tuple[Tokens, ...]:
         """The finished sequences of ``group`` (default: the open sequence's), oldest first."""

@@ -420,6 +420,7 @@ class SpecdecSession:
             worker=self.worker,
             k=k,
             depth_profile=self.depth_profile,
+            profile=cfg.profile,
             problems=len(self.problems),
             max_new_tokens=cfg.max_new_tokens,
             sequences=len(run.outputs),

@@ -27,6 +27,24 @@ def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0):
     return getattr(transformers, f"{names[arch]}ForCausalLM")(config).eval()
 
 
+def leaking_previous_row(real_mask):
+    """The batched engine's mask builder (``batch._mask``), made to leak: each row also
+    sees the previous row's columns (an off-by-one between sequences)."""
+
+    def leaky(target, cache, fed, width, positions):
+        if cache.columns:
+            leaked = cache.valid.clone()
+            leaked[1:] |= cache.valid[:-1]
+            cache.valid, kept = leaked, cache.valid
+            try:
+                return real_mask(target, cache, fed, width, positions)
+            finally:
+                cache.valid = kept
+        return real_mask(target, cache, fed, width, positions)
+
+    return leaky
+
+
 def losses_over_steps(trainable, batch, *, steps: int, lr: float) -> list[float]:
     """The loss at each of `steps` AdamW steps of a model drafter's trainable on one
     batch (its trained parameters only): a few steps must lower it."""

@@ -12,7 +12,7 @@ from typing import Sequence
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import leaking_previous_row, tiny_model
 from pytest_specdec.bench.lossless import LosslessError, check_lossless
 from pytest_specdec.engine import batch
 from pytest_specdec.engine.batch import generate_batch
@@ -217,25 +217,12 @@ def test_bad_batches_are_refused_clearly(small_vocab):
 def test_a_mask_leaking_between_rows_is_caught(small_vocab, monkeypatch):
     """A batched forward whose mask lets each row see the previous row's past (an
     off-by-one between sequences) changes tokens, and the check names the sequence."""
-    real = batch._mask
-
-    def leaky(target, cache, fed, width, positions):
-        if cache.columns:
-            leaked = cache.valid.clone()
-            leaked[1:] |= cache.valid[:-1]
-            cache.valid, kept = leaked, cache.valid
-            try:
-                return real(target, cache, fed, width, positions)
-            finally:
-                cache.valid = kept
-        return real(target, cache, fed, width, positions)
-
     requests = ragged_requests(0.0)
     keys = [(r.group, r.sample, r.round) for r in requests]
     baseline = dict(zip(keys, (generate(small_vocab, r) for r in requests)))
     honest = dict(zip(keys, generate_batch(small_vocab, requests)))
     check_lossless(small_vocab, baseline, [(dict(zip(keys, requests)), honest)])
-    monkeypatch.setattr(batch, "_mask", leaky)
+    monkeypatch.setattr(batch, "_mask", leaking_previous_row(batch._mask))
     leaked = dict(zip(keys, generate_batch(small_vocab, requests)))
     with pytest.raises(LosslessError, match="output differs from plain decoding"):
         check_lossless(small_vocab, baseline, [(dict(zip(keys, requests)), leaked)])

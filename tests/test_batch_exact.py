@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import leaking_previous_row, tiny_model
 from pytest_specdec.bench.lossless import LosslessError, check_lossless
 from pytest_specdec.engine import batch, exact, loop
 from pytest_specdec.engine.batch import generate_batch
@@ -230,18 +230,7 @@ def test_a_leak_between_sequences_is_caught(leak, monkeypatch):
 
         monkeypatch.setattr(exact, "row_invariant_attention", first_rows_mask)
     else:
-        real_mask = batch._mask
-
-        def shifted(target, cache, fed, width, positions):
-            leaked = cache.valid.clone()
-            leaked[1:] |= cache.valid[:-1]
-            cache.valid, kept = leaked, cache.valid
-            try:
-                return real_mask(target, cache, fed, width, positions)
-            finally:
-                cache.valid = kept
-
-        monkeypatch.setattr(batch, "_mask", shifted)
+        monkeypatch.setattr(batch, "_mask", leaking_previous_row(batch._mask))
     leaked = dict(zip(keys, generate_batch(target, requests, exact=True)))
     assert [leaked[key].tokens for key in keys] != [baseline[key].tokens for key in keys]
     with pytest.raises(LosslessError, match="output differs from plain decoding"):

@@ -22,7 +22,7 @@ import pytest
 
 from pytest_specdec.bench.paradigms import make_paradigm
 from pytest_specdec.bench.problems import load_problems
-from pytest_specdec.bench.progress import ProgressMeter, RunProgress, sequences_per_problem
+from pytest_specdec.bench.progress import ProgressMeter, RunProgress
 from pytest_specdec.bench.runner import (DecodeSettings, engine_batch_method, engine_method,
                                          run_paradigm, run_paradigm_batched)
 from pytest_specdec.plugin.progress import (CLOSE, ERASE_TO_END, OPEN, PLUGIN_NAME, ProgressLine,
@@ -91,7 +91,7 @@ def test_progress_line(e, line):
     ("multi_round", {"rounds": 2}, 2), ("multi_round", {"rounds": 5}, 5),
 ])
 def test_sequences_per_problem(name, kw, per_problem):
-    assert sequences_per_problem(make_paradigm(name, **kw)) == per_problem
+    assert make_paradigm(name, **kw).sequences_per_problem == per_problem
 
 
 def test_meter_counts_and_times():

@@ -81,6 +81,10 @@ class MultiRound:
     name: str = "multi_round"
     default_temperature: float = 0.0
 
+    @property
+    def sequences_per_problem(self) -> int:
+        return self.rounds
+
     def run(self, problem: Problem, generate: GenerateFn) -> Outcome:
         outcome = Outcome(problem)
         prompt = first_prompt(problem)
@@ -123,6 +127,10 @@ class BestOfN:
     n: int = 4
     name: str = "best_of_n"
     default_temperature: float = 0.6
+
+    @property
+    def sequences_per_problem(self) -> int:
+        return self.n
 
     def run(self, problem: Problem, generate: GenerateFn) -> Outcome:
         outcome = Outcome(problem)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,6 @@ class RunProgress:
         if self.done <= 0 or self.total <= 0:
             return None
         return self.elapsed_s * max(self.total - self.done, 0) / self.done
-
-
-def sequences_per_problem(paradigm: Any) -> int:
-    """The sequences a paradigm decodes per problem: best_of_n's n, multi_round's rounds."""
-    count = getattr(paradigm, "n", None)
-    return count if count is not None else paradigm.rounds
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from pytest_specdec.bench.paradigms import (BestOfN, Completion, MultiRound, Outcome,
                                             SequenceAsk)
 from pytest_specdec.bench.problems import Problem
-from pytest_specdec.bench.progress import ProgressMeter, sequences_per_problem
+from pytest_specdec.bench.progress import ProgressMeter
 from pytest_specdec.engine.batch import generate_batch
 from pytest_specdec.engine.guard import attach
 from pytest_specdec.engine.loop import Generation, GenerationRequest, generate
@@ -133,7 +133,7 @@ def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Seque
     session logs it), `meter` every finished sequence (the live progress line)."""
     result = RunResult(timeline=Timeline(probe))
     if meter is not None:
-        meter.start(paradigm.name, len(problems) * sequences_per_problem(paradigm), len(problems))
+        meter.start(paradigm.name, len(problems) * paradigm.sequences_per_problem, len(problems))
     current = 0  # the problem being run
 
     def generate_fn(prompt: str, *, group: str, sample: int, round: int) -> Completion:
@@ -177,7 +177,7 @@ def run_paradigm_batched(target: Target, paradigm: MultiRound | BestOfN,
     result = RunResult(timeline=Timeline(probe), batch=batch)
     index = {problem.key: i for i, problem in enumerate(problems)}
     if meter is not None:
-        meter.start(paradigm.name, len(problems) * sequences_per_problem(paradigm), len(problems))
+        meter.start(paradigm.name, len(problems) * paradigm.sequences_per_problem, len(problems))
 
     def generate_many(asks: Sequence[SequenceAsk]) -> list[Completion]:
         first = index[asks[0].group]

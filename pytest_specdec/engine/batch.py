@@ -36,7 +36,8 @@ from pytest_specdec.engine.metrics import SpecDecodingStats, StepRecord
 from pytest_specdec.engine.target import SLIDING, Target
 from pytest_specdec.engine.verify import StepResult, _accepted_path, _tree_mask
 from pytest_specdec.protocol.drafter import (SEQUENCE_METHODS, Draft, DraftError, DraftRequest,
-                                             Drafter, node_depths, serves_concurrent_sequences)
+                                             Drafter, missing_methods, node_depths,
+                                             serves_concurrent_sequences)
 
 #: the token fed in pad slots (never attended to: its column is never valid)
 PAD_TOKEN = 0
@@ -384,7 +385,7 @@ def _open(drafter: Drafter, request: DraftRequest, name: str, step_timeout: floa
     without the methods of an open sequence is a DraftError too."""
     handle = Guard(drafter, name, step_timeout, None, attachment).call("open", request)
     try:
-        missing = [m for m in SEQUENCE_METHODS if not callable(getattr(handle, m, None))]
+        missing = missing_methods(handle, SEQUENCE_METHODS)
     except Exception:  # a handle whose attributes raise when read
         missing = list(SEQUENCE_METHODS)
     if missing:

@@ -208,9 +208,10 @@ class TargetSignals:
 REQUIRED_METHODS = ("begin", "propose", "accept", "end")
 
 
-def missing_methods(drafter: object) -> list[str]:
-    """The required methods ``drafter`` (an instance or a class) lacks."""
-    return [name for name in REQUIRED_METHODS if not callable(getattr(drafter, name, None))]
+def missing_methods(drafter: object, required: Sequence[str] = REQUIRED_METHODS) -> list[str]:
+    """The `required` methods ``drafter`` (an instance or a class) lacks: a drafter's,
+    or an open sequence's (:data:`SEQUENCE_METHODS`)."""
+    return [name for name in required if not callable(getattr(drafter, name, None))]
 
 
 @runtime_checkable
@@ -262,8 +263,29 @@ class Drafter(Protocol):
     def end(self) -> None: ...
 
 
-class DrafterBase:
-    """Convenience base with no-op hooks; subclasses override what they use.
+class SequenceDrafter:
+    """One open sequence of a concurrent drafter (what its ``open(request)`` returns):
+    the life cycle of a drafter without ``begin``, no-op hooks to override. The engine
+    guards a handle's calls exactly as a drafter's (every rule of :class:`Guard` holds,
+    and a handle that raises fails its drafter's case)."""
+
+    def propose(self, context: Sequence[int], k: int) -> Draft:
+        return Draft()
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        pass
+
+    def observe(self, signals: TargetSignals) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+class DrafterBase(SequenceDrafter):
+    """Convenience base with no-op hooks (propose, accept, observe and end are
+    :class:`SequenceDrafter`'s: a drafter is one open sequence with a ``begin``);
+    subclasses override what they use.
 
     ``ablations``: option sets (as command-line strings) that the default suite runs
     beside the drafter's defaults, to show what an option is worth, e.g.
@@ -290,40 +312,9 @@ class DrafterBase:
     def begin(self, request: DraftRequest) -> None:
         pass
 
-    def propose(self, context: Sequence[int], k: int) -> Draft:
-        return Draft()
-
-    def accept(self, tokens: Sequence[int]) -> None:
-        pass
-
-    def observe(self, signals: TargetSignals) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
-
     def record_fields(self) -> dict[str, Any]:
         """What this drafter adds to its case's record: its report note, if any."""
         return {"drafter_note": self.report_note} if self.report_note else {}
-
-
-class SequenceDrafter:
-    """One open sequence of a concurrent drafter (what its ``open(request)`` returns):
-    the life cycle of a drafter without ``begin``, no-op hooks to override. The engine
-    guards a handle's calls exactly as a drafter's (every rule of :class:`Guard` holds,
-    and a handle that raises fails its drafter's case)."""
-
-    def propose(self, context: Sequence[int], k: int) -> Draft:
-        return Draft()
-
-    def accept(self, tokens: Sequence[int]) -> None:
-        pass
-
-    def observe(self, signals: TargetSignals) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
 
 
 class ConcurrentDrafterBase(DrafterBase):

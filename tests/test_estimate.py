@@ -109,6 +109,23 @@ def test_history_comes_from_the_newest_report_of_the_same_target(tmp_path):
     assert read_history(tmp_path / "missing", "tiny") == History()
 
 
+def test_each_case_comes_from_the_newest_report_that_measured_it(tmp_path):
+    """A smoke run after a full one: the smoke's cases from the smoke, the others from
+    the full run."""
+    import os
+
+    full, smoke = tmp_path / "specdec-full.json", tmp_path / "specdec-smoke.json"
+    _report(full, [_record("speculative", "pld", speedup=1.5),
+                   _record("speculative", "eagle3", speedup=0.8)])
+    _report(smoke, [_record("speculative", "pld", speedup=1.25)])
+    os.utime(full, (1000, 1000))
+    os.utime(smoke, (2000, 2000))
+    history = read_history(tmp_path, "tiny")
+    assert history.source == smoke
+    assert history.speedups == {("pld", "multi_round", 0.0, 1): 1.25,
+                                ("eagle3", "multi_round", 0.0, 1): 0.8}
+
+
 @pytest.mark.parametrize("seconds, text", [
     (0.04, "0.0 s"), (4.24, "4.2 s"), (42.4, "42 s"), (185, "3 min 05 s"),
     (7800, "2 h 10 min"), (273600, "3 d 4 h")])

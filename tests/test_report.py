@@ -64,6 +64,7 @@ def test_loads_specdec_records_and_ignores_other_benchmarks(records):
 
 def test_report_meta(records):
     assert report_meta(records) == {
+        "profile": "—",  # the stored run predates profiles
         "target": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "float32", "device": "cpu",
         "problems": "4", "max_new_tokens": "256", "k": "10",
         "depth profile": "—",  # the stored run predates depth profiles

@@ -14,9 +14,10 @@ A case's time is the target forwards it takes times the cost of one decode step:
 The step cost is measured on the loaded target at the start of the session (or given,
 ``--specdec-step-ms``, to size a run for another machine). Expected speedups, peer
 ratios and how much of the token budget sequences use (they may stop at an end token)
-come from the newest earlier report of the same target in the report folder, case by
-case; where it has none, the speedup is ``--specdec-expected-speedup`` (default 1.0)
-and every sequence is assumed to use its whole budget. So the first run on a machine is
+come from the earlier reports of the same target in the report folder, each case from
+the newest report that measured it; where none did, the speedup is
+``--specdec-expected-speedup`` (default 1.0) and every sequence is assumed to use its
+whole budget. So the first run on a machine is
 priced at face value, and later ones by what the machine measured.
 """
 
@@ -29,10 +30,14 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from pytest_specdec.bench.config import SpecdecConfig
+from pytest_specdec.bench.paradigms import make_paradigm
 from pytest_specdec.bench.session import WARMUP_TOKENS, ParadigmCase
 from pytest_specdec.engine.timing import PROBE_FORWARDS
 
 ROLE_BASELINE, ROLE_SPECULATIVE, ROLE_PEER = "baseline", "speculative", "peer"
+
+#: the earlier reports an estimate reads, newest first (each a few tens of kB)
+HISTORY_REPORTS = 20
 
 #: (drafter label or peer name, paradigm, temperature, batch): one case of a report
 CaseKey = tuple[str, str, float, int]
@@ -112,10 +117,6 @@ def duration(seconds: float) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
-def sequences_per_problem(cfg: SpecdecConfig, paradigm: str) -> int:
-    return cfg.n if paradigm == "best_of_n" else cfg.rounds
-
-
 def estimate_run(cfg: SpecdecConfig, planned: Sequence[PlannedCase], *, step_s: float,
                  step_basis: str, problems: int, history: History = History()) -> RunEstimate:
     """Price every planned case, in order (the order the session runs them)."""
@@ -123,7 +124,8 @@ def estimate_run(cfg: SpecdecConfig, planned: Sequence[PlannedCase], *, step_s: 
     baselines = {p.case for p in planned if p.role == ROLE_BASELINE}
     estimates = []
     for p in planned:
-        per_problem = sequences_per_problem(cfg, p.case.paradigm)
+        per_problem = make_paradigm(p.case.paradigm, rounds=cfg.rounds,
+                                    n=cfg.n).sequences_per_problem
         sequences = problems * per_problem
         fill = history.fill.get((p.case.paradigm, p.case.temperature, p.case.batch), 1.0)
         round_steps = sequences * cfg.max_new_tokens * fill / p.case.batch
@@ -163,19 +165,25 @@ def estimate_run(cfg: SpecdecConfig, planned: Sequence[PlannedCase], *, step_s: 
 
 
 def read_history(report_dir: Path, target_name: str) -> History:
-    """The newest report in `report_dir` (``specdec-*.json``) with cases of
-    `target_name`; an empty History when there is none or it cannot be read (an
-    estimate never stops a session)."""
+    """What the reports in `report_dir` (``specdec-*.json``, the newest
+    :data:`HISTORY_REPORTS`) measured on `target_name`, case by case from the newest
+    report that has the case (a smoke run after a full one prices the full run's other
+    cases by the full one); ``source`` is the newest report used. An empty History when
+    none can be read (an estimate never stops a session)."""
     candidates = sorted(report_dir.glob("specdec-*.json"), key=_mtime, reverse=True)
-    for path in candidates:
+    merged = History()
+    for path in candidates[:HISTORY_REPORTS]:
         try:
             records = json.loads(path.read_text())["records"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         mine = [r for r in records if isinstance(r, dict) and r.get("target") == target_name]
         if mine:
-            return _history_of(path, mine)
-    return History()
+            older = _history_of(path, mine)
+            merged = History(merged.source or path, {**older.speedups, **merged.speedups},
+                             {**older.peer_ratios, **merged.peer_ratios},
+                             {**older.fill, **merged.fill})
+    return merged
 
 
 def _mtime(path: Path) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -63,7 +64,7 @@ def announce(session: pytest.Session) -> None:
         return  # pricing would load the target; --specdec-step-ms prices without it
     else:
         try:
-            target = specdec.target  # loaded here rather than in the first case
+            target = _load(config, specdec)
             step_s = statistics.median(specdec.probe.reading()[0] for _ in range(STEP_READINGS))
         except Exception as exc:  # the cases report a target that does not load
             reporter.write_line(f"pytest-specdec: no estimate ({type(exc).__name__}: {exc})")
@@ -75,6 +76,19 @@ def announce(session: pytest.Session) -> None:
     for line in estimate.lines(per_case=verbosity >= 0):
         reporter.write_line(line)
     config.stash[ESTIMATE_KEY] = Estimated(estimate, time.monotonic())
+
+
+def _load(config: pytest.Config, specdec: Any) -> Any:
+    """The session's target, loaded here rather than in the first case. What loading it
+    warns (e.g. that it changed torch's global state, set back) goes to pytest's
+    warnings summary as it would from inside a case: collection_finish runs outside
+    pytest's per-item warning capture."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        target = specdec.target
+    for warning in caught:
+        config.issue_config_time_warning(warning.message, stacklevel=2)
+    return target
 
 
 def took_line(config: pytest.Config) -> str | None:

@@ -227,6 +227,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     from pytest_specdec.plugin.estimate import announce
 
     if not is_worker(session.config):
+        original = session.config.stash.get(TORCH_STATE_KEY, None)
+        if original is not None:  # the target loads here: from the session's state, as in a case
+            _restore_torch_state(original)
         announce(session)
 
 

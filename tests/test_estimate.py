@@ -41,11 +41,12 @@ HISTORY = History(speedups={("pld", "multi_round", 0.0, 1): 2.0},
 STEPS = [
     (_case("baseline", "baseline", MR), 40 + 25 + 20),
     (_case("speculative", "pld", MR), 40 / 2.0 + 25),  # measured 2.0x
-    (_case("speculative", "sam", MR), 40 / 1.0 + 25),  # none measured: 1.0x assumed
+    (_case("speculative", "sam", MR), 40 / 1.1 + 25),  # none measured: the T=0 prior
     (_case("peer", "hf_generate", MR), 40 * 1.5 + 25 + 20),  # its own warm-up (generate)
     # no baseline collected for best_of_n: the first case measures it, with the warm-up
-    (_case("speculative", "sam", BON), (80 + 45) + (80 + 45) + 40),
-    (_case("speculative", "pld", BON), 80 + 45),
+    (_case("speculative", "sam", BON), (80 / 0.65 + 45) + (80 + 45) + 40),  # T>0 prior
+    (_case("speculative", "pld", BON), 80 / 0.65 + 45),
+    (_case("peer", "hf_generate", BON), 80 * 1.6 + 45 + 40),  # none measured: the prior
     # batch 4: 4 sequences per step, probes per batch
     (_case("baseline", "baseline", BON4), 80 / 4 + 15 + 40 / 4),
 ]
@@ -58,8 +59,9 @@ def test_each_case_is_priced_by_its_target_steps(tmp_path):
     assert [c.steps for c in estimate.cases] == [steps for _, steps in STEPS]
     assert estimate.seconds == pytest.approx(0.01 * sum(steps for _, steps in STEPS))
     assert [c.basis for c in estimate.cases] == [
-        "", "2.00x measured", "1x assumed", "1.50x our baseline's time, measured",
-        "1x assumed, with its baseline", "1x assumed", ""]
+        "", "2.00x measured", "1.1x assumed", "1.50x our baseline's time, measured",
+        "0.65x assumed, with its baseline", "0.65x assumed",
+        "1.6x our baseline's time, assumed", ""]
 
 
 def test_paired_timing_and_more_timed_rounds_cost_what_they_run(tmp_path):
@@ -142,7 +144,7 @@ def test_collect_only_with_a_given_step_cost_prices_the_run_without_a_model(suit
         "--specdec-step-ms; no earlier report of this target: speedups assumed; model "
         "loading not included)",
         "  test_baseline[[]multi_round[]] * ",
-        "  test_speculative[[]pld-multi_round[]] * 1x assumed",
+        "  test_speculative[[]pld-multi_round[]] * 1.1x assumed",
     ])
     assert result.ret == 0
 

@@ -63,6 +63,58 @@ def _speedups(tiny_model_dir, tmp_path, monkeypatch, slow_after_baseline: float,
     return session.run_speculative_case(DrafterSpec("pld"), case, None)
 
 
+class DraftingMachine(FakeMachine):
+    """A fake machine whose host (Python: drafting, the host probe) and target forwards
+    slow by different factors, as a contended CPU's do."""
+
+    def __init__(self):
+        super().__init__()
+        self.host_slowdown = 1.0
+
+    def host_workload(self, *args) -> int:
+        self.now += 1e-3 * self.host_slowdown
+        return 0
+
+
+def test_forwards_and_drafting_slowed_differently_leave_the_speedup_unchanged(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The target 2.8x slower after the baseline, Python 1.5x (what two busy processes
+    do to this 2-core CPU): drafting is calibrated by the host probe, so the speedup
+    stays the quiet one; divided by the target's probe alone, the drafting would count
+    at 1.5/2.8 of its cost and the speedup would rise."""
+    from pytest_specdec.drafters.pld import _Lookup
+
+    propose = _Lookup.propose
+
+    def run(device: float, host: float, calibrate_host: bool) -> dict:
+        machine = DraftingMachine()
+        monkeypatch.setattr(timing, "clock", machine.clock)
+        monkeypatch.setattr(timing, "host_workload",
+                            machine.host_workload if calibrate_host else lambda *a: 0)
+
+        def slow_propose(self, context, k):
+            machine.now += 2e-3 * machine.host_slowdown  # the drafter's Python
+            return propose(self, context, k)
+
+        monkeypatch.setattr(_Lookup, "propose", slow_propose)
+        target = machine.wrap(load_target(str(tiny_model_dir), device="cpu", dtype="float32"))
+        session = SpecdecSession(_config(tmp_path), load_registry(),
+                                 load_problems("embedded", limit=2), lambda: target)
+        case = ParadigmCase("multi_round", 0.0, True)
+        session.run_baseline_case(case, None)
+        machine.slowdown, machine.host_slowdown = device, host
+        return session.run_speculative_case(DrafterSpec("pld"), case, None)
+
+    quiet = run(1.0, 1.0, True)
+    contended = run(2.8, 1.5, True)
+    uncorrected = run(2.8, 1.5, False)
+    assert contended["output_sha256"] == quiet["output_sha256"]
+    assert contended["speedup"] == pytest.approx(quiet["speedup"], rel=0.03)
+    assert contended["host_slowdown"] == pytest.approx(1.5, rel=0.01)
+    assert contended["ideal_speedup"] == pytest.approx(quiet["ideal_speedup"], rel=0.03)
+    assert uncorrected["speedup"] > quiet["speedup"] * 1.1  # what the host probe fixes
+
+
 @pytest.mark.parametrize("mode", ["calibrated", "paired"])
 def test_a_2x_slower_machine_after_the_baseline_leaves_the_speedup_unchanged(
         tiny_model_dir, tmp_path, monkeypatch, mode):
@@ -137,11 +189,63 @@ def test_the_probe_reads_a_trimmed_mean_and_its_spread(monkeypatch):
         def crop(self, n):
             pass
 
+    host_costs = iter([3.0, 3.0, 5.0, 3.0])
+
+    def host_workload():
+        machine.now += next(host_costs)
+
+    monkeypatch.setattr(timing, "host_workload", host_workload)
     probe = object.__new__(timing.Probe)
     probe.target, probe.cache, probe.next_token = Target(), Cache(), 0
-    value, spread = probe.reading()
-    assert value == pytest.approx((1.0 + 1.2 + 1.0) / 3)
-    assert spread == pytest.approx(0.1 / value)
+    reading = probe.reading()
+    assert reading.device_s == pytest.approx((1.0 + 1.2 + 1.0) / 3)
+    assert reading.spread == pytest.approx(0.1 / reading.device_s)
+    # the host's chunks: their mean (no trimming: drafting meets every slow stretch)
+    assert reading.host_s == pytest.approx(3.5)
+    assert reading.host_spread == pytest.approx(1.0 / 3.5)
+
+
+def test_the_host_workload_is_fixed_work():
+    assert timing.host_workload(1000) == timing.host_workload(1000)
+    assert timing.host_workload(10) != timing.host_workload(1000)
+
+
+@pytest.mark.parametrize("host_probes, ratio, expected", [
+    # no host readings: the whole segment by the target's probe, as before
+    ((None, None), None, 10.0 / 2.0),
+    # host and target slowed alike (both probes 2x the reference): the same answer
+    ((0.2, 0.2), 0.1 / 1.0, 10.0 / 2.0),
+    # the target 2x slower, the host not (0.1 = its reference): drafting (4 s of the
+    # 10) counts at the host's speed, 6/2 + 4·0.1/0.1
+    ((0.1, 0.1), 0.1 / 1.0, 6.0 / 2.0 + 4.0),
+])
+def test_drafting_is_calibrated_by_the_host_probes(monkeypatch, host_probes, ratio, expected):
+    machine = FakeMachine()
+    monkeypatch.setattr(timing, "clock", machine.clock)
+    readings = iter([timing.ProbeReading(2.0, 0.0, h) for h in host_probes])
+    line = timing.Timeline(lambda: next(readings))
+    line.cut(0)
+    machine.now += 10.0
+    line.finish()
+    line.assign_drafting([0], [4.0])
+    assert line.calibrated_at(ratio) == pytest.approx(expected)
+
+
+def test_host_ratio_is_the_quietest_probes_and_none_without_host_readings(monkeypatch):
+    machine = FakeMachine()
+    monkeypatch.setattr(timing, "clock", machine.clock)
+
+    def line(*readings):
+        it = iter(readings)
+        t = timing.Timeline(lambda: next(it))
+        t.cut(0)
+        t.finish()
+        return t
+
+    a = line(timing.ProbeReading(2.0, 0.0, 0.3), timing.ProbeReading(1.0, 0.0, 0.4))
+    b = line(timing.ProbeReading(3.0, 0.0, 0.2), timing.ProbeReading(3.0, 0.0, 0.2))
+    assert timing.host_ratio([a, b]) == pytest.approx(0.2 / 1.0)
+    assert timing.host_ratio([line(1.0, 1.0)]) is None
 
 
 def test_bootstrap_over_problems_is_seeded_and_brackets_the_ratio():

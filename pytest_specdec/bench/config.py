@@ -50,6 +50,6 @@ class SpecdecConfig:
     drafters_named: bool = False
     # the start-of-session estimate (bench.estimate): a given decode-step cost in ms
     # (None: measured on the loaded target), and the speedup assumed for a case that no
-    # earlier report measured
+    # earlier report measured (None: bench.estimate's priors)
     step_ms: float | None = None
-    expected_speedup: float = 1.0
+    expected_speedup: float | None = None  # None: the estimate's priors

@@ -157,6 +157,9 @@ def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Seque
 
 def _finished(result: RunResult) -> RunResult:
     result.timeline.finish()
+    # drafting is calibrated by the host probes (see pytest_specdec.engine.timing)
+    result.timeline.assign_drafting(result.segment_of,
+                                    [g.stats.drafter_s for g in result.outputs.values()])
     # per-sequence wall times add up to less than the run (prompt encoding, decoding
     # text): the run's own clock is the figure that counts
     result.wall_s = result.timeline.wall_s

@@ -23,8 +23,8 @@ from pytest_specdec.bench.runner import (DecodeSettings, Method, RunResult, engi
 from pytest_specdec.engine.integrity import TargetChanged, TargetFingerprint
 from pytest_specdec.engine.metrics import ideal_speedup, mat_by_index, median_round
 from pytest_specdec.engine.target import Target
-from pytest_specdec.engine.timing import (Probe, SpeedupEstimate, speedup_estimate, step_costs,
-                                          timing_flags)
+from pytest_specdec.engine.timing import (Probe, SpeedupEstimate, host_ratio, speedup_estimate,
+                                          step_costs, timing_flags)
 from pytest_specdec.protocol.drafter import depth_profile, draft_depth, drafter_record_fields
 from pytest_specdec.protocol.registry import Registry
 from pytest_specdec.protocol.spec import DrafterSpec
@@ -459,15 +459,19 @@ class SpecdecSession:
         milliseconds at this case's machine speed (its median probe)."""
         paired = bool(measured.paired_baseline)
         base_runs = measured.paired_baseline or reference.runs
+        # one conversion of host-probe units for both runs (drafting's calibration)
+        ratio = host_ratio([r.timeline for r in (*base_runs, *measured.runs)])
         if own_reference:
             estimate = SpeedupEstimate(1.0, 1.0, 0.0, 1.0, 1.0)
         else:
             estimate = speedup_estimate([r.timeline for r in base_runs],
                                         [r.timeline for r in measured.runs],
-                                        len(self.problems), paired=paired)
+                                        len(self.problems), paired=paired, ratio=ratio)
         probe_s = median_round([r.timeline.probe_s for r in measured.runs])
         base_probe_s = median_round([r.timeline.probe_s for r in base_runs])
-        base_costs, own_costs = step_costs(base_runs), step_costs(measured.runs)
+        host_s = [h for r in measured.runs if (h := r.timeline.host_probe_s)]
+        base_host_s = [h for r in base_runs if (h := r.timeline.host_probe_s)]
+        base_costs, own_costs = step_costs(base_runs, ratio), step_costs(measured.runs, ratio)
 
         def ms(units: float | None) -> float | None:
             return None if units is None else round(units * probe_s * 1e3, 3)
@@ -486,6 +490,9 @@ class SpecdecSession:
             "probe_ms": round(probe_s * 1e3, 3),
             # > 1: the machine was slower during this case than during its baseline
             "machine_slowdown": round(probe_s / base_probe_s, 4) if base_probe_s > 0 else None,
+            # the same for the host probe (Python, what drafting runs on)
+            "host_slowdown": (round(median_round(host_s) / median_round(base_host_s), 4)
+                              if host_s and base_host_s else None),
             "t_step_ms": ms(base_costs and base_costs.forward),
             "t_verify_ms": None if own_reference else ms(own_costs and own_costs.forward),
             "t_draft_ms": None if own_reference else ms(own_costs and own_costs.draft),

@@ -4,7 +4,7 @@ A benchmark session lasts minutes to hours; on a shared machine a background loa
 start or stop at any time, and a baseline timed once at the start would then be divided
 into drafter runs timed under another load. So every timed run is *calibrated*: a short
 fixed workload of the target, the **probe** (:data:`PROBE_FORWARDS` one-token decode
-forwards at a fixed context of :data:`PROBE_CONTEXT` tokens; its median is one plain
+forwards at a fixed context of :data:`PROBE_CONTEXT` tokens; their trimmed mean is one plain
 decode step *now*), runs before every sequence and after the last. The run's wall time
 is cut at the probes into segments, and each segment is divided by the mean of the two
 probes around it: a run's *calibrated time* is its length in decode steps of the machine
@@ -20,6 +20,18 @@ Uncertainty, stated for every speedup (see :func:`speedup_estimate`):
   the rounds' ratios is added;
 - *over problems*: a bootstrap over the problems (which problems were drawn), the 95%
   interval of the ratio of calibrated totals.
+
+Drafting is calibrated by a second probe, of the host. A contended CPU slows the
+target's forwards and a drafter's Python by different factors (measured here with two
+busy processes on the 2 cores: a one-token decode forward 2.8x slower, a few
+milliseconds of Python about 1.5x): a run divided by the target's probe alone would
+count its drafting at the wrong speed. So every probe also times
+:data:`HOST_PROBE_CHUNKS` chunks of a fixed pure-Python workload (dict and tuple work,
+like an n-gram drafter's), and each segment's drafting seconds (its sequences' time in
+``propose``, ``observe`` and ``accept``) are divided by the host probes around it
+instead, converted to target-probe units at the reference ratio of the two probes (the
+fastest host probe over the fastest target probe of the runs being compared, the
+quietest machine they saw; :func:`host_ratio`).
 
 Probe time is never part of a run's wall time. Every timed figure of the package reads
 :func:`now`, so a test can run the whole stack on a fake clock.
@@ -44,6 +56,11 @@ clock: Callable[[], float] = time.perf_counter
 PROBE_FORWARDS = 5
 #: Context tokens the probe's forwards attend to (prefilled once, never timed).
 PROBE_CONTEXT = 64
+#: Chunks of the host workload per probe, and the loop iterations of one chunk (about
+#: 3 ms of Python on the 2-core CPU: long enough that a contended machine's scheduler
+#: takes turns inside it, as it does inside a drafter's step); the probe reads their mean
+HOST_PROBE_CHUNKS = 4
+HOST_PROBE_ITERATIONS = 15_000
 #: Bootstrap resamples over problems, from a fixed seed (same data, same interval).
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -59,10 +76,34 @@ def now() -> float:
     return clock()
 
 
+def host_workload(iterations: int = HOST_PROBE_ITERATIONS) -> int:
+    """A fixed piece of pure-Python work (dict updates and tuple slices over ints, what
+    an n-gram drafter's step does); returns a checksum so nothing is optimised away."""
+    counts: dict[int, int] = {}
+    window: tuple[int, ...] = ()
+    for i in range(iterations):
+        key = (i * 7919) % 1009
+        counts[key] = counts.get(key, 0) + 1
+        window = (window + (key,))[-4:]
+    return len(counts) + sum(window)
+
+
+@dataclass(frozen=True)
+class ProbeReading:
+    """One probe: the target's decode-step time (trimmed mean of its forwards), their
+    relative spread, and the host workload's time per chunk (None: not measured)."""
+
+    device_s: float
+    spread: float = 0.0
+    host_s: float | None = None
+    host_spread: float = 0.0
+
+
 class Probe:
-    """The calibration workload of one target: ``measure()`` returns the median time of
-    :data:`PROBE_FORWARDS` one-token decode forwards after a fixed context, i.e. what a
-    plain decode step costs on this machine at this moment. The context is prefilled
+    """The calibration workload of one target: ``reading()`` (or calling the probe)
+    times :data:`PROBE_FORWARDS` one-token decode forwards after a fixed context, i.e.
+    what a plain decode step costs on this machine at this moment, and the host
+    workload (:func:`host_workload`); ``measure()`` returns the first alone. The context is prefilled
     once into the probe's own cache; each forward is rolled back (``crop(-1)``), so
     every probe does the same work and no sequence's cache is touched."""
 
@@ -77,16 +118,16 @@ class Probe:
             target.forward(ids[:-1], self.cache, keep_logits=1)
 
     def measure(self) -> float:
-        return self.reading()[0]
+        return self.reading().device_s
 
     @torch.inference_mode()
-    def reading(self) -> tuple[float, float]:
-        """(the probe's time, its relative spread): the trimmed mean of the forwards,
-        and half the range of the kept ones over that mean. On a quiet machine the
-        forwards agree to a few percent; on a contended one (threads descheduled by
-        other processes) they scatter, and so does the cost of every forward of a
-        run, which the probe then follows only roughly: the spread enters the timing
-        noise (see :attr:`Timeline.relative_noise`)."""
+    def reading(self) -> ProbeReading:
+        """The target's probe (the trimmed mean of the forwards, and half the range of
+        the kept ones over that mean: on a quiet machine the forwards agree to a few
+        percent; on a contended one, whose threads are descheduled by other processes,
+        they scatter, and the spread enters the timing noise, see
+        :meth:`Timeline.relative_noise`), then the host's (the mean chunk time of
+        :func:`host_workload`, and half its range over that mean)."""
         times = []
         for _ in range(PROBE_FORWARDS):
             started = now()
@@ -96,29 +137,65 @@ class Probe:
             self.cache.crop(-1)
         kept = sorted(times)[1:-1] if len(times) > 2 else times
         mean = statistics.fmean(kept)
-        return mean, ((kept[-1] - kept[0]) / 2 / mean if mean > 0 else 0.0)
+        host = []
+        for _ in range(HOST_PROBE_CHUNKS):
+            started = now()
+            host_workload()
+            host.append(now() - started)
+        host_mean = statistics.fmean(host)
+        return ProbeReading(mean, _half_range(kept, mean), host_mean, _half_range(host, host_mean))
+
+
+def _half_range(times: Sequence[float], mean: float) -> float:
+    return (max(times) - min(times)) / 2 / mean if mean > 0 else 0.0
+
+
+def host_ratio(timelines: Sequence["Timeline"]) -> float | None:
+    """The reference host ÷ target probe ratio of runs compared with each other: the
+    fastest host probe over the fastest target probe among them (the quietest machine
+    they saw), so one steady load cancels and both runs use the same conversion. None
+    when no run has host readings (a probe that measures none, or a fake clock that
+    never advances outside forwards)."""
+    hosts = [h for t in timelines for h in t.host_probes if h is not None and h > 0]
+    devices = [p for t in timelines for p in t.probes if p > 0]
+    if not hosts or not devices:
+        return None
+    return min(hosts) / min(devices)
 
 
 @dataclass
 class Timeline:
     """One timed run cut by probes: segment i lies between probe i and probe i + 1 and
-    belongs to problem ``problem_of[i]``. Without a probe (``probe=None``) every probe
-    reads 1.0, so calibrated times are the raw seconds."""
+    belongs to problem ``problem_of[i]``; ``drafting[i]`` is the seconds of it spent in
+    the drafter (see :meth:`assign_drafting`). Without a probe (``probe=None``) every
+    probe reads 1.0, so calibrated times are the raw seconds.
 
-    #: returns the probe's time, or (time, relative spread) as Probe.reading does
+    Calibrated figures take the run's reference ``ratio`` (:func:`host_ratio`): with it,
+    a segment's drafting is calibrated by the host probes around it, the rest by the
+    target's; without it (None, or no host readings), the whole segment by the
+    target's."""
+
+    #: returns a ProbeReading, the probe's time, or (time, relative spread)
     probe: Callable[[], Any] | None = None
     probes: list[float] = field(default_factory=list)
     spreads: list[float] = field(default_factory=list)  # each probe's relative spread
+    host_probes: list[float | None] = field(default_factory=list)
+    host_spreads: list[float] = field(default_factory=list)
     segments: list[float] = field(default_factory=list)
     problem_of: list[int] = field(default_factory=list)
+    drafting: list[float] = field(default_factory=list)  # drafter seconds per segment
     _mark: float | None = None
     _problem: int = 0
 
     def _take_probe(self) -> None:
         reading = self.probe() if self.probe is not None else 1.0
-        value, spread = reading if isinstance(reading, tuple) else (reading, 0.0)
-        self.probes.append(value)
-        self.spreads.append(spread)
+        if not isinstance(reading, ProbeReading):
+            value, spread = reading if isinstance(reading, tuple) else (reading, 0.0)
+            reading = ProbeReading(value, spread)
+        self.probes.append(reading.device_s)
+        self.spreads.append(reading.spread)
+        self.host_probes.append(reading.host_s)
+        self.host_spreads.append(reading.host_spread)
         self._mark = now()
 
     def cut(self, problem: int) -> None:
@@ -136,6 +213,14 @@ class Timeline:
             self._mark = None
             self._take_probe()
 
+    def assign_drafting(self, segment_of: Sequence[int], drafter_s: Sequence[float]) -> None:
+        """Each sequence's drafting seconds (``drafter_s[j]``, decoded in segment
+        ``segment_of[j]``) added up per segment."""
+        self.drafting = [0.0] * len(self.segments)
+        for segment, seconds in zip(segment_of, drafter_s):
+            if 0 <= segment < len(self.drafting):
+                self.drafting[segment] += seconds
+
     @property
     def wall_s(self) -> float:
         """The run's own seconds, probes excluded."""
@@ -145,41 +230,95 @@ class Timeline:
         """Each segment's calibration: the mean of the two probes around it."""
         return [(self.probes[i] + self.probes[i + 1]) / 2 for i in range(len(self.segments))]
 
-    @property
-    def calibrated(self) -> float:
-        """The run's length in probe units (decode steps of the machine as it was)."""
-        return sum(s / c for s, c in zip(self.segments, self.scales()))
-
-    def calibrated_by_problem(self, problems: int) -> list[float]:
-        out = [0.0] * problems
-        for s, c, p in zip(self.segments, self.scales(), self.problem_of):
-            out[p] += s / c
+    def host_scales(self) -> list[float | None]:
+        """Each segment's host calibration (None where a probe around it has none)."""
+        hosts = self.host_probes if len(self.host_probes) == len(self.probes) else [None] * len(self.probes)
+        out: list[float | None] = []
+        for i in range(len(self.segments)):
+            a, b = hosts[i], hosts[i + 1]
+            out.append((a + b) / 2 if a and b and a > 0 and b > 0 else None)
         return out
 
+    def _parts(self, ratio: float | None) -> list[tuple[float, float, int]]:
+        """Per segment: (calibrated time outside the drafter, calibrated drafting, i)."""
+        drafting = self.drafting if len(self.drafting) == len(self.segments) else [0.0] * len(self.segments)
+        parts = []
+        for i, (s, c, h) in enumerate(zip(self.segments, self.scales(), self.host_scales())):
+            d = min(drafting[i], s)
+            if ratio is None or h is None:
+                parts.append(((s - d) / c, d / c, i))
+            else:
+                parts.append(((s - d) / c, d * ratio / h, i))
+        return parts
+
+    def segment_units(self, ratio: float | None = None) -> list[float]:
+        """Each segment's calibrated length (probe units)."""
+        return [rest + draft for rest, draft, _ in self._parts(ratio)]
+
+    def calibrated_at(self, ratio: float | None) -> float:
+        """The run's length in probe units (decode steps of the machine as it was)."""
+        return sum(self.segment_units(ratio))
+
     @property
-    def relative_noise(self) -> float:
+    def calibrated(self) -> float:
+        """:meth:`calibrated_at` without host calibration."""
+        return self.calibrated_at(None)
+
+    def calibrated_by_problem(self, problems: int, ratio: float | None = None) -> list[float]:
+        out = [0.0] * problems
+        for units, p in zip(self.segment_units(ratio), self.problem_of):
+            out[p] += units
+        return out
+
+    def noise_at(self, ratio: float | None) -> float:
         """The calibrated time's relative uncertainty: per segment, half the relative
         difference of its two probes (the speed changed somewhere between them) and
-        the probes' own spread (a contended machine, whose forwards scatter) in
-        quadrature; then over the segments, in quadrature weighted by their calibrated
-        lengths. The spread is not divided by the segments' count: contention moves
-        every forward of a stretch alike, so it does not average out."""
-        total = self.calibrated
+        the probes' own spread (a contended machine, whose forwards scatter), each for
+        the part of the segment that probe calibrates (the target's probes the time
+        outside the drafter, the host's the drafting, with `ratio`); the differences in
+        quadrature over the segments, weighted by their calibrated lengths, the spreads
+        added linearly. The spread is not divided by the segments' count: contention
+        moves every forward of a stretch alike, so it does not average out."""
+        total = self.calibrated_at(ratio)
         if total <= 0:
             return 0.0
         square = weighted_spread = 0.0
         spreads = self.spreads if len(self.spreads) == len(self.probes) else [0.0] * len(self.probes)
-        for i, (s, c) in enumerate(zip(self.segments, self.scales())):
-            a, b = self.probes[i], self.probes[i + 1]
-            u = abs(a - b) / (a + b) if a + b > 0 else 0.0
-            square += (s / c * u) ** 2
-            weighted_spread += s / c * (spreads[i] + spreads[i + 1]) / 2
+        host_spreads = (self.host_spreads if len(self.host_spreads) == len(self.probes)
+                        else [0.0] * len(self.probes))
+        hosts = self.host_scales()
+        for rest, draft, i in self._parts(ratio):
+            by_host = ratio is not None and hosts[i] is not None
+            device_part = rest if by_host else rest + draft
+            u = _half_difference(self.probes[i], self.probes[i + 1])
+            square += (device_part * u) ** 2
+            weighted_spread += device_part * (spreads[i] + spreads[i + 1]) / 2
+            if by_host:
+                u_host = _half_difference(self.host_probes[i], self.host_probes[i + 1])
+                square += (draft * u_host) ** 2
+                weighted_spread += draft * (host_spreads[i] + host_spreads[i + 1]) / 2
         return math.sqrt(square / total ** 2 + (weighted_spread / total) ** 2)
+
+    @property
+    def relative_noise(self) -> float:
+        """:meth:`noise_at` without host calibration."""
+        return self.noise_at(None)
 
     @property
     def probe_s(self) -> float:
         """The median probe: one plain decode step during this run (seconds)."""
         return statistics.median(self.probes) if self.probes else 0.0
+
+    @property
+    def host_probe_s(self) -> float | None:
+        """The median host probe (seconds per chunk), None without host readings."""
+        hosts = [h for h in self.host_probes if h is not None and h > 0]
+        return statistics.median(hosts) if hosts else None
+
+
+def _half_difference(a: float, b: float) -> float:
+    """Half the relative difference of two probes, |a - b| / (a + b)."""
+    return abs(a - b) / (a + b) if a + b > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -215,7 +354,8 @@ def bootstrap_ratio(base: Sequence[float], new: Sequence[float], *,
 
 
 def speedup_estimate(base_rounds: Sequence[Timeline], new_rounds: Sequence[Timeline],
-                     problems: int, *, paired: bool = False) -> SpeedupEstimate:
+                     problems: int, *, paired: bool = False,
+                     ratio: float | None = None) -> SpeedupEstimate:
     """Speedup of `new_rounds` over `base_rounds` (the timed rounds of one case and of
     its baseline), every figure a ratio of totals over the problems:
 
@@ -227,30 +367,34 @@ def speedup_estimate(base_rounds: Sequence[Timeline], new_rounds: Sequence[Timel
       the standard error of the per-round ratios;
     - problems_low/high: the bootstrap over problems of the median rounds' per-problem
       calibrated times.
+
+    With `ratio` (the :func:`host_ratio` of all the rounds given), drafting is
+    calibrated by the host probes; without it, by the target's probes only.
     """
     if not base_rounds or not new_rounds:
         raise ValueError("a speedup needs at least one timed round of each run")
     if paired and len(base_rounds) != len(new_rounds):
         raise ValueError(f"paired timing needs one baseline round per timed round, got "
                          f"{len(base_rounds)} and {len(new_rounds)}")
-    base_m, new_m = _median_round(base_rounds), _median_round(new_rounds)
+    base_m, new_m = _median_round(base_rounds, ratio), _median_round(new_rounds, ratio)
     if paired:
-        ratios = [b.calibrated / n.calibrated for b, n in zip(base_rounds, new_rounds)]
+        ratios = [b.calibrated_at(ratio) / n.calibrated_at(ratio)
+                  for b, n in zip(base_rounds, new_rounds)]
     else:
-        ratios = [base_m.calibrated / n.calibrated for n in new_rounds]
+        ratios = [base_m.calibrated_at(ratio) / n.calibrated_at(ratio) for n in new_rounds]
     value = statistics.median(ratios)
-    noise_sq = base_m.relative_noise ** 2 + new_m.relative_noise ** 2
+    noise_sq = base_m.noise_at(ratio) ** 2 + new_m.noise_at(ratio) ** 2
     if len(ratios) > 1:
         noise_sq += (statistics.stdev(ratios) / value) ** 2 / len(ratios)
-    low, high = bootstrap_ratio(base_m.calibrated_by_problem(problems),
-                                new_m.calibrated_by_problem(problems))
+    low, high = bootstrap_ratio(base_m.calibrated_by_problem(problems, ratio),
+                                new_m.calibrated_by_problem(problems, ratio))
     return SpeedupEstimate(value=value, raw=base_m.wall_s / new_m.wall_s,
                            noise=math.sqrt(noise_sq), problems_low=low, problems_high=high)
 
 
-def _median_round(rounds: Sequence[Timeline]) -> Timeline:
+def _median_round(rounds: Sequence[Timeline], ratio: float | None = None) -> Timeline:
     """The round of median calibrated time (the lower median for an even count)."""
-    ordered = sorted(rounds, key=lambda t: t.calibrated)
+    ordered = sorted(rounds, key=lambda t: t.calibrated_at(ratio))
     return ordered[(len(ordered) - 1) // 2]
 
 
@@ -275,25 +419,28 @@ class StepCosts:
     forwards: int  # how many forwards the means are over
 
 
-def step_costs(runs: Sequence[Any]) -> StepCosts | None:
+def step_costs(runs: Sequence[Any], ratio: float | None = None) -> StepCosts | None:
     """The calibrated step costs of timed runs (``runner.RunResult``s): each sequence's
     step times divided by the calibration of the segment it was decoded in (its own at
-    batch 1, its batch's at batch > 1). A batched forward is counted once per row, so
+    batch 1, its batch's at batch > 1; drafting by the segment's host probes at
+    `ratio`, as :class:`Timeline` calibrates it). A batched forward is counted once per row, so
     the forward mean is per forward; drafting is per forward too: a row's drafting
     time times the rows of that forward (the rows draft one after another). None when
     no sequence has a step past its first (a peer's generate records none)."""
     forward = draft = 0.0
     count = 0
     for run in runs:
-        scales = run.timeline.scales()
+        scales, hosts = run.timeline.scales(), run.timeline.host_scales()
         segments = getattr(run, "segment_of", None) or range(len(run.outputs))
         for segment, generation in zip(segments, run.outputs.values()):
             scale = scales[segment] if segment < len(scales) else 0.0
             if scale <= 0:
                 continue
+            host = hosts[segment] if ratio is not None else None
+            draft_scale = host / ratio if host is not None else scale
             for step in generation.steps[1:]:
                 forward += step.target_s / scale
-                draft += step.drafter_s * step.rows / scale
+                draft += step.drafter_s * step.rows / draft_scale
                 count += 1
     if not count:
         return None

@@ -65,7 +65,7 @@ def announce(session: pytest.Session) -> None:
     else:
         try:
             target = _load(config, specdec)
-            step_s = statistics.median(specdec.probe.reading()[0] for _ in range(STEP_READINGS))
+            step_s = statistics.median(specdec.probe.measure() for _ in range(STEP_READINGS))
         except Exception as exc:  # the cases report a target that does not load
             reporter.write_line(f"pytest-specdec: no estimate ({type(exc).__name__}: {exc})")
             return

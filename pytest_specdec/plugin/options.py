@@ -214,10 +214,11 @@ OPTIONS = (
                 "cost of the target (milliseconds) instead of measuring it on the loaded "
                 "target; with --collect-only no model is loaded, so a run on another "
                 "machine can be sized here (default: measured)"),
-    Option("--specdec-expected-speedup", "specdec_expected_speedup", default=1.0,
+    Option("--specdec-expected-speedup", "specdec_expected_speedup",
            type=positive_float(False), metavar="X",
            help="the speedup the estimate assumes for a drafter's case that no earlier "
-                "report in --specdec-report-dir measured on this target (default: 1.0)"),
+                "report in --specdec-report-dir measured on this target (default: the "
+                "built-in drafters' mean on a 2-core CPU, 1.1 at T=0 and 0.65 at T>0)"),
     Option("--specdec-report-dir", "specdec_report_dir", default="reports", metavar="DIR",
            help="where the session's Markdown/CSV/JSON report goes (default: reports/ "
                 "under the rootdir); never overwrites"),

@@ -63,7 +63,9 @@ TIMING_NOTE = (
     "that disagree around a stretch, and the spread of the rounds). `problems 95%`: "
     "bootstrap over the problems. `raw`: the ratio of wall times without calibration; "
     "`slowdown`: the machine's speed during the case against its baseline's (probe "
-    "time ratio). Costs per step, at this case's machine speed, over every forward but a "
+    "time ratio); `host slowdown` the same for the host probe (a fixed piece of Python, "
+    "which calibrates drafting: a contended CPU slows the target's forwards and Python "
+    "by different factors). Costs per step, at this case's machine speed, over every forward but a "
     "sequence's first: `t_step` a plain decode step (the baseline's), `t_verify` this "
     "case's verify forward, `t_draft` its drafting; `ideal` = MAT × t_step ÷ (t_verify + "
     "t_draft). A speedup above its ideal by more than 15% plus twice its noise is flagged "
@@ -71,7 +73,7 @@ TIMING_NOTE = (
     "timing`; flagged speedups are never marked best.")
 
 TIMING_HEADERS = ["drafter", "paradigm", "T", "timing", "speedup", "±noise", "problems 95%",
-                  "raw", "slowdown", "t_step ms", "t_verify ms", "t_draft ms", "ideal",
+                  "raw", "slowdown", "host slowdown", "t_step ms", "t_verify ms", "t_draft ms", "ideal",
                   "measured ÷ ideal", "flags"]
 
 
@@ -87,7 +89,7 @@ def timing_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
             percent_text(r.get("speedup_noise"), 1),
             f"{number_text(low)}–{number_text(high)}x" if isinstance(low, NUMBER_TYPES) else NO_VALUE,
             speedup_text(r.get("speedup_raw")), number_text(r.get("machine_slowdown")),
-            number_text(r.get("t_step_ms"), 1), number_text(r.get("t_verify_ms"), 1),
+            number_text(r.get("host_slowdown")), number_text(r.get("t_step_ms"), 1), number_text(r.get("t_verify_ms"), 1),
             number_text(r.get("t_draft_ms"), 1), speedup_text(r.get("ideal_speedup")),
             number_text(r.get("measured_over_ideal")), ", ".join(timing_flags_of(r)) or NO_VALUE,
         ])

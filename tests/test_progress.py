@@ -50,7 +50,7 @@ def test_clock_text(seconds, text):
 
 @pytest.mark.parametrize("done, total, elapsed, eta_s, text", [
     (0, 8, 0.0, None, "ETA —"),       # the run's start: nothing to go by
-    (0, 8, 5.0, None, "ETA —"),       # the first sequence still decoding
+    (0, 8, 5.0, None, "ETA —"),       # the first sequence decoding, no token reported
     (1, 8, 2.0, 14.0, "ETA 0:14"),    # 7 more at 2 s each
     (6, 8, 12.0, 4.0, "ETA 0:04"),
     (3, 8, 10.0, 50 / 3, "ETA 0:17"),  # 16.67 s: rounded up
@@ -107,6 +107,31 @@ def test_meter_counts_and_times():
                     event(5, 8, 10.0, 130, round=2, rounds=3, problem=2)]
 
 
+def test_meter_counts_tokens_within_a_sequence():
+    """The engine's per-step sink: events at most `interval` apart, tokens rising and the
+    unfinished sequence counted as its share of the budget (the ETA moves with it)."""
+    seen, now = [], [0.0]
+    meter = ProgressMeter(seen.append, "pld-best_of_n", "timed round", 1, 1,
+                          clock=lambda: now[0], interval=0.25)
+    meter.start("best_of_n", 4, 1)
+    sink = meter.decoding(1, 100)  # one sequence, 100 tokens at most
+    for at, emitted in [(0.1, 3), (0.3, 5), (0.4, 1), (0.6, 4), (0.7, 2)]:
+        now[0] = at
+        sink(emitted)
+    assert [(e.elapsed_s, e.new_tokens, e.done) for e in seen] == \
+        [(0.0, 0, 0), (0.3, 8, 0), (0.6, 13, 0)]  # 0.1, 0.4, 0.7: throttled
+    assert seen[1].decoding == pytest.approx(0.08)
+    assert seen[1].eta_s == pytest.approx(0.3 * (4 - 0.08) / 0.08)
+    assert seen[2].tokens_per_s == pytest.approx(13 / 0.6)
+    now[0] = 1.0
+    meter.add(1, 1, 15)  # finished: counted whole, its tokens once
+    assert (seen[-1].done, seen[-1].new_tokens, seen[-1].decoding) == (1, 15, 0.0)
+    assert seen[-1].eta_s == pytest.approx(3.0)
+    # a sequence at its budget but not yet added is still short of one
+    meter.decoding(2, 10)(25)
+    assert 1.0 < meter._partial() < 2.0
+
+
 # --------------------------------------------------------------------------- the runner
 
 
@@ -150,6 +175,77 @@ def test_batched_runner_counts_a_batch_when_it_finishes(tiny, two_problems):
     # 6 sequences, 4 at a time: batches of 4 (problem 1's 3, problem 2's first) and 2
     assert [(e.done, e.problem) for e in seen] == [(0, 1), (4, 2), (6, 2)]
     assert seen[-1].new_tokens == result.stats.new_tokens and seen[-1].total == 6
+
+
+class CountingClock:
+    """Every read a tenth of a second later: the engine's timing.clock and the meter's
+    one clock, so a run's events are the same on every machine."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        self.t += 0.1
+        return self.t
+
+
+def _one_sequence_run(tiny, monkeypatch, method, batched: bool, meter):
+    from pytest_specdec.engine import timing
+
+    monkeypatch.setattr(timing, "clock", meter.clock if meter is not None else CountingClock())
+    paradigm = make_paradigm("best_of_n", n=2)
+    problems = load_problems("embedded", limit=1)
+    settings = DecodeSettings(0.0, 0, 16)
+    if batched:
+        return run_paradigm_batched(tiny, paradigm, problems, method, settings, 2, meter=meter)
+    return run_paradigm(tiny, paradigm, problems, method, settings, meter=meter)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["batch1", "batch2"])
+def test_events_arrive_within_a_sequence(tiny, monkeypatch, batched):
+    seen: list[RunProgress] = []
+    meter = ProgressMeter(seen.append, "baseline-best_of_n", "timed round", 1, 1,
+                          clock=CountingClock())
+    method = engine_batch_method(tiny, None, batch=2, k=0, drafter_name="baseline") \
+        if batched else engine_method(tiny, None, k=0, drafter_name="baseline")
+    result = _one_sequence_run(tiny, monkeypatch, method, batched, meter)
+    first = result.outputs[next(iter(result.outputs))]
+    inside = [e for e in seen[1:] if e.done == 0]  # before the first sequence (batch) ends
+    assert len(first.tokens) > 4 and len(inside) >= 3, [len(g.tokens) for g in
+                                                         result.outputs.values()]
+    tokens = [e.new_tokens for e in inside]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens) and tokens[0] > 0
+    assert all(0 < e.decoding < (2 if batched else 1) for e in inside)
+    assert all(e.eta_s is not None and e.tokens_per_s is not None for e in inside)
+    assert all(a.elapsed_s < b.elapsed_s for a, b in zip(seen, seen[1:]))
+    assert seen[-1].new_tokens == result.stats.new_tokens and seen[-1].eta_s == 0.0
+
+
+@pytest.mark.parametrize("drafter", [None, "pld"])
+@pytest.mark.parametrize("batched", [False, True], ids=["batch1", "batch2"])
+def test_outputs_and_timed_steps_do_not_depend_on_the_sink(tiny, monkeypatch, batched, drafter):
+    """The same run with and without a progress sink: the same tokens, and the same
+    step costs on the fake clock (the sink's clock reads fall between timed spans)."""
+    from pytest_specdec.protocol.registry import load_registry
+
+    def method():
+        make = (lambda: load_registry().get(drafter).create()) if drafter else None
+        k = 3 if drafter else 0
+        if batched:
+            return engine_batch_method(tiny, make, batch=2, k=k, drafter_name=drafter or "b")
+        return engine_method(tiny, make() if make else None, k=k, drafter_name=drafter or "b")
+
+    silent = _one_sequence_run(tiny, monkeypatch, method(), batched, None)
+    seen: list[RunProgress] = []
+    meter = ProgressMeter(seen.append, "x", "timed round", clock=CountingClock(), interval=0.0)
+    watched = _one_sequence_run(tiny, monkeypatch, method(), batched, meter)
+    assert len(seen) > len(watched.outputs) + 1  # events within the sequences
+    assert silent.digest == watched.digest
+    assert [g.tokens for g in silent.outputs.values()] == \
+        [g.tokens for g in watched.outputs.values()]
+    for a, b in zip(silent.outputs.values(), watched.outputs.values()):
+        costs = [[x for s in g.steps for x in (s.target_s, s.drafter_s)] for g in (a, b)]
+        assert costs[0] == pytest.approx(costs[1])
 
 
 def _session(tiny, tmp_path, seen, **changes):

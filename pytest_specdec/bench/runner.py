@@ -52,6 +52,16 @@ class DecodeSettings:
 Method = Callable[[GenerationRequest], Generation]
 #: decodes several requests together (one batch), in order
 BatchMethod = Callable[[Sequence[GenerationRequest]], list[Generation]]
+#: the per-step token count a method that ``reports_tokens`` is handed (``on_tokens=``)
+TokenSink = Callable[[int], None]
+
+
+def _call(method: Callable, requests: object, sink: TokenSink | None) -> object:
+    """method(requests), with the meter's per-step sink if the method reports tokens
+    (our engine's; a peer's or a test's method is called as before)."""
+    if sink is None or not getattr(method, "reports_tokens", False):
+        return method(requests)
+    return method(requests, on_tokens=sink)
 
 
 def engine_method(target: Target, drafter: Drafter | None, *, k: int, drafter_name: str,
@@ -64,8 +74,13 @@ def engine_method(target: Target, drafter: Drafter | None, *, k: int, drafter_na
     weights in ``attach``)."""
     if drafter is not None:
         attach(target, drafter, drafter_name, step_timeout=step_timeout)
-    return lambda request: generate(target, request, drafter, k=k, drafter_name=drafter_name,
-                                    step_timeout=step_timeout, exact=exact)
+
+    def decode(request: GenerationRequest, on_tokens: TokenSink | None = None) -> Generation:
+        return generate(target, request, drafter, k=k, drafter_name=drafter_name,
+                        step_timeout=step_timeout, exact=exact, on_tokens=on_tokens)
+
+    decode.reports_tokens = True  # type: ignore[attr-defined]
+    return decode
 
 
 def engine_batch_method(target: Target, make_drafter: Callable[[], Drafter] | None, *,
@@ -87,13 +102,15 @@ def engine_batch_method(target: Target, make_drafter: Callable[[], Drafter] | No
         for drafter in slots:
             attach(target, drafter, drafter_name, step_timeout=step_timeout)
 
-    def decode(requests: Sequence[GenerationRequest]) -> list[Generation]:
+    def decode(requests: Sequence[GenerationRequest],
+               on_tokens: TokenSink | None = None) -> list[Generation]:
         drafters = (slots * len(requests) if concurrent else slots[:len(requests)]) \
             if slots else None
         return generate_batch(target, requests, drafters, k=k, drafter_name=drafter_name,
-                              step_timeout=step_timeout, exact=exact)
+                              step_timeout=step_timeout, exact=exact, on_tokens=on_tokens)
 
     decode.drafters = slots  # type: ignore[attr-defined]
+    decode.reports_tokens = True  # type: ignore[attr-defined]
     return decode
 
 
@@ -130,7 +147,8 @@ def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Seque
     """Run the paradigm on every problem; wall_s covers the whole run end to end, but
     for the calibration `probe` (see :mod:`pytest_specdec.engine.timing`), which runs before
     every sequence and after the last, untimed. `progress` gets a line per problem (the
-    session logs it), `meter` every finished sequence (the live progress line)."""
+    session logs it), `meter` every finished sequence (the live progress line) and,
+    from a method that reports them, the tokens of every step."""
     result = RunResult(timeline=Timeline(probe))
     if meter is not None:
         meter.start(paradigm.name, len(problems) * paradigm.sequences_per_problem, len(problems))
@@ -139,7 +157,8 @@ def run_paradigm(target: Target, paradigm: MultiRound | BestOfN, problems: Seque
     def generate_fn(prompt: str, *, group: str, sample: int, round: int) -> Completion:
         result.timeline.cut(current)
         request = settings.request(target.encode_prompt(prompt), group, sample, round)
-        generation = method(request)
+        sink = meter.decoding(1, request.max_new_tokens) if meter is not None else None
+        generation = _call(method, request, sink)
         result.requests[(group, sample, round)] = request
         result.outputs[(group, sample, round)] = generation
         result.segment_of.append(len(result.timeline.probes) - 1)
@@ -190,7 +209,9 @@ def run_paradigm_batched(target: Target, paradigm: MultiRound | BestOfN,
         result.timeline.cut(first)
         requests = [settings.request(target.encode_prompt(a.prompt), a.group, a.sample, a.round)
                     for a in asks]
-        generations = method(requests)
+        sink = meter.decoding(len(requests), settings.max_new_tokens) \
+            if meter is not None else None
+        generations = _call(method, requests, sink)
         completions = []
         for ask, request, generation in zip(asks, requests, generations):
             key = (ask.group, ask.sample, ask.round)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -225,7 +225,8 @@ def _forward(target: Target, cache: BatchCache, fed: list[_Fed],
 def generate_batch(target: Target, requests: Sequence[GenerationRequest],
                    drafters: Sequence[Drafter | None] | None = None, *, k: int = 0,
                    drafter_name: str = "drafter", step_timeout: float = 0.0,
-                   exact: bool = False) -> list[Generation]:
+                   exact: bool = False,
+                   on_tokens: Callable[[int], None] | None = None) -> list[Generation]:
     """Decode every request together; with drafters, speculatively: ``drafters[i]``
     serves request i (None: no drafter, as plain decoding). A drafter instance serves
     one open sequence at a time (``begin`` ... ``end``): the same instance for two
@@ -244,7 +245,10 @@ def generate_batch(target: Target, requests: Sequence[GenerationRequest],
     the row-invariant attention and pinned linear layers of
     :mod:`pytest_specdec.engine.exact`, each row against its own mask row, and a forward
     left with one row gets batch 1's probe: a sequence's logits, and so its tokens, are
-    bit-identical to batch 1's in exact mode whatever else the batch holds."""
+    bit-identical to batch 1's in exact mode whatever else the batch holds.
+
+    ``on_tokens``: told, after each step's timed spans, the tokens all rows emitted in
+    it (as at batch 1, :func:`pytest_specdec.engine.loop.generate`)."""
     if not requests:
         raise ValueError("generate_batch needs at least one request")
     drafters = list(drafters) if drafters is not None else [None] * len(requests)
@@ -293,11 +297,13 @@ def generate_batch(target: Target, requests: Sequence[GenerationRequest],
         _exact_prefill_rows(target, rows, cache, layers)
         exact_forwards = row_invariant(target.model)
     with exact_forwards:
-        return _decode(target, rows, cache, k=k, layers=layers, top_k=top_k, exact=exact)
+        return _decode(target, rows, cache, k=k, layers=layers, top_k=top_k, exact=exact,
+                       on_tokens=on_tokens)
 
 
 def _decode(target: Target, rows: list[_Row], cache: BatchCache, *, k: int,
-            layers: bool | Sequence[int], top_k: int, exact: bool) -> list[Generation]:
+            layers: bool | Sequence[int], top_k: int, exact: bool,
+            on_tokens: Callable[[int], None] | None = None) -> list[Generation]:
     """The batch's steps, until every row has stopped; one Generation per row."""
     done: dict[int, Generation] = {}
     open_rows = rows
@@ -329,6 +335,8 @@ def _decode(target: Target, rows: list[_Row], cache: BatchCache, *, k: int,
             cache.valid[b, [nodes + i for i in path]] = True
             _finish_step(target, row, step, draft, forward_s, len(open_rows), drafting[b])
         cache.compact()
+        if on_tokens is not None:  # untimed: every row's step record is written
+            on_tokens(sum(row.steps[-1].emitted for row in open_rows))
         still = [b for b, row in enumerate(open_rows) if row.stop != "eos"
                  and len(row.new) < row.request.max_new_tokens]
         for b, row in enumerate(open_rows):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -57,7 +57,7 @@ class Generation:
 @torch.inference_mode()
 def generate(target: Target, request: GenerationRequest, drafter: Drafter | None = None,
              *, k: int = 0, drafter_name: str = "drafter", step_timeout: float = 0.0,
-             exact: bool = False) -> Generation:
+             exact: bool = False, on_tokens: Callable[[int], None] | None = None) -> Generation:
     """Decode one sequence; with a drafter, speculatively. Stops at EOS or the budget,
     exactly where plain decoding stops (a draft never runs past either).
 
@@ -72,6 +72,11 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     prefilled alone, then every forward runs the row-invariant attention of
     :mod:`pytest_specdec.engine.exact`, so that the baseline and every drafter compute each
     position's logits bit for bit alike in any dtype.
+
+    ``on_tokens`` (the live progress line): told each step's emitted token count after
+    the step's timed span ends (t3) and before the next one starts, so its time is in
+    no step's ``target_s`` or ``drafter_s``; one call per step, the baseline's and a
+    drafter's alike. It must be cheap (the meter rate-limits what it draws).
     """
     prompt = list(request.prompt_ids)
     if not prompt:
@@ -133,6 +138,8 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
                                 target_s=t2 - t1)
             steps.append(record)
             stats.add_step(record)
+            if on_tokens is not None:  # untimed: between this step's t3 and the next t0
+                on_tokens(len(emitted))
             if stop == "eos":
                 break
     if guarded is not None:

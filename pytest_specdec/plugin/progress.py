@@ -64,7 +64,7 @@ def clock_text(seconds: float) -> str:
 
 def eta_text(event: RunProgress) -> str:
     """``ETA 0:04`` (rounded up: 0:00 only when the run is done), ``ETA —`` before the
-    run's first sequence finishes."""
+    run's first token (a method that reports no tokens per step: its first sequence)."""
     eta = event.eta_s
     return "ETA —" if eta is None else f"ETA {clock_text(math.ceil(eta - 1e-9))}"
 

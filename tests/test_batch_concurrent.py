@@ -406,3 +406,53 @@ def test_the_documented_example_runs_batched_and_alone(small_vocab, temperature)
         assert sum(g.stats.accepted for g in out) > 0
     one = example()
     assert [generate(small_vocab, r, one, k=3).tokens for r in requests] == truth
+
+
+# --------------------------------------------------------------------------- the record
+
+class PerRow(DrafterBase):
+    """A third-party drafter without the declaration: one instance per open sequence."""
+
+    max_depth = 2
+
+    def propose(self, context: Sequence[int], k: int) -> Draft:
+        return Draft(tuple(context[-1:]))
+
+
+@pytest.fixture(scope="module")
+def tokenized(tiny_model_dir):
+    """The tiny random model with the embedded tokenizer (a session encodes prompts)."""
+    from pytest_specdec.engine.target import load_target
+
+    return load_target(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def session_records(target, tmp_path, batch: int) -> dict[str, dict]:
+    """The baseline's, sam's and a third party's records of one small Best-of-N case."""
+    from pytest_specdec.bench.config import SpecdecConfig
+    from pytest_specdec.bench.problems import load_problems
+    from pytest_specdec.bench.session import ParadigmCase, SpecdecSession
+    from pytest_specdec.protocol.spec import DrafterSpec
+
+    cfg = SpecdecConfig(
+        target="", device="cpu", dtype="float32", trust_remote_code=False, drafters=None,
+        paradigms=("best_of_n",), dataset="embedded", dataset_split="test", problems=2,
+        max_new_tokens=6, n=2, rounds=2, temperatures=(0.0,), seed=0, k=None,
+        timed_rounds=1, report_dir=tmp_path, peers=(), strict=False, tie_margin=None,
+        step_timeout=0.0, compare=None, compare_fail=())
+    registry = load_registry()
+    registry.add("per_row", PerRow, "test")
+    session = SpecdecSession(cfg, registry, load_problems("embedded", limit=2), lambda: target)
+    case = ParadigmCase("best_of_n", 0.0, batch=batch)
+    return {"baseline": session.run_baseline_case(case, None),
+            "sam": session.run_speculative_case(DrafterSpec("sam"), case, None),
+            "per_row": session.run_speculative_case(DrafterSpec("per_row"), case, None)}
+
+
+def test_a_record_says_whether_one_instance_served_every_row(tokenized, tmp_path):
+    batched = session_records(tokenized, tmp_path, 4)
+    assert batched["sam"]["drafter_instances"] == "shared"
+    assert batched["per_row"]["drafter_instances"] == "per sequence"
+    assert "drafter_instances" not in batched["baseline"]
+    alone = session_records(tokenized, tmp_path, 1)
+    assert not any("drafter_instances" in r for r in alone.values())

@@ -436,3 +436,36 @@ def test_cases_are_matched_at_their_batch_size(records):
     assert len(comparison.compared) == 2 * len(records)
     assert {c.batch for c in comparison.compared} == {1, 4}
     assert any(c.label.endswith("batch 4") for c in comparison.compared)
+
+
+def test_cases_served_shared_or_per_sequence_are_warned_about(records):
+    """A batched case whose drafter served every row with one instance is not the
+    measurement of one instance per sequence: compare says so, like other weights."""
+    from pytest_specdec.reporting.compare import compare_records
+
+    def batched(instances: str | None) -> list[dict]:
+        out = [{**r, "batch": 4} for r in records]
+        return [{**r, "drafter_instances": instances}
+                if r["role"] == "speculative" and instances else r for r in out]
+
+    comparison = compare_records(batched("shared"), batched("per sequence"))
+    assert any("drafter_instances" in w and "shared → per sequence" in w
+               for w in comparison.warnings)
+    assert not any("drafter_instances" in w
+                   for w in compare_records(batched("shared"), batched("shared")).warnings)
+    # a record saved before the field has none: nothing to tell apart
+    assert not any("drafter_instances" in w
+                   for w in compare_records(batched(None), batched("shared")).warnings)
+
+
+def test_the_batch_table_shows_how_the_rows_were_served(records):
+    from pytest_specdec.reporting.tables import BATCH_NOTE, batch_table
+
+    batched = [{**r, "batch": 4, "drafter_instances": "shared"} if r["role"] == "speculative"
+               else {**r, "batch": 4} for r in records]
+    headers, rows = batch_table(records + batched)
+    assert headers[-2:] == ["batch 1", "batch 4"]
+    drafted = [row for row in rows if row[0] != "baseline"]
+    assert drafted and all(row[-1].endswith(" · shared") for row in drafted)
+    assert not any("shared" in row[-2] for row in rows)  # batch 1: one instance
+    assert "per sequence" in BATCH_NOTE and "drafter_instances" in BATCH_NOTE

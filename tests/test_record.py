@@ -66,6 +66,12 @@ def test_a_record_checks_its_fields():
         CaseRecord(**minimal(wall_s_rounds=["x"]))
     with pytest.raises(RecordError, match="has role 'judge'"):
         CaseRecord(**minimal(role="judge"))
+    with pytest.raises(RecordError, match="has drafter_instances 'some'"):
+        CaseRecord(**minimal(batch=4, drafter_instances="some"))
+    for instances in ("shared", "per sequence"):
+        assert CaseRecord(**minimal(batch=4, drafter_instances=instances)).as_dict()[
+            "drafter_instances"] == instances
+    assert "drafter_instances" not in CaseRecord(**minimal()).as_dict()
     assert dataclasses.is_dataclass(CaseRecord)
 
 

@@ -35,6 +35,10 @@ PEER_PLAIN, PEER_PLD = "hf_generate", "hf_pld"
 PEER_NAMES = (PEER_PLAIN, PEER_PLD)
 OUR_PLD = "pld"
 
+#: ``drafter_instances``'s values (see :class:`CaseRecord`).
+SHARED, PER_SEQUENCE = "shared", "per sequence"
+DRAFTER_INSTANCES = (SHARED, PER_SEQUENCE)
+
 
 class RecordError(ValueError):
     """A record lacks a required field or holds a value of the wrong type."""
@@ -103,6 +107,11 @@ class CaseRecord:
     paradigm: str = _required()
     temperature: float = _required()
     batch: int = _optional()  # sequences decoded together; a record without it: 1
+    # at batch > 1, how the drafter's instances served the batch's rows: one instance for
+    # every row (SHARED: it declares concurrent_sequences and sees its siblings' text as
+    # it is generated) or one per open sequence (PER_SEQUENCE); absent for plain decoding,
+    # peers and batch 1 (one instance, one sequence at a time)
+    drafter_instances: str = _optional()
     target: str = _required()
     dtype: str = _required()
     device: str = _required()
@@ -229,3 +238,6 @@ def check_record(record: Mapping[str, Any], where: str) -> None:
     if record["role"] not in ROLES:
         raise RecordError(f"{where} has role {record['role']!r}; "
                           f"expected one of {', '.join(ROLES)}")
+    if record.get("drafter_instances", SHARED) not in DRAFTER_INSTANCES:
+        raise RecordError(f"{where} has drafter_instances {record['drafter_instances']!r}; "
+                          f"expected one of {', '.join(map(repr, DRAFTER_INSTANCES))}")

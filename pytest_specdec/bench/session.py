@@ -17,7 +17,8 @@ from pytest_specdec.bench.paradigms import make_paradigm
 from pytest_specdec.bench.peer import check_peer, hf_method, plain_peer_settings, pld_peer_settings
 from pytest_specdec.bench.problems import Problem
 from pytest_specdec.bench.progress import ProgressMeter, RunProgress
-from pytest_specdec.bench.record import OUR_PLD, PEER_PLAIN, SCHEMA_VERSION, CaseRecord
+from pytest_specdec.bench.record import (OUR_PLD, PEER_PLAIN, PER_SEQUENCE, SCHEMA_VERSION, SHARED,
+                                         CaseRecord)
 from pytest_specdec.bench.runner import (DecodeSettings, Method, RunResult, engine_batch_method,
                                          engine_method, run_paradigm, run_paradigm_batched)
 from pytest_specdec.engine.integrity import TargetChanged, TargetFingerprint
@@ -25,7 +26,8 @@ from pytest_specdec.engine.metrics import ideal_speedup, mat_by_index, median_ro
 from pytest_specdec.engine.target import Target
 from pytest_specdec.engine.timing import (Probe, SpeedupEstimate, host_ratio, speedup_estimate,
                                           step_costs, timing_flags)
-from pytest_specdec.protocol.drafter import depth_profile, draft_depth, drafter_record_fields
+from pytest_specdec.protocol.drafter import (depth_profile, draft_depth, drafter_record_fields,
+                                             serves_concurrent_sequences)
 from pytest_specdec.protocol.registry import Registry
 from pytest_specdec.protocol.spec import DrafterSpec
 
@@ -354,7 +356,7 @@ class SpecdecSession:
                                              batch=case.batch, k=k, drafter_name=spec.label,
                                              step_timeout=self.config.step_timeout,
                                              exact=self.config.exact)
-                made[:] = method.drafters
+                made[:] = method.drafters  # one instance for every row, or one per row
                 return method
             made[:] = [registered.create(**options)]
             return engine_method(target, made[-1], k=k, drafter_name=spec.label,
@@ -369,6 +371,7 @@ class SpecdecSession:
         verdict = self._judge(case, measured, spec.label)
         return self._record("speculative", spec.label, case, measured, base,
                             drafter_options=dict(spec.options), k=k, **verdict.summary(),
+                            **_instances_of(made, case.batch, spec.label),
                             **_record_fields_of(made))  # the last timed round's
 
     def _peer_case(self, peer: str, case: ParadigmCase, benchmark: Any) -> dict[str, Any]:
@@ -513,6 +516,17 @@ class SpecdecSession:
         if changes:
             size, self._target, self._fingerprint = self._fingerprint.size, None, None
             raise TargetChanged.of(case_label, changes, size)
+
+
+def _instances_of(drafters: list[Any], batch: int, name: str) -> dict[str, str]:
+    """The record's ``drafter_instances`` at batch > 1: ``shared`` when one instance
+    served every row (the drafter, a hybrid included, declares ``concurrent_sequences``;
+    :func:`~pytest_specdec.bench.runner.engine_batch_method` decides), ``per sequence``
+    otherwise; nothing at batch 1."""
+    if batch == 1 or not drafters:
+        return {}
+    shared = serves_concurrent_sequences(drafters[0], name)
+    return {"drafter_instances": SHARED if shared else PER_SEQUENCE}
 
 
 def _record_fields_of(drafters: list[Any]) -> dict[str, Any]:

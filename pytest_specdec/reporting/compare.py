@@ -344,6 +344,7 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
     cases = []
     single_round = 0
     weight_changes: list[str] = []  # compared cases whose drafter weights differ
+    instance_changes: list[str] = []  # compared cases served shared vs per sequence
     flagged: list[str] = []  # compared cases whose new speedup is flagged (timing)
     depth_changes = []  # compared cases whose draft depth k differs: "pld ...: 5 → 10"
     for key in dict.fromkeys([*old_index, *new_index]):
@@ -374,6 +375,11 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
                     and old["drafter_weights"] != now["drafter_weights"]):
                 weight_changes.append(f"{case.label}: {old['drafter_weights']} → "
                                       f"{now['drafter_weights']}")
+            if (old.get("drafter_instances") and now.get("drafter_instances")
+                    and old["drafter_instances"] != now["drafter_instances"]):
+                # one instance serving every row is not the measurement of one per row
+                instance_changes.append(f"{case.label}: {old['drafter_instances']} → "
+                                        f"{now['drafter_instances']}")
             if draft_depth_of(old) != draft_depth_of(now):  # plain decoding has none
                 depth_changes.append(f"{case.label}: {draft_depth_of(old)} → {draft_depth_of(now)}")
             for metric, drop in drops.items():
@@ -392,6 +398,11 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
         warnings.append(f"the runs used different drafter weights in {len(weight_changes)} "
                         f"compared case(s) (drafter_weights, {base_name} → {new_name}): "
                         + "; ".join(weight_changes))
+    if instance_changes:
+        warnings.append(f"the runs served the batch's rows differently in "
+                        f"{len(instance_changes)} compared case(s) (drafter_instances: one "
+                        f"shared instance or one per sequence, {base_name} → {new_name}): "
+                        + "; ".join(instance_changes))
     if depth_changes:
         warnings.append(f"the runs differ in k (draft depth) of {len(depth_changes)} compared "
                         f"case(s), {base_name} → {new_name}: " + "; ".join(depth_changes))

@@ -101,7 +101,10 @@ BATCH_NOTE = (
     "the speedup over plain decoding at the same batch size, MAT, and the ideal speedup "
     "its step costs at that size allow (MAT × t_step ÷ (t_verify + t_draft): the verify "
     "forward carries every row's draft, and the rows draft one after another). Where the "
-    "ideal falls towards 1x, speculative decoding stops paying.")
+    "ideal falls towards 1x, speculative decoding stops paying. *shared*: one drafter "
+    "instance served every row (it declares `concurrent_sequences` and sees its siblings' "
+    "text as it is generated); *per sequence*: one instance per open sequence "
+    "(`drafter_instances`).")
 
 
 def batch_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
@@ -122,7 +125,8 @@ def batch_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
             row.append(NO_VALUE if r is None else " · ".join((
                 f"{number_text(r['tokens_per_s'], 1)} tok/s", speedup_text(r["speedup"]),
                 f"MAT {number_text(r['mat'])}",
-                f"ideal {speedup_text(r.get('ideal_speedup'))}")))
+                f"ideal {speedup_text(r.get('ideal_speedup'))}",
+                *([r["drafter_instances"]] if r.get("drafter_instances") else []))))
         rows.append(row)
     return ["drafter", "paradigm", "T", *(f"batch {b}" for b in batches)], rows
 

@@ -45,6 +45,23 @@ def leaking_previous_row(real_mask):
     return leaky
 
 
+def small_config(report_dir: Path, **changes):
+    """A SpecdecConfig for a session run in-process on a tiny target: Best-of-N, 2
+    problems × 2 samples of 6 tokens, T=0, one timed round, no peers; `changes`
+    override any field."""
+    import dataclasses
+
+    from pytest_specdec.bench.config import SpecdecConfig
+
+    base = SpecdecConfig(
+        target="", device="cpu", dtype="float32", trust_remote_code=False, drafters=None,
+        paradigms=("best_of_n",), dataset="embedded", dataset_split="test", problems=2,
+        max_new_tokens=6, n=2, rounds=2, temperatures=(0.0,), seed=0, k=None,
+        timed_rounds=1, report_dir=report_dir, peers=(), strict=False, tie_margin=None,
+        step_timeout=0.0, compare=None, compare_fail=())
+    return dataclasses.replace(base, **changes)
+
+
 def losses_over_steps(trainable, batch, *, steps: int, lr: float) -> list[float]:
     """The loss at each of `steps` AdamW steps of a model drafter's trainable on one
     batch (its trained parameters only): a few steps must lower it."""

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import pytest
 
-from conftest import tiny_model
+from conftest import small_config, tiny_model
 from pytest_specdec.bench.runner import engine_batch_method
 from pytest_specdec.engine.batch import generate_batch
 from pytest_specdec.engine.loop import GenerationRequest, generate
@@ -429,17 +429,11 @@ def tokenized(tiny_model_dir):
 
 def session_records(target, tmp_path, batch: int) -> dict[str, dict]:
     """The baseline's, sam's and a third party's records of one small Best-of-N case."""
-    from pytest_specdec.bench.config import SpecdecConfig
     from pytest_specdec.bench.problems import load_problems
     from pytest_specdec.bench.session import ParadigmCase, SpecdecSession
     from pytest_specdec.protocol.spec import DrafterSpec
 
-    cfg = SpecdecConfig(
-        target="", device="cpu", dtype="float32", trust_remote_code=False, drafters=None,
-        paradigms=("best_of_n",), dataset="embedded", dataset_split="test", problems=2,
-        max_new_tokens=6, n=2, rounds=2, temperatures=(0.0,), seed=0, k=None,
-        timed_rounds=1, report_dir=tmp_path, peers=(), strict=False, tie_margin=None,
-        step_timeout=0.0, compare=None, compare_fail=())
+    cfg = small_config(tmp_path)
     registry = load_registry()
     registry.add("per_row", PerRow, "test")
     session = SpecdecSession(cfg, registry, load_problems("embedded", limit=2), lambda: target)

@@ -3,11 +3,11 @@ cost measured on the loaded target or given, and earlier reports' ratios."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 
+from conftest import small_config
 from pytest_specdec.bench.config import SpecdecConfig
 from pytest_specdec.bench.estimate import (History, PlannedCase, duration, estimate_run,
                                            read_history)
@@ -18,13 +18,9 @@ BON4 = ParadigmCase("best_of_n", 0.6, batch=4, explicit_batch=True)
 
 
 def _config(tmp_path, **changes) -> SpecdecConfig:
-    base = SpecdecConfig(
-        target="", device="cpu", dtype="float32", trust_remote_code=False,
-        drafters=None, paradigms=("multi_round", "best_of_n"), dataset="embedded",
-        dataset_split="test", problems=2, max_new_tokens=10, n=4, rounds=2,
-        temperatures=None, seed=0, k=None, timed_rounds=1, report_dir=tmp_path, peers=(),
-        strict=False, tie_margin=None, step_timeout=0.0, compare=None, compare_fail=())
-    return dataclasses.replace(base, **changes)
+    return small_config(tmp_path, **{"paradigms": ("multi_round", "best_of_n"),
+                                     "max_new_tokens": 10, "n": 4, "temperatures": None,
+                                     **changes})
 
 
 def _case(role, drafter, case):

@@ -6,7 +6,6 @@ pseudo-terminal (drawn, erased, never in the JUnit XML or the benchmark JSON).""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import os
@@ -20,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import small_config
 from pytest_specdec.bench.paradigms import make_paradigm
 from pytest_specdec.bench.problems import load_problems
 from pytest_specdec.bench.progress import ProgressMeter, RunProgress
@@ -249,17 +249,10 @@ def test_outputs_and_timed_steps_do_not_depend_on_the_sink(tiny, monkeypatch, ba
 
 
 def _session(tiny, tmp_path, seen, **changes):
-    from pytest_specdec.bench.config import SpecdecConfig
     from pytest_specdec.bench.session import SpecdecSession
     from pytest_specdec.protocol.registry import load_registry
 
-    cfg = SpecdecConfig(
-        target="", device="cpu", dtype="float32", trust_remote_code=False, drafters=None,
-        paradigms=("best_of_n",), dataset="embedded", dataset_split="test", problems=2,
-        max_new_tokens=6, n=2, rounds=2, temperatures=(0.0,), seed=0, k=None,
-        timed_rounds=2, report_dir=tmp_path, peers=(), strict=False, tie_margin=None,
-        step_timeout=0.0, compare=None, compare_fail=())
-    cfg = dataclasses.replace(cfg, **changes)
+    cfg = small_config(tmp_path, **{"timed_rounds": 2, **changes})
     return SpecdecSession(cfg, load_registry(), load_problems("embedded", limit=2),
                           lambda: tiny, progress=seen.append)
 

@@ -5,11 +5,11 @@ machine's slowdown), so every figure is deterministic."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 
+from conftest import small_config
 from pytest_specdec.bench.config import SpecdecConfig
 from pytest_specdec.bench.problems import load_problems
 from pytest_specdec.bench.session import ParadigmCase, SpecdecSession
@@ -40,13 +40,8 @@ class FakeMachine:
 
 
 def _config(tmp_path, **changes) -> SpecdecConfig:
-    base = SpecdecConfig(
-        target="", device="cpu", dtype="float32", trust_remote_code=False,
-        drafters=None, paradigms=("multi_round",), dataset="embedded", dataset_split="test",
-        problems=2, max_new_tokens=24, n=2, rounds=2, temperatures=(0.0,), seed=0, k=None,
-        timed_rounds=1, report_dir=tmp_path, peers=(), strict=False, tie_margin=None,
-        step_timeout=0.0, compare=None, compare_fail=())
-    return dataclasses.replace(base, **changes)
+    return small_config(tmp_path, **{"paradigms": ("multi_round",), "max_new_tokens": 24,
+                                     **changes})
 
 
 def _speedups(tiny_model_dir, tmp_path, monkeypatch, slow_after_baseline: float,

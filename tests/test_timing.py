@@ -142,7 +142,7 @@ def test_timeline_calibrates_each_segment_by_its_probes(monkeypatch):
     assert line.wall_s == 15.0
     assert line.calibrated_by_problem(2) == pytest.approx([3.0, 8 / 1.5 + 2.0])
     # only the segment whose probes disagree adds noise: (8/1.5 · 1/3) / total
-    assert line.relative_noise == pytest.approx((8 / 1.5 / 3) / (3 + 8 / 1.5 + 2))
+    assert line.noise_at(None) == pytest.approx((8 / 1.5 / 3) / (3 + 8 / 1.5 + 2))
 
 
 def test_a_contended_machines_scattered_probes_raise_the_noise_to_unstable(monkeypatch):
@@ -161,11 +161,11 @@ def test_a_contended_machines_scattered_probes_raise_the_noise_to_unstable(monke
         return line
 
     quiet, contended = run(0.02), run(0.3)
-    assert quiet.calibrated == contended.calibrated == pytest.approx(12.0)
-    assert quiet.relative_noise == pytest.approx(0.02)
-    assert contended.relative_noise == pytest.approx(0.3)
-    assert timing.timing_flags(1.0, quiet.relative_noise) == []
-    assert timing.timing_flags(1.0, contended.relative_noise) == [timing.UNSTABLE_TIMING]
+    assert quiet.calibrated_at(None) == contended.calibrated_at(None) == pytest.approx(12.0)
+    assert quiet.noise_at(None) == pytest.approx(0.02)
+    assert contended.noise_at(None) == pytest.approx(0.3)
+    assert timing.timing_flags(1.0, quiet.noise_at(None)) == []
+    assert timing.timing_flags(1.0, contended.noise_at(None)) == [timing.UNSTABLE_TIMING]
 
 
 def test_the_probe_reads_a_trimmed_mean_and_its_spread(monkeypatch):

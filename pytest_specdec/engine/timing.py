@@ -126,7 +126,7 @@ class Probe:
         the kept ones over that mean: on a quiet machine the forwards agree to a few
         percent; on a contended one, whose threads are descheduled by other processes,
         they scatter, and the spread enters the timing noise, see
-        :meth:`Timeline.relative_noise`), then the host's (the mean chunk time of
+        :meth:`Timeline.noise_at`), then the host's (the mean chunk time of
         :func:`host_workload`, and half its range over that mean)."""
         times = []
         for _ in range(PROBE_FORWARDS):
@@ -259,11 +259,6 @@ class Timeline:
         """The run's length in probe units (decode steps of the machine as it was)."""
         return sum(self.segment_units(ratio))
 
-    @property
-    def calibrated(self) -> float:
-        """:meth:`calibrated_at` without host calibration."""
-        return self.calibrated_at(None)
-
     def calibrated_by_problem(self, problems: int, ratio: float | None = None) -> list[float]:
         out = [0.0] * problems
         for units, p in zip(self.segment_units(ratio), self.problem_of):
@@ -298,11 +293,6 @@ class Timeline:
                 square += (draft * u_host) ** 2
                 weighted_spread += draft * (host_spreads[i] + host_spreads[i + 1]) / 2
         return math.sqrt(square / total ** 2 + (weighted_spread / total) ** 2)
-
-    @property
-    def relative_noise(self) -> float:
-        """:meth:`noise_at` without host calibration."""
-        return self.noise_at(None)
 
     @property
     def probe_s(self) -> float:

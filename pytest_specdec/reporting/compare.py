@@ -322,6 +322,14 @@ def _setting_warnings(base: Sequence[dict], new: Sequence[dict], base_name: str,
     return warnings
 
 
+def _changed(label: str, old: dict, now: dict, field: str) -> list[str]:
+    """``["label: old → new"]`` when both records carry `field` and it differs, else
+    ``[]`` (a run saved before the field existed says nothing)."""
+    if old.get(field) and now.get(field) and old[field] != now[field]:
+        return [f"{label}: {old[field]} → {now[field]}"]
+    return []
+
+
 def compare_records(base: Sequence[dict], new: Sequence[dict], *,
                     rules: Sequence[tuple[str, float]] = (), base_name: str = "BASE",
                     new_name: str = "NEW") -> Comparison:
@@ -371,15 +379,9 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
             case.single_round = not own_reference and (
                 len(old["wall_s_rounds"]) < 2 or len(now["wall_s_rounds"]) < 2)
             single_round += case.single_round
-            if (old.get("drafter_weights") and now.get("drafter_weights")
-                    and old["drafter_weights"] != now["drafter_weights"]):
-                weight_changes.append(f"{case.label}: {old['drafter_weights']} → "
-                                      f"{now['drafter_weights']}")
-            if (old.get("drafter_instances") and now.get("drafter_instances")
-                    and old["drafter_instances"] != now["drafter_instances"]):
-                # one instance serving every row is not the measurement of one per row
-                instance_changes.append(f"{case.label}: {old['drafter_instances']} → "
-                                        f"{now['drafter_instances']}")
+            weight_changes += _changed(case.label, old, now, "drafter_weights")
+            # one instance serving every row is not the measurement of one per row
+            instance_changes += _changed(case.label, old, now, "drafter_instances")
             if draft_depth_of(old) != draft_depth_of(now):  # plain decoding has none
                 depth_changes.append(f"{case.label}: {draft_depth_of(old)} → {draft_depth_of(now)}")
             for metric, drop in drops.items():

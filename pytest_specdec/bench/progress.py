@@ -21,9 +21,10 @@ that do not report tokens (a peer's generate) are counted per finished sequence 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+from pytest_specdec.engine import timing
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class ProgressMeter:
     phase: str
     round: int = 0
     rounds: int = 0
-    clock: Callable[[], float] = time.perf_counter
+    clock: Callable[[], float] = timing.now  # the package's one clock (tests replace it)
     interval: float = 0.25  # seconds between events within a sequence
     _paradigm: str = ""
     _total: int = 0

@@ -335,7 +335,7 @@ def _decode(target: Target, rows: list[_Row], cache: BatchCache, *, k: int,
             cache.valid[b, [nodes + i for i in path]] = True
             _finish_step(target, row, step, draft, forward_s, len(open_rows), drafting[b])
         cache.compact()
-        if on_tokens is not None:  # untimed: every row's step record is written
+        if on_tokens is not None:  # after every row's step record: in no step's spans
             on_tokens(sum(row.steps[-1].emitted for row in open_rows))
         still = [b for b, row in enumerate(open_rows) if row.stop != "eos"
                  and len(row.new) < row.request.max_new_tokens]

@@ -138,7 +138,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
                                 target_s=t2 - t1)
             steps.append(record)
             stats.add_step(record)
-            if on_tokens is not None:  # untimed: between this step's t3 and the next t0
+            if on_tokens is not None:  # between this step's t3 and the next t0: in no span
                 on_tokens(len(emitted))
             if stop == "eos":
                 break

@@ -27,8 +27,12 @@ def _case(role, drafter, case):
     return PlannedCase(f"{role}-{drafter}-{case.id}", role, drafter, case)
 
 
+# a step scale of 1 (a decode step costs one probe) keeps the step counts readable;
+# test_the_step_scale_prices_a_real_step_above_the_probe covers other scales
 HISTORY = History(speedups={("pld", "multi_round", 0.0, 1): 2.0},
-                  peer_ratios={("hf_generate", "multi_round", 0.0, 1): 1.5})
+                  peer_ratios={("hf_generate", "multi_round", 0.0, 1): 1.5},
+                  step_scale={("multi_round", 0.0, 1): 1.0, ("best_of_n", 0.6, 1): 1.0,
+                              ("best_of_n", 0.6, 4): 1.0})
 
 # 2 problems, max_new_tokens 10, 1 timed round; multi_round: 2 rounds (4 sequences),
 # best_of_n: n=4 (8 sequences); probes: (sequences or batches + 1) x 5 forwards;
@@ -37,11 +41,11 @@ HISTORY = History(speedups={("pld", "multi_round", 0.0, 1): 2.0},
 STEPS = [
     (_case("baseline", "baseline", MR), 40 + 25 + 20),
     (_case("speculative", "pld", MR), 40 / 2.0 + 25),  # measured 2.0x
-    (_case("speculative", "sam", MR), 40 / 1.1 + 25),  # none measured: the T=0 prior
+    (_case("speculative", "sam", MR), 40 / 1.25 + 25),  # none measured: the T=0 prior
     (_case("peer", "hf_generate", MR), 40 * 1.5 + 25 + 20),  # its own warm-up (generate)
     # no baseline collected for best_of_n: the first case measures it, with the warm-up
-    (_case("speculative", "sam", BON), (80 / 0.65 + 45) + (80 + 45) + 40),  # T>0 prior
-    (_case("speculative", "pld", BON), 80 / 0.65 + 45),
+    (_case("speculative", "sam", BON), (80 / 0.75 + 45) + (80 + 45) + 40),  # T>0 prior
+    (_case("speculative", "pld", BON), 80 / 0.75 + 45),
     (_case("peer", "hf_generate", BON), 80 * 1.6 + 45 + 40),  # none measured: the prior
     # batch 4: 4 sequences per step, probes per batch
     (_case("baseline", "baseline", BON4), 80 / 4 + 15 + 40 / 4),
@@ -55,8 +59,8 @@ def test_each_case_is_priced_by_its_target_steps(tmp_path):
     assert [c.steps for c in estimate.cases] == [steps for _, steps in STEPS]
     assert estimate.seconds == pytest.approx(0.01 * sum(steps for _, steps in STEPS))
     assert [c.basis for c in estimate.cases] == [
-        "", "2.00x measured", "1.1x assumed", "1.50x our baseline's time, measured",
-        "0.65x assumed, with its baseline", "0.65x assumed",
+        "", "2.00x measured", "1.25x assumed", "1.50x our baseline's time, measured",
+        "0.75x assumed, with its baseline", "0.75x assumed",
         "1.6x our baseline's time, assumed", ""]
 
 
@@ -71,7 +75,7 @@ def test_paired_timing_and_more_timed_rounds_cost_what_they_run(tmp_path):
 def test_an_expected_speedup_prices_the_unmeasured_cases(tmp_path):
     planned = [_case("baseline", "baseline", MR), _case("speculative", "sam", MR)]
     estimate = estimate_run(_config(tmp_path, expected_speedup=2.0), planned, step_s=1.0,
-                            step_basis="given", problems=2)
+                            step_basis="given", problems=2, history=HISTORY)
     assert estimate.cases[1].steps == 40 / 2 + 25 and estimate.cases[1].basis == "2x assumed"
 
 
@@ -81,7 +85,28 @@ def _report(path, records):
 
 def _record(role, drafter, paradigm="multi_round", temperature=0.0, **fields):
     return {"role": role, "drafter": drafter, "paradigm": paradigm, "temperature": temperature,
-            "target": "tiny", "sequences": 4, "max_new_tokens": 10, **fields}
+            "target": "tiny", "dtype": "float32", "device": "cpu", "sequences": 4,
+            "max_new_tokens": 10, **fields}
+
+
+@pytest.mark.parametrize("step_scale, batch, scale", [
+    # measured: a baseline's step over its probe, from the history
+    ({("multi_round", 0.0, 1): 1.5}, 1, 1.5),
+    # none measured: the prior, which grows with the rows of a batched step
+    ({}, 1, 1.25),
+    ({}, 4, 1.25 + 3 * 0.13),
+])
+def test_the_step_scale_prices_a_real_step_above_the_probe(tmp_path, step_scale, batch, scale):
+    """step_s is the probe (a one-token forward at a short context); a run's plain
+    decode step costs more (sampling, Python, a longer context, B rows): the decode
+    steps and the warm-up are priced at the scale, the probes at themselves."""
+    case = ParadigmCase("multi_round", 0.0, batch=batch, explicit_batch=batch > 1)
+    estimate = estimate_run(_config(tmp_path), [_case("baseline", "baseline", case)],
+                            step_s=1.0, step_basis="given", problems=2,
+                            history=History(step_scale=step_scale))
+    # 4 sequences x 10 tokens, B at a time; probes around every batch; warm-up 2 x 10
+    probes = (4 // batch + 1) * 5
+    assert estimate.cases[0].steps == pytest.approx((40 + 20) / batch * scale + probes)
 
 
 def test_history_comes_from_the_newest_report_of_the_same_target(tmp_path):
@@ -90,7 +115,8 @@ def test_history_comes_from_the_newest_report_of_the_same_target(tmp_path):
     older, newer, other, broken = (tmp_path / f"specdec-{n}.json"
                                    for n in ("old", "new", "other", "broken"))
     _report(older, [_record("speculative", "pld", speedup=9.0)])
-    _report(newer, [_record("baseline", "baseline", wall_s=2.0, new_tokens=30),
+    _report(newer, [_record("baseline", "baseline", wall_s=2.0, new_tokens=30,
+                            t_step_ms=39.0, probe_ms=31.2),
                     _record("speculative", "pld", speedup=1.25),
                     _record("speculative", "sam", speedup=None),
                     _record("peer", "hf_generate", wall_s=3.0)])
@@ -103,6 +129,7 @@ def test_history_comes_from_the_newest_report_of_the_same_target(tmp_path):
     assert history.speedups == {("pld", "multi_round", 0.0, 1): 1.25}
     assert history.peer_ratios == {("hf_generate", "multi_round", 0.0, 1): 1.5}
     assert history.fill == {("multi_round", 0.0, 1): 0.75}  # 30 of 4 x 10 tokens
+    assert history.step_scale == {("multi_round", 0.0, 1): pytest.approx(1.25)}
     assert read_history(tmp_path, "nobody") == History()
     assert read_history(tmp_path / "missing", "tiny") == History()
 
@@ -140,7 +167,7 @@ def test_collect_only_with_a_given_step_cost_prices_the_run_without_a_model(suit
         "--specdec-step-ms; no earlier report of this target: speedups assumed; model "
         "loading not included)",
         "  test_baseline[[]multi_round[]] * ",
-        "  test_speculative[[]pld-multi_round[]] * 1.1x assumed",
+        "  test_speculative[[]pld-multi_round[]] * 1.25x assumed",
     ])
     assert result.ret == 0
 
@@ -164,3 +191,20 @@ def test_a_session_prints_its_estimate_first_and_what_it_took_last(suite, tiny_m
                                  "  test_speculative[[]pld-multi_round[]] * measured"])
     quiet = suite.runpytest_subprocess(*args, "-qq", timeout=300)
     quiet.stdout.no_fnmatch_line("*estimated*")
+
+
+def test_history_is_of_the_same_dtype_and_device(tmp_path):
+    """A bfloat16 run's speedups and step costs would misprice a float32 one."""
+    import os
+
+    fp32, bf16 = tmp_path / "specdec-fp32.json", tmp_path / "specdec-bf16.json"
+    _report(fp32, [_record("speculative", "pld", speedup=1.5)])
+    _report(bf16, [{**_record("speculative", "pld", speedup=2.4), "dtype": "bfloat16"}])
+    os.utime(fp32, (1000, 1000))
+    os.utime(bf16, (2000, 2000))  # the newer one, of another dtype
+    history = read_history(tmp_path, "tiny", "float32", "cpu")
+    assert history.source == fp32
+    assert history.speedups == {("pld", "multi_round", 0.0, 1): 1.5}
+    assert read_history(tmp_path, "tiny", "bfloat16", "cpu").speedups == {
+        ("pld", "multi_round", 0.0, 1): 2.4}
+    assert read_history(tmp_path, "tiny", "float32", "cuda:0") == History()

@@ -141,8 +141,53 @@ def test_timeline_calibrates_each_segment_by_its_probes(monkeypatch):
     line.finish()
     assert line.wall_s == 15.0
     assert line.calibrated_by_problem(2) == pytest.approx([3.0, 8 / 1.5 + 2.0])
-    # only the segment whose probes disagree adds noise: (8/1.5 · 1/3) / total
-    assert line.noise_at(None) == pytest.approx((8 / 1.5 / 3) / (3 + 8 / 1.5 + 2))
+    # only the segment whose probes disagree adds noise: its 8 s are 8/2 to 8/1 probe
+    # units, half that range over the total
+    assert line.noise_at(None) == pytest.approx((8 / 1 - 8 / 2) / 2 / (3 + 8 / 1.5 + 2))
+
+
+def test_a_probe_that_stalled_is_read_again_and_the_newer_reading_kept(monkeypatch):
+    """Under a background load a probe's forwards sometimes stall (seen here: 1.47 s
+    each, against 69 ms for the probes around it): read again at once, and its
+    segments are calibrated by the machine's real speed; a change that lasts reads the
+    same twice and is kept."""
+    machine = FakeMachine()
+    monkeypatch.setattr(timing, "clock", machine.clock)
+    readings = iter([0.07, 1.47, 0.07, 0.07, 0.16, 0.16])
+    line = timing.Timeline(lambda: next(readings))
+    for problem in range(3):
+        line.cut(problem)
+        machine.now += 7.0
+    line.finish()
+    # probe 1 stalled (21x the one before) and was read again; probe 3 (2.3x, a load
+    # that started) was kept as read
+    assert line.probes == [0.07, 0.07, 0.07, 0.16]
+    assert next(readings) == 0.16  # one reading left: nothing else was retaken
+    assert line.calibrated_at(None) == pytest.approx(100 + 100 + 7 / 0.115)
+
+
+@pytest.mark.parametrize("seconds, stalled", [
+    # every segment the same work at the same cost: no stall
+    ([3.0, 3.0, 3.0, 3.0], 0.0),
+    # one segment 5x its siblings' cost while its probes read normal: its departure
+    # from the median cost (15 - 3 s, in probe units) is a stall the probes missed
+    ([3.0, 3.0, 15.0, 3.0], 12.0),
+    # 1.5x is the spread of honest segments (draft lengths differ): not a stall
+    ([3.0, 3.0, 4.5, 3.0], 0.0),
+])
+def test_a_stall_the_probes_missed_enters_the_noise(monkeypatch, seconds, stalled):
+    machine = FakeMachine()
+    monkeypatch.setattr(timing, "clock", machine.clock)
+    line = timing.Timeline(lambda: 1.0)
+    for problem, s in enumerate(seconds):
+        line.cut(problem)
+        machine.now += s
+    line.finish()
+    line.assign_forwards(range(len(seconds)), [30] * len(seconds))
+    assert line.stall_units(None) == pytest.approx(stalled)
+    assert line.noise_at(None) == pytest.approx(stalled / sum(seconds))
+    flagged = timing.timing_flags(1.0, line.noise_at(None)) == [timing.UNSTABLE_TIMING]
+    assert flagged == (stalled > 0)
 
 
 def test_a_contended_machines_scattered_probes_raise_the_noise_to_unstable(monkeypatch):

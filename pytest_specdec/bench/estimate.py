@@ -11,15 +11,20 @@ A case's time is the target forwards it takes times the cost of one decode step:
   paired timing a baseline round next to each drafter's round, and the first case of a
   paradigm case on a decoding stack (our engine, transformers' generate) its warm-up.
 
-The step cost is measured on the loaded target at the start of the session (or given,
-``--specdec-step-ms``, to size a run for another machine). Expected speedups, peer
-ratios and how much of the token budget sequences use (they may stop at an end token)
-come from the earlier reports of the same target in the report folder, each case from
-the newest report that measured it; where none did, the speedup is
+The step cost is measured on the loaded target at the start of the session (the
+calibration probe: a one-token forward at a short fixed context; or given,
+``--specdec-step-ms``, to size a run for another machine). A real plain decode step of
+a run costs more than the probe (sampling, the Python around the forward, a context
+that grows; at batch > 1, a forward over B rows): the *step scale*, a baseline's mean
+step time over its probe. Expected speedups, peer ratios, step scales and how much of
+the token budget sequences use (they may stop at an end token) come from the earlier
+reports of the same target, dtype and device in the report folder, each case from the
+newest report that measured it; where none did, the speedup is
 ``--specdec-expected-speedup`` or else a prior (:data:`PRIOR_SPEEDUP_GREEDY`,
-:data:`PRIOR_SPEEDUP_SAMPLED`, :data:`PRIOR_PEER_RATIO`), and every sequence is assumed
-to use its whole budget. So the first run on a machine is priced by the priors, and
-later ones by what the machine measured.
+:data:`PRIOR_SPEEDUP_SAMPLED`, :data:`PRIOR_PEER_RATIO`), the step scale a prior
+(:func:`prior_step_scale`), and every sequence is assumed to use its whole budget. So
+the first run on a machine is priced by the priors, and later ones by what the machine
+measured.
 """
 
 from __future__ import annotations
@@ -38,15 +43,20 @@ from pytest_specdec.engine.timing import PROBE_FORWARDS
 ROLE_BASELINE, ROLE_SPECULATIVE, ROLE_PEER = "baseline", "speculative", "peer"
 
 #: Priors for a case no earlier report measured, from the default run on the 2-core
-#: CPU (fresh clone, quiet, 2026-12-03): the built-in drafters' time-weighted mean
-#: speedup (the baseline's time × 10 over the ten drafters' summed times) was 1.12x on
-#: multi_round T=0 and 0.64x on best_of_n T=0.6 (sampled acceptance is lower and the
-#: drafting costs the same), and transformers' generate took 1.6x our baseline's time.
-#: On a GPU, where drafting is cheap next to a forward, they are pessimistic: pass
-#: --specdec-expected-speedup there (the README's GPU examples do).
-PRIOR_SPEEDUP_GREEDY = 1.1
-PRIOR_SPEEDUP_SAMPLED = 0.65
+#: CPU (fresh clone, quiet, 2026-12-03, commit 68261b3): the built-in drafters'
+#: time-weighted mean speedup (the baseline's time × 10 over the ten drafters' summed
+#: times) was 1.24x on multi_round T=0 and 0.75x on best_of_n T=0.6 (sampled acceptance
+#: is lower and the drafting costs the same), and transformers' generate took 1.6x our
+#: baseline's time. On a GPU, where drafting is cheap next to a forward, they are
+#: pessimistic: pass --specdec-expected-speedup there (the README's GPU examples do).
+PRIOR_SPEEDUP_GREEDY = 1.25
+PRIOR_SPEEDUP_SAMPLED = 0.75
 PRIOR_PEER_RATIO = 1.6
+#: The prior step scale (a baseline step over the probe) at batch 1, and what each
+#: further row adds: the same runs measured 39.3 ms per step against a 31.6 ms probe at
+#: batch 1 (1.24) and 51.9 against 31.9 at batch 4 (1.63) on best_of_n T=0.6
+PRIOR_STEP_SCALE = 1.25
+PRIOR_STEP_SCALE_PER_ROW = 0.13
 
 #: the earlier reports an estimate reads, newest first (each a few tens of kB)
 HISTORY_REPORTS = 20
@@ -77,6 +87,9 @@ class History:
     source: Path | None = None
     speedups: dict[CaseKey, float] = field(default_factory=dict)
     peer_ratios: dict[CaseKey, float] = field(default_factory=dict)  # peer wall ÷ baseline wall
+    # a baseline's mean step over its probe (t_step_ms ÷ probe_ms), per (paradigm,
+    # temperature, batch)
+    step_scale: dict[tuple[str, float, int], float] = field(default_factory=dict)
     # new tokens ÷ (sequences × max_new_tokens), per (paradigm, temperature, batch)
     fill: dict[tuple[str, float, int], float] = field(default_factory=dict)
 
@@ -130,8 +143,12 @@ def duration(seconds: float) -> str:
 
 
 def estimate_run(cfg: SpecdecConfig, planned: Sequence[PlannedCase], *, step_s: float,
-                 step_basis: str, problems: int, history: History = History()) -> RunEstimate:
-    """Price every planned case, in order (the order the session runs them)."""
+                 step_basis: str, problems: int, history: History = History(),
+                 step_is_probe: bool = True) -> RunEstimate:
+    """Price every planned case, in order (the order the session runs them). `step_s`
+    is a probe reading (`step_is_probe`; a real step costs the step scale times it) or
+    a plain decode step at batch 1 given by the user (then only a batch's growth over
+    batch 1 is scaled)."""
     warm: set[tuple[ParadigmCase, str]] = set()
     baselines = {p.case for p in planned if p.role == ROLE_BASELINE}
     estimates = []
@@ -139,8 +156,12 @@ def estimate_run(cfg: SpecdecConfig, planned: Sequence[PlannedCase], *, step_s: 
         per_problem = make_paradigm(p.case.paradigm, rounds=cfg.rounds,
                                     n=cfg.n).sequences_per_problem
         sequences = problems * per_problem
-        fill = history.fill.get((p.case.paradigm, p.case.temperature, p.case.batch), 1.0)
-        round_steps = sequences * cfg.max_new_tokens * fill / p.case.batch
+        where = (p.case.paradigm, p.case.temperature, p.case.batch)
+        fill = history.fill.get(where, 1.0)
+        scale = (history.step_scale.get(where, prior_step_scale(p.case.batch)) if step_is_probe
+                 else prior_step_scale(p.case.batch) / prior_step_scale(1))
+        # decode steps in step_s units; the probes cost one probe reading each
+        round_steps = sequences * cfg.max_new_tokens * fill / p.case.batch * scale
         probes = (math.ceil(sequences / p.case.batch) + 1) * PROBE_FORWARDS
         notes = []
         if p.role == ROLE_SPECULATIVE:
@@ -172,7 +193,8 @@ def estimate_run(cfg: SpecdecConfig, planned: Sequence[PlannedCase], *, step_s: 
         for stack in sorted(stacks):
             if (p.case, stack) not in warm:
                 warm.add((p.case, stack))
-                steps += per_problem * min(WARMUP_TOKENS, cfg.max_new_tokens) / p.case.batch
+                steps += (per_problem * min(WARMUP_TOKENS, cfg.max_new_tokens) / p.case.batch
+                          * scale)
         estimates.append(CaseEstimate(p, steps, steps * step_s, ", ".join(notes)))
     return RunEstimate(estimates, step_s, step_basis, history)
 
@@ -184,12 +206,22 @@ def prior_speedup(cfg: SpecdecConfig, temperature: float) -> float:
     return PRIOR_SPEEDUP_GREEDY if temperature == 0 else PRIOR_SPEEDUP_SAMPLED
 
 
-def read_history(report_dir: Path, target_name: str) -> History:
+def prior_step_scale(batch: int) -> float:
+    """The step scale assumed where no earlier report measured a baseline at `batch`."""
+    return PRIOR_STEP_SCALE + PRIOR_STEP_SCALE_PER_ROW * (batch - 1)
+
+
+def read_history(report_dir: Path, target_name: str, dtype: str | None = None,
+                 device: str | None = None) -> History:
     """What the reports in `report_dir` (``specdec-*.json``, the newest
-    :data:`HISTORY_REPORTS`) measured on `target_name`, case by case from the newest
-    report that has the case (a smoke run after a full one prices the full run's other
-    cases by the full one); ``source`` is the newest report used. An empty History when
-    none can be read (an estimate never stops a session)."""
+    :data:`HISTORY_REPORTS`) measured on `target_name` (in `dtype` on `device`, when
+    given, as records spell them: ``float32``, ``cpu``; a bfloat16 run's speedups and
+    step costs would misprice a float32 one), case by case from the newest report that
+    has the case (a smoke run after a full one prices the full run's other cases by the
+    full one); ``source`` is the newest report used. An empty History when none can be
+    read (an estimate never stops a session)."""
+    wanted = {"target": target_name, "dtype": dtype, "device": device}
+    wanted = {key: value for key, value in wanted.items() if value is not None}
     candidates = sorted(report_dir.glob("specdec-*.json"), key=_mtime, reverse=True)
     merged = History()
     for path in candidates[:HISTORY_REPORTS]:
@@ -197,11 +229,13 @@ def read_history(report_dir: Path, target_name: str) -> History:
             records = json.loads(path.read_text())["records"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        mine = [r for r in records if isinstance(r, dict) and r.get("target") == target_name]
+        mine = [r for r in records if isinstance(r, dict)
+                and all(r.get(key) == value for key, value in wanted.items())]
         if mine:
             older = _history_of(path, mine)
             merged = History(merged.source or path, {**older.speedups, **merged.speedups},
                              {**older.peer_ratios, **merged.peer_ratios},
+                             {**older.step_scale, **merged.step_scale},
                              {**older.fill, **merged.fill})
     return merged
 
@@ -218,6 +252,7 @@ def _history_of(source: Path, records: Iterable[dict]) -> History:
     peer_walls: dict[CaseKey, float] = {}
     baseline_walls: dict[tuple[str, float, int], float] = {}
     fill: dict[tuple[str, float, int], float] = {}
+    step_scale: dict[tuple[str, float, int], float] = {}
     for r in records:
         try:
             where = (str(r["paradigm"]), float(r["temperature"]), int(r.get("batch", 1)))
@@ -228,6 +263,8 @@ def _history_of(source: Path, records: Iterable[dict]) -> History:
                 peer_walls[key] = float(r["wall_s"])
             elif r["role"] == ROLE_BASELINE and _positive(r.get("wall_s")):
                 baseline_walls[where] = float(r["wall_s"])
+                if _positive(r.get("t_step_ms")) and _positive(r.get("probe_ms")):
+                    step_scale[where] = float(r["t_step_ms"]) / float(r["probe_ms"])
                 budget = int(r["sequences"]) * int(r["max_new_tokens"])
                 if budget > 0 and _positive(r.get("new_tokens")):
                     fill[where] = min(1.0, int(r["new_tokens"]) / budget)
@@ -235,7 +272,7 @@ def _history_of(source: Path, records: Iterable[dict]) -> History:
             continue  # a record of another shape prices nothing
     ratios = {key: wall / baseline_walls[key[1:]] for key, wall in peer_walls.items()
               if key[1:] in baseline_walls}
-    return History(source, speedups, ratios, fill)
+    return History(source, speedups, ratios, step_scale, fill)
 
 
 def _positive(value: object) -> bool:

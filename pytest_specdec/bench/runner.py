@@ -179,6 +179,9 @@ def _finished(result: RunResult) -> RunResult:
     # drafting is calibrated by the host probes (see pytest_specdec.engine.timing)
     result.timeline.assign_drafting(result.segment_of,
                                     [g.stats.drafter_s for g in result.outputs.values()])
+    # per-segment forwards: the check for stalls the probes missed (Timeline.stall_units)
+    result.timeline.assign_forwards(result.segment_of,
+                                    [len(g.steps) for g in result.outputs.values()])
     # per-sequence wall times add up to less than the run (prompt encoding, decoding
     # text): the run's own clock is the figure that counts
     result.wall_s = result.timeline.wall_s

@@ -9,15 +9,27 @@ decode step *now*), runs before every sequence and after the last. The run's wal
 is cut at the probes into segments, and each segment is divided by the mean of the two
 probes around it: a run's *calibrated time* is its length in decode steps of the machine
 as it was while it ran. A speedup is a ratio of calibrated times, so a machine that is
-twice as slow during a drafter's case as during the baseline's leaves it unchanged.
+twice as slow during a drafter's case as during the baseline's leaves it unchanged. A
+probe that reads :data:`RETAKE_FACTOR` times off the one before it is read again at
+once and the newer reading kept, so a stall inside one probe does not miscalibrate the
+segments on either side.
 
 Uncertainty, stated for every speedup (see :func:`speedup_estimate`):
 
 - *timing noise*: where the two probes around a segment differ, the machine's speed
-  changed somewhere inside it (or the probe jittered), and the segment's calibration is
-  uncertain by half their relative difference; these add in quadrature over a run's
-  segments, and over the two runs of a ratio; with several timed rounds, the spread of
-  the rounds' ratios is added;
+  changed somewhere inside it (or the probe jittered), and the segment's calibrated
+  length lies anywhere between its seconds over the faster probe and over the slower
+  one: half that range is its uncertainty (so a probe hit by a stall, reading many
+  times the others, makes its segments' figure uncertain instead of silently
+  shrinking them); these add in quadrature over a run's segments, and over the two
+  runs of a ratio; with several timed rounds, the spread of the rounds' ratios is
+  added;
+- *stalls the probes missed*: a run's segments do the same kind of work, so their
+  calibrated cost per target forward agrees within a small factor; a segment more than
+  :data:`STALL_FACTOR` times off the run's median (measured here under a background
+  load: stretches where one-token forwards took 5 to 50 times their usual time while
+  the probes around them read normal, or the reverse) is a stretch the calibration
+  did not follow, and its whole departure from the median cost is added to the noise;
 - *over problems*: a bootstrap over the problems (which problems were drawn), the 95%
   interval of the ratio of calibrated totals.
 
@@ -61,6 +73,14 @@ PROBE_CONTEXT = 64
 #: takes turns inside it, as it does inside a drafter's step); the probe reads their mean
 HOST_PROBE_CHUNKS = 4
 HOST_PROBE_ITERATIONS = 15_000
+#: A segment whose calibrated cost per target forward is this many times above or below
+#: the run's median is a stall the probes missed (see the module docstring); a quiet
+#: run's segments agree within about 1.5x (draft lengths and context differ)
+STALL_FACTOR = 2.0
+#: A probe reading this many times the previous one's (or a fraction of it) is read again
+#: once: a background load starting or stopping moves the probe 2 to 2.5x on the
+#: 2-core CPU, a stall inside one probe's forwards 5 to 50x
+RETAKE_FACTOR = 3.0
 #: Bootstrap resamples over problems, from a fixed seed (same data, same interval).
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -184,14 +204,26 @@ class Timeline:
     segments: list[float] = field(default_factory=list)
     problem_of: list[int] = field(default_factory=list)
     drafting: list[float] = field(default_factory=list)  # drafter seconds per segment
+    forwards: list[int] = field(default_factory=list)  # target forwards per segment
     _mark: float | None = None
     _problem: int = 0
 
-    def _take_probe(self) -> None:
+    def _read(self) -> ProbeReading:
         reading = self.probe() if self.probe is not None else 1.0
         if not isinstance(reading, ProbeReading):
             value, spread = reading if isinstance(reading, tuple) else (reading, 0.0)
             reading = ProbeReading(value, spread)
+        return reading
+
+    def _take_probe(self) -> None:
+        reading = self._read()
+        last = self.probes[-1] if self.probes else None
+        if last and reading.device_s > 0 and max(reading.device_s / last,
+                                                 last / reading.device_s) > RETAKE_FACTOR:
+            # a stall inside the probe, or the machine changed: read again and keep
+            # the newer reading (the one nearer the segment it calibrates); a change
+            # that lasts reads the same twice
+            reading = self._read()
         self.probes.append(reading.device_s)
         self.spreads.append(reading.spread)
         self.host_probes.append(reading.host_s)
@@ -220,6 +252,16 @@ class Timeline:
         for segment, seconds in zip(segment_of, drafter_s):
             if 0 <= segment < len(self.drafting):
                 self.drafting[segment] += seconds
+
+    def assign_forwards(self, segment_of: Sequence[int], forwards: Sequence[int]) -> None:
+        """Each segment's target forwards, from its sequences' (``forwards[j]``, decoded
+        in segment ``segment_of[j]``): the most of any of them, since a segment holds
+        one sequence at batch 1 and, at batch > 1, one batch whose forwards run until
+        its longest row is done."""
+        self.forwards = [0] * len(self.segments)
+        for segment, count in zip(segment_of, forwards):
+            if 0 <= segment < len(self.forwards):
+                self.forwards[segment] = max(self.forwards[segment], count)
 
     @property
     def wall_s(self) -> float:
@@ -266,14 +308,16 @@ class Timeline:
         return out
 
     def noise_at(self, ratio: float | None) -> float:
-        """The calibrated time's relative uncertainty: per segment, half the relative
-        difference of its two probes (the speed changed somewhere between them) and
-        the probes' own spread (a contended machine, whose forwards scatter), each for
-        the part of the segment that probe calibrates (the target's probes the time
-        outside the drafter, the host's the drafting, with `ratio`); the differences in
-        quadrature over the segments, weighted by their calibrated lengths, the spreads
-        added linearly. The spread is not divided by the segments' count: contention
-        moves every forward of a stretch alike, so it does not average out."""
+        """The calibrated time's relative uncertainty, from three sources (the module
+        docstring): per segment, the range its two probes leave (the speed changed
+        somewhere between them: its seconds over the faster probe and over the slower
+        give that range, half of it the uncertainty) and the probes' own spread (a
+        contended machine, whose forwards scatter), each for the part of the segment
+        that probe calibrates (the target's probes the time outside the drafter, the
+        host's the drafting, with `ratio`); and the stalls the probes missed
+        (:meth:`stall_units`). Ranges add in quadrature over the segments; spreads,
+        weighted by the segments' calibrated lengths, and stalls add linearly, since
+        contention moves every forward of a stretch alike and does not average out."""
         total = self.calibrated_at(ratio)
         if total <= 0:
             return 0.0
@@ -281,18 +325,43 @@ class Timeline:
         spreads = self.spreads if len(self.spreads) == len(self.probes) else [0.0] * len(self.probes)
         host_spreads = (self.host_spreads if len(self.host_spreads) == len(self.probes)
                         else [0.0] * len(self.probes))
+        drafting = self.drafting if len(self.drafting) == len(self.segments) else [0.0] * len(self.segments)
         hosts = self.host_scales()
         for rest, draft, i in self._parts(ratio):
             by_host = ratio is not None and hosts[i] is not None
             device_part = rest if by_host else rest + draft
-            u = _half_difference(self.probes[i], self.probes[i + 1])
-            square += (device_part * u) ** 2
+            d = min(drafting[i], self.segments[i])
+            device_s = self.segments[i] - d if by_host else self.segments[i]
+            square += (device_s * _half_range_of_inverse(self.probes[i], self.probes[i + 1])) ** 2
             weighted_spread += device_part * (spreads[i] + spreads[i + 1]) / 2
-            if by_host:
-                u_host = _half_difference(self.host_probes[i], self.host_probes[i + 1])
-                square += (draft * u_host) ** 2
+            if by_host and ratio is not None:
+                square += (d * ratio * _half_range_of_inverse(self.host_probes[i],
+                                                              self.host_probes[i + 1])) ** 2
                 weighted_spread += draft * (host_spreads[i] + host_spreads[i + 1]) / 2
-        return math.sqrt(square / total ** 2 + (weighted_spread / total) ** 2)
+        stalls = self.stall_units(ratio)
+        return math.sqrt(square / total ** 2 + ((weighted_spread + stalls) / total) ** 2)
+
+    def stall_units(self, ratio: float | None) -> float:
+        """The calibrated time of segments whose cost per target forward is more than
+        :data:`STALL_FACTOR` times above or below the run's median (their departure from
+        the median cost, summed): stretches the probes did not follow. 0 without
+        per-segment forward counts (a peer's generate reports none) or with fewer than
+        three counted segments (no median to trust)."""
+        if len(self.forwards) != len(self.segments):
+            return 0.0
+        units = self.segment_units(ratio)
+        costs = [(u, f) for u, f in zip(units, self.forwards) if f > 0]
+        if len(costs) < 3:
+            return 0.0
+        median = statistics.median(u / f for u, f in costs)
+        if median <= 0:
+            return 0.0
+        stalled = 0.0
+        for u, f in costs:
+            per_forward = u / f
+            if per_forward > median * STALL_FACTOR or per_forward * STALL_FACTOR < median:
+                stalled += abs(u - f * median)
+        return stalled
 
     @property
     def probe_s(self) -> float:
@@ -306,9 +375,12 @@ class Timeline:
         return statistics.median(hosts) if hosts else None
 
 
-def _half_difference(a: float, b: float) -> float:
-    """Half the relative difference of two probes, |a - b| / (a + b)."""
-    return abs(a - b) / (a + b) if a + b > 0 else 0.0
+def _half_range_of_inverse(a: float | None, b: float | None) -> float:
+    """Half the range of 1/a and 1/b: a segment's calibrated length per second of it
+    is anywhere between 1/max and 1/min of the probes around it."""
+    if not a or not b or a <= 0 or b <= 0:
+        return 0.0
+    return abs(1 / a - 1 / b) / 2
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,11 @@ def announce(session: pytest.Session) -> None:
             reporter.write_line(f"pytest-specdec: no estimate ({type(exc).__name__}: {exc})")
             return
         basis = "measured on the loaded target"
-        history = read_history(cfg.report_dir, target.name)
+        history = read_history(cfg.report_dir, target.name,
+                               str(target.dtype).removeprefix("torch."), str(target.device))
     estimate = estimate_run(cfg, planned, step_s=step_s, step_basis=basis,
-                            problems=len(specdec.problems), history=history)
+                            problems=len(specdec.problems), history=history,
+                            step_is_probe=cfg.step_ms is None)
     for line in estimate.lines(per_case=verbosity >= 0):
         reporter.write_line(line)
     config.stash[ESTIMATE_KEY] = Estimated(estimate, time.monotonic())

@@ -218,7 +218,7 @@ OPTIONS = (
            type=positive_float(False), metavar="X",
            help="the speedup the estimate assumes for a drafter's case that no earlier "
                 "report in --specdec-report-dir measured on this target (default: the "
-                "built-in drafters' mean on a 2-core CPU, 1.1 at T=0 and 0.65 at T>0)"),
+                "built-in drafters' mean on a 2-core CPU, 1.25 at T=0 and 0.75 at T>0)"),
     Option("--specdec-report-dir", "specdec_report_dir", default="reports", metavar="DIR",
            help="where the session's Markdown/CSV/JSON report goes (default: reports/ "
                 "under the rootdir); never overwrites"),

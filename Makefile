@@ -30,10 +30,11 @@ $(STAMP): pyproject.toml Makefile
 # fixed number of steps each; reused after): README "Training model drafters"
 bench: $(STAMP)
 	@echo "make bench: 1) the eagle3 and sps weights for the default model, trained once when"
-	@echo "  missing (on a fresh machine the model is converted first, ~30 s; then about 4 and"
-	@echo "  3 minutes on a quiet 2-core CPU, the bars show the ETA; an interrupted run resumes"
-	@echo "  from its last checkpoint); 2) the suites, which print their cases and an estimate"
-	@echo "  of their length first (make bench ARGS='--specdec-profile smoke' for a first look)"
+	@echo "  missing (on a fresh machine the model is converted first, ~30 s; then 4 and 3"
+	@echo "  minutes on a quiet 2-core CPU, up to twice that on a slower one; the bars show"
+	@echo "  the ETA; an interrupted run resumes from its last checkpoint); 2) the suites,"
+	@echo "  which print their cases and an estimate of their length first"
+	@echo "  (make bench ARGS='--specdec-profile smoke' for a first look)"
 	$(BIN)/pytest-specdec train eagle3 --if-missing $(TRAIN_ARGS)
 	$(BIN)/pytest-specdec train sps --if-missing $(TRAIN_ARGS)
 	$(BIN)/python -m pytest suites/ --benchmark-save=$(NAME) $(ARGS)

@@ -434,10 +434,11 @@ def run_train(args: argparse.Namespace) -> int:
                 return 0
             log(f"training {args.kind}: {why or unfinished}")
             steps = args.steps or t.kind_defaults(args.kind)["steps"]
-            log(f"{args.kind}: {steps} steps from seed {args.seed} (the same weights on any "
-                f"machine with this torch build), after the distillation data unless they "
-                f"are cached; a checkpoint every {args.checkpoint_every} steps, from which "
-                f"an interrupted run resumes when run again; the bars show each phase's ETA")
+            log(f"{args.kind}: {steps} steps from seed {args.seed} (the same weights at any "
+                f"load with this torch build on this CPU), after the distillation data "
+                f"unless they are cached; a checkpoint every {args.checkpoint_every} steps, "
+                f"from which an interrupted run resumes when run again; the bars show each "
+                f"phase's ETA")
             # an unfinished run resumes from its checkpoint; one of other settings restarts
             resume, restart = True, True
         result = t.train(

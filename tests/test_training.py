@@ -272,6 +272,10 @@ def test_a_few_steps_lower_the_loss(target, tmp_path):
         ["config.json", "model.safetensors", "training.json"]
     record = json.loads((tmp_path / "w" / "training.json").read_text())
     assert record["steps_done"] == 40 and record["kind"] == "toy" and record["seed"] == 0
+    # what besides the inputs decides the bits: the build, the instruction set, the CPU
+    assert record["torch"] == torch.__version__ and record["torch_threads"] == 2
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(record["cpu"], str) and record["cpu"]
     # nothing left behind: no temp folders, no checkpoint once all steps are done
     assert [p.name for p in tmp_path.iterdir()] == ["w"]
 

@@ -398,8 +398,9 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
     cases.sort(key=_sort_key)
     if weight_changes:
         warnings.append(f"the runs used different drafter weights in {len(weight_changes)} "
-                        f"compared case(s) (drafter_weights, {base_name} → {new_name}): "
-                        + "; ".join(weight_changes))
+                        f"compared case(s) (drafter_weights, {base_name} → {new_name}; weights "
+                        f"trained by another commit, torch build or CPU differ, and "
+                        f"training.json records which): " + "; ".join(weight_changes))
     if instance_changes:
         warnings.append(f"the runs served the batch's rows differently in "
                         f"{len(instance_changes)} compared case(s) (drafter_instances: one "

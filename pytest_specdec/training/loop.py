@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import platform
 import random
 import shutil
 import sys
@@ -123,14 +124,27 @@ def torch_threads(threads: int | None) -> Iterator[int]:
 
 
 def build_info() -> dict[str, Any]:
-    """What besides the inputs decides the weights' bits: torch's version and the CPU
-    kernels it uses (another build or instruction set rounds differently)."""
+    """What besides the inputs decides the weights' bits: torch's version, the CPU
+    instruction set its kernels dispatch to, and the CPU itself (its math library picks
+    blocking by CPU model, so even one instruction set on another CPU rounds otherwise:
+    measured, AVX2 on two EPYC generations gave different digests)."""
     capability = None
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):  # pragma: no cover - older torch
         pass
-    return {"torch": torch.__version__, "cpu_capability": capability}
+    return {"torch": torch.__version__, "cpu_capability": capability, "cpu": cpu_model()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere the platform's word)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def train(kind: str | TrainableFactory, target: Target, *, output: Path,
@@ -155,8 +169,8 @@ def train(kind: str | TrainableFactory, target: Target, *, output: Path,
     order, AdamW with a warm-up and cosine decay of the learning rate
     (:func:`learning_rate`) and gradient clipping at norm 1, all under `threads` torch
     threads (default 2, whatever the machine has; None: as set), so the same commit,
-    torch build and thread count give bit-identical weights on any machine, at any
-    load. A checkpoint every `checkpoint_every` steps goes to ``OUTPUT.checkpoint``
+    torch build, thread count and CPU (:func:`build_info`, recorded in training.json)
+    give bit-identical weights at any load and speed. A checkpoint every `checkpoint_every` steps goes to ``OUTPUT.checkpoint``
     (safetensors + state.json), from which `resume` continues with the same batches
     and RNG states: a resumed run ends with the weights of an uninterrupted one. It
     refuses a checkpoint of other settings, unless `restart_mismatched` (then it starts

@@ -125,9 +125,8 @@ def torch_threads(threads: int | None) -> Iterator[int]:
 
 def build_info() -> dict[str, Any]:
     """What besides the inputs decides the weights' bits: torch's version, the CPU
-    instruction set its kernels dispatch to, and the CPU itself (its math library picks
-    blocking by CPU model, so even one instruction set on another CPU rounds otherwise:
-    measured, AVX2 on two EPYC generations gave different digests)."""
+    instruction set its kernels dispatch to, and the CPU itself (measured: AVX2 kernels
+    on two EPYC models gave different digests from the same data)."""
     capability = None
     try:
         capability = torch.backends.cpu.get_cpu_capability()
@@ -170,8 +169,9 @@ def train(kind: str | TrainableFactory, target: Target, *, output: Path,
     (:func:`learning_rate`) and gradient clipping at norm 1, all under `threads` torch
     threads (default 2, whatever the machine has; None: as set), so the same commit,
     torch build, thread count and CPU (:func:`build_info`, recorded in training.json)
-    give bit-identical weights at any load and speed. A checkpoint every `checkpoint_every` steps goes to ``OUTPUT.checkpoint``
-    (safetensors + state.json), from which `resume` continues with the same batches
+    give bit-identical weights at any load and speed. A checkpoint every
+    `checkpoint_every` steps goes to ``OUTPUT.checkpoint`` (safetensors + state.json),
+    from which `resume` continues with the same batches
     and RNG states: a resumed run ends with the weights of an uninterrupted one. It
     refuses a checkpoint of other settings, unless `restart_mismatched` (then it starts
     over).

@@ -306,3 +306,102 @@ def test_bootstrap_over_problems_is_seeded_and_brackets_the_ratio():
 ])
 def test_timing_flags(over_ideal, noise, flags):
     assert timing.timing_flags(over_ideal, noise) == flags
+
+
+def _timeline_of(machine: FakeMachine, seconds: list[float]) -> timing.Timeline:
+    """A run of one segment per entry of `seconds`, on probes that all read 1.0."""
+    line = timing.Timeline(lambda: 1.0)
+    for problem, s in enumerate(seconds):
+        line.cut(problem)
+        machine.now += s
+    line.finish()
+    return line
+
+
+@pytest.mark.parametrize("runs, expected", [
+    # one run, three rounds: 100, 106, 94 s: 6% about the mean
+    ([[100.0, 106.0, 94.0]], 0.06),
+    # a run of one round shows no scatter and adds nothing to the pool
+    ([[100.0, 106.0, 94.0], [50.0]], 0.06),
+    # two runs pooled: squared deviations over their degrees of freedom (2 + 1)
+    ([[100.0, 106.0, 94.0], [50.0, 50.0]], (2 * 0.06 ** 2 / 3) ** 0.5),
+    ([[50.0]], None),
+])
+def test_round_scatter_is_the_pooled_relative_spread_of_rounds(monkeypatch, runs, expected):
+    machine = FakeMachine()
+    monkeypatch.setattr(timing, "clock", machine.clock)
+    rounds = [[_timeline_of(machine, [total]) for total in run] for run in runs]
+    scatter = timing.round_scatter(rounds, [None] * len(rounds))
+    assert scatter == (None if expected is None else pytest.approx(expected))
+
+
+def test_a_one_round_speedup_carries_the_round_scatter_of_its_baseline(monkeypatch):
+    """Probes that agree make no noise of their own; the baseline's three rounds scatter
+    by 6%: its median carries 6%/√3, the drafter's single round the whole 6%."""
+    machine = FakeMachine()
+    monkeypatch.setattr(timing, "clock", machine.clock)
+    base = [_timeline_of(machine, [t]) for t in (100.0, 106.0, 94.0)]
+    new = [_timeline_of(machine, [50.0])]
+    scatter = timing.round_scatter([base], [None])
+    estimate = timing.speedup_estimate(base, new, 1, scatter=scatter)
+    assert estimate.value == pytest.approx(2.0)  # the median baseline round
+    assert estimate.noise == pytest.approx(0.06 * (1 / 3 + 1) ** 0.5)
+    # without a scatter (one baseline round), only the probes' noise: none here
+    assert timing.speedup_estimate(base[:1], new, 1).noise == 0.0
+    # a drafter of three rounds uses its own rounds' spread (here none)
+    own = [_timeline_of(machine, [50.0]) for _ in range(3)]
+    assert timing.speedup_estimate(base, own, 1, scatter=scatter).noise == pytest.approx(0.06 / 3 ** 0.5)
+
+
+def test_a_probe_noise_larger_than_the_scatter_is_kept():
+    assert timing._run_variance(0.2, 0.06, 3) == pytest.approx(0.04)
+    assert timing._run_variance(0.01, 0.06, 1) == pytest.approx(0.0036)
+    assert timing._run_variance(0.01, None, 1) == pytest.approx(0.0001)
+
+
+def test_one_baseline_round_slowed_unseen_by_the_probes_moves_no_speedup(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """Each baseline round's prompts cost extra time that no probe sees (the probes
+    track forwards; a hiccup between them does not reach them): with three baseline
+    rounds the median drops the slowed one, the speedup is the unslowed session's and
+    its noise carries the scatter the rounds showed; the baseline record says so."""
+    def run(extra_s_by_round: dict[int, float], baseline_rounds: int) -> tuple[dict, dict]:
+        machine = FakeMachine()
+        monkeypatch.setattr(timing, "clock", machine.clock)
+        target = machine.wrap(load_target(str(tiny_model_dir), device="cpu", dtype="float32"))
+        made = [0]  # baseline methods made: the warm-up's, then one per timed round
+        encode = target.encode_prompt
+
+        def slowed_encode(prompt):
+            machine.now += extra_s_by_round.get(made[0], 0.0)
+            return encode(prompt)
+
+        target.encode_prompt = slowed_encode
+        session = SpecdecSession(_config(tmp_path, baseline_rounds=baseline_rounds),
+                                 load_registry(), load_problems("embedded", limit=2),
+                                 lambda: target)
+        baseline_method = session.baseline_method
+
+        def counted(*args):
+            made[0] += 1
+            return baseline_method(*args)
+
+        session.baseline_method = counted
+        case = ParadigmCase("multi_round", 0.0, True)
+        base = session.run_baseline_case(case, None)
+        made[0] = -1  # the drafter's case: no extra time
+        return base, session.run_speculative_case(DrafterSpec("pld"), case, None)
+
+    quiet_base, quiet = run({}, 1)
+    # rounds 1-3 are made 2nd-4th: round 2 costs 50 ms more per sequence (about 2x), round
+    # 3 0.5 ms (about 2%)
+    base, slowed = run({3: 0.05, 4: 0.0005}, 3)
+    assert len(base["wall_s_rounds"]) == 3 and quiet_base["round_scatter"] is None
+    assert base["round_scatter"] > 0.05
+    assert slowed["output_sha256"] == quiet["output_sha256"]
+    assert slowed["speedup"] == pytest.approx(quiet["speedup"], rel=0.05)
+    assert slowed["round_scatter"] == base["round_scatter"]
+    assert slowed["speedup_noise"] >= base["round_scatter"]
+    # one slowed round alone would have moved the speedup
+    _, lone = run({2: 0.05}, 1)
+    assert lone["speedup"] > quiet["speedup"] * 1.1

@@ -42,6 +42,10 @@ class SpecdecConfig:
     depth_profile: str = "reference"  # --specdec-depth-profile (drafter.DEPTH_PROFILES)
     ablations: bool = False  # --specdec-ablations: the default set's ablation variants too
     timing: str = "calibrated"  # --specdec-timing (timing.TIMING_MODES)
+    # --specdec-baseline-rounds: a baseline's timed rounds (at least timed_rounds); their
+    # spread is the session's round scatter (timing.round_scatter). 1 here, so a config
+    # built in code times as it asks; the option's default is BASELINE_ROUNDS
+    baseline_rounds: int = 1
     batches: tuple[int, ...] = (1,)  # --specdec-batch: every case at each size
     batch_explicit: bool = False  # --specdec-batch was given: case ids name the size
     profile: str = "default"  # --specdec-profile (profiles.PROFILES)

@@ -30,6 +30,7 @@ class Profile:
     paradigms: tuple[str, ...] | None = None
     temperatures: tuple[float, ...] | None = None
     timed_rounds: int | None = None
+    baseline_rounds: int | None = None
     peers: tuple[str, ...] | None = None
 
     def settings(self) -> dict[str, object]:
@@ -46,6 +47,7 @@ PROFILE_OPTIONS = {
     "paradigms": "specdec_paradigms",
     "temperatures": "specdec_temperatures",
     "timed_rounds": "specdec_timed_rounds",
+    "baseline_rounds": "specdec_baseline_rounds",
     "peers": "specdec_peers",
 }
 
@@ -54,7 +56,7 @@ PROFILES = {p.name: p for p in (
                      "drafters and a model drafter on one short problem",
             problems=1, max_new_tokens=64,
             drafters=(DrafterSpec("pld"), DrafterSpec("sam"), DrafterSpec("eagle3")),
-            peers=()),
+            baseline_rounds=1, peers=()),
     Profile("default", "the reference table: every built-in drafter at its reference's "
                        "depth, both paradigms at their own temperatures, the peer"),
     # sized for about 30 minutes on one H100 with an 8B target (examples/ci/)

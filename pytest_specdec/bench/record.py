@@ -141,6 +141,9 @@ class CaseRecord:
     timing: str = _optional()
     speedup_raw: float = _optional()
     speedup_noise: float = _optional()
+    # the session's round-to-round timing scatter when the case was recorded (relative;
+    # None: no baseline of two rounds yet), which its noise includes
+    round_scatter: float | None = _optional()
     speedup_problems_low: float = _optional()
     speedup_problems_high: float = _optional()
     probe_ms: float = _optional()

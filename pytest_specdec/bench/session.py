@@ -24,7 +24,8 @@ from pytest_specdec.bench.runner import (DecodeSettings, Method, RunResult, engi
 from pytest_specdec.engine.integrity import TargetChanged, TargetFingerprint
 from pytest_specdec.engine.metrics import ideal_speedup, mat_by_index, median_round
 from pytest_specdec.engine.target import Target
-from pytest_specdec.engine.timing import (Probe, SpeedupEstimate, host_ratio, speedup_estimate,
+from pytest_specdec.engine.timing import (Probe, SpeedupEstimate, host_ratio, round_scatter,
+                                          speedup_estimate,
                                           step_costs, timing_flags)
 from pytest_specdec.protocol.drafter import (depth_profile, draft_depth, drafter_record_fields,
                                              serves_concurrent_sequences)
@@ -156,7 +157,8 @@ class SpecdecSession:
 
     def measure(self, case: ParadigmCase, make_method: Callable[[], Method], *,
                 benchmark: Any = None, k: int = 0, stack: str = "engine",
-                before_round: Callable[[], None] | None = None, label: str = "") -> Measured:
+                before_round: Callable[[], None] | None = None, label: str = "",
+                rounds: int | None = None) -> Measured:
         """A short warm-up on the first problem, then the timed rounds over all problems.
 
         The warm-up pays first-call costs (kernel selection, lazy imports, caches) of
@@ -170,9 +172,10 @@ class SpecdecSession:
         timed round is calibrated by the session's probe; `before_round` (paired
         timing: a baseline round) runs before each timed round, untimed by
         pytest-benchmark. `label` names the method in the progress events
-        (``pld-best_of_n``).
+        (``pld-best_of_n``); `rounds`: the timed rounds (default ``timed_rounds``).
         """
         cfg = self.config
+        rounds = rounds or cfg.timed_rounds
         paradigm = make_paradigm(case.paradigm, rounds=cfg.rounds, n=cfg.n)
         settings = self.settings(case, k)
         if (case, stack) not in self._warm:
@@ -188,7 +191,8 @@ class SpecdecSession:
 
         def one_round(method: Method) -> None:
             runs.append(self._run(case, paradigm, self.problems, method, settings, probe,
-                                  meter=self._meter(label, "timed round", len(runs) + 1)))
+                                  meter=self._meter(label, "timed round", len(runs) + 1,
+                                                    rounds)))
 
         def fresh_method() -> tuple[tuple[Method], dict]:  # untimed: a model drafter loads here
             if before_round is not None:
@@ -196,11 +200,11 @@ class SpecdecSession:
             return (make_method(),), {}
 
         if benchmark is not None:
-            benchmark.pedantic(one_round, setup=fresh_method, rounds=cfg.timed_rounds,
+            benchmark.pedantic(one_round, setup=fresh_method, rounds=rounds,
                                iterations=1, warmup_rounds=0)
         # without a benchmark, or with a disabled one (--benchmark-disable, which runs
         # its target once), the remaining rounds run here
-        while len(runs) < cfg.timed_rounds:
+        while len(runs) < rounds:
             one_round(*fresh_method()[0])
         return Measured(runs)
 
@@ -217,11 +221,14 @@ class SpecdecSession:
         return run_paradigm_batched(self.target, paradigm, problems, method, settings,
                                     case.batch, progress=progress, probe=probe, meter=meter)
 
-    def _meter(self, label: str, phase: str, round: int = 0) -> ProgressMeter | None:
-        """A run's progress meter for :attr:`progress`, None when nobody listens."""
+    def _meter(self, label: str, phase: str, round: int = 0,
+               rounds: int | None = None) -> ProgressMeter | None:
+        """A run's progress meter for :attr:`progress`, None when nobody listens;
+        `rounds`: the timed rounds of the run (default ``timed_rounds``)."""
         if self.progress is None:
             return None
-        return ProgressMeter(self.progress, label, phase, round, self.config.timed_rounds)
+        return ProgressMeter(self.progress, label, phase, round,
+                             rounds or self.config.timed_rounds)
 
     def baseline_method(self, case: ParadigmCase | None = None) -> Any:
         if case is not None and case.batch > 1:
@@ -276,8 +283,22 @@ class SpecdecSession:
         """
         if case not in self._baselines or benchmark is not None:
             self._baselines[case] = self.measure(case, lambda: self.baseline_method(case),
-                                                 benchmark=benchmark, label=f"baseline-{case.id}")
+                                                 benchmark=benchmark, label=f"baseline-{case.id}",
+                                                 rounds=self.baseline_rounds)
         return self._baselines[case]
+
+    @property
+    def baseline_rounds(self) -> int:
+        """A baseline's timed rounds: ``--specdec-baseline-rounds``, at least
+        ``--specdec-timed-rounds``."""
+        return max(self.config.baseline_rounds, self.config.timed_rounds)
+
+    def round_scatter(self) -> float | None:
+        """The machine's round-to-round timing scatter in this session
+        (:func:`~pytest_specdec.engine.timing.round_scatter` over the baselines measured
+        so far, each in its own host-probe units); None before a baseline of two rounds."""
+        rounds = [[r.timeline for r in m.runs] for m in self._baselines.values()]
+        return round_scatter(rounds, [host_ratio(t) for t in rounds])
 
     def peer_plain(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
         if case not in self._peer_plain or benchmark is not None:
@@ -464,12 +485,14 @@ class SpecdecSession:
         base_runs = measured.paired_baseline or reference.runs
         # one conversion of host-probe units for both runs (drafting's calibration)
         ratio = host_ratio([r.timeline for r in (*base_runs, *measured.runs)])
+        scatter = self.round_scatter()
         if own_reference:
             estimate = SpeedupEstimate(1.0, 1.0, 0.0, 1.0, 1.0)
         else:
             estimate = speedup_estimate([r.timeline for r in base_runs],
                                         [r.timeline for r in measured.runs],
-                                        len(self.problems), paired=paired, ratio=ratio)
+                                        len(self.problems), paired=paired, ratio=ratio,
+                                        scatter=scatter)
         probe_s = median_round([r.timeline.probe_s for r in measured.runs])
         base_probe_s = median_round([r.timeline.probe_s for r in base_runs])
         host_s = [h for r in measured.runs if (h := r.timeline.host_probe_s)]
@@ -488,6 +511,7 @@ class SpecdecSession:
             "speedup": round(estimate.value, 4),
             "speedup_raw": round(estimate.raw, 4),
             "speedup_noise": round(estimate.noise, 4),
+            "round_scatter": None if scatter is None else round(scatter, 4),
             "speedup_problems_low": round(estimate.problems_low, 4),
             "speedup_problems_high": round(estimate.problems_high, 4),
             "probe_ms": round(probe_s * 1e3, 3),

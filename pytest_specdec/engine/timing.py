@@ -31,7 +31,15 @@ Uncertainty, stated for every speedup (see :func:`speedup_estimate`):
   the probes around them read normal, or the reverse) is a stretch the calibration
   did not follow, and its whole departure from the median cost is added to the noise;
 - *over problems*: a bootstrap over the problems (which problems were drawn), the 95%
-  interval of the ratio of calibrated totals.
+  interval of the ratio of calibrated totals;
+- *round to round*: the calibration does not follow every change of the machine (on
+  the 2-core CPU, five rounds in a row of the default target's best_of_n baseline
+  scattered by 3%, one standard deviation, and two sessions' baselines read 12% apart),
+  so a baseline is timed in several rounds (``--specdec-baseline-rounds``, median
+  taken) and their spread, pooled over the session's baselines, is the
+  *round scatter* (:func:`round_scatter`): each run's uncertainty is the larger of its
+  probes' noise and that scatter over the root of its rounds (a case of one round, which
+  shows no spread of its own, takes the baseline's).
 
 Drafting is calibrated by a second probe, of the host. A contended CPU slows the
 target's forwards and a drafter's Python by different factors (measured here with two
@@ -84,6 +92,11 @@ RETAKE_FACTOR = 3.0
 #: Bootstrap resamples over problems, from a fixed seed (same data, same interval).
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
+
+#: ``--specdec-baseline-rounds``'s default: a baseline's timed rounds. Every case of a
+#: paradigm divides into its baseline, so one slow or fast baseline round would move them
+#: all; three give a median and the round scatter (about 14% more time for the default run)
+BASELINE_ROUNDS = 3
 
 #: ``--specdec-timing`` values: ``calibrated`` (every run probed, the default);
 #: ``paired`` (also a fresh baseline round next to every timed round of a case; about
@@ -415,9 +428,35 @@ def bootstrap_ratio(base: Sequence[float], new: Sequence[float], *,
     return ratios[int(0.025 * (len(ratios) - 1))], ratios[int(0.975 * (len(ratios) - 1))]
 
 
+def round_scatter(runs: Sequence[Sequence[Timeline]],
+                  ratios: Sequence[float | None]) -> float | None:
+    """The relative round-to-round scatter of calibrated times: the standard deviation of
+    each run's rounds about their mean, relative to it, pooled over `runs` (each the
+    timed rounds of one run, the same work every round; ``ratios[i]`` its
+    :func:`host_ratio`); runs of one round add nothing. None when no run has two."""
+    squares, freedom = 0.0, 0
+    for rounds, ratio in zip(runs, ratios):
+        if len(rounds) < 2:
+            continue
+        totals = [t.calibrated_at(ratio) for t in rounds]
+        mean = statistics.fmean(totals)
+        if mean <= 0:
+            continue
+        squares += sum((x / mean - 1) ** 2 for x in totals)
+        freedom += len(totals) - 1
+    return math.sqrt(squares / freedom) if freedom else None
+
+
+def _run_variance(probe_noise: float, scatter: float | None, rounds: int) -> float:
+    """One run's relative variance: the larger of its probes' (:meth:`Timeline.noise_at`)
+    and the round scatter's for a median over `rounds` rounds: two estimates of one
+    uncertainty, the probes' from inside the run, the scatter's from repeating it."""
+    return max(probe_noise ** 2, scatter ** 2 / rounds if scatter else 0.0)
+
+
 def speedup_estimate(base_rounds: Sequence[Timeline], new_rounds: Sequence[Timeline],
-                     problems: int, *, paired: bool = False,
-                     ratio: float | None = None) -> SpeedupEstimate:
+                     problems: int, *, paired: bool = False, ratio: float | None = None,
+                     scatter: float | None = None) -> SpeedupEstimate:
     """Speedup of `new_rounds` over `base_rounds` (the timed rounds of one case and of
     its baseline), every figure a ratio of totals over the problems:
 
@@ -425,8 +464,12 @@ def speedup_estimate(base_rounds: Sequence[Timeline], new_rounds: Sequence[Timel
       each (calibrated, unpaired); in paired mode, the median over rounds of the ratio
       of each round to the baseline round timed next to it;
     - raw: the same with wall seconds (no calibration), for comparison;
-    - noise: the two runs' calibration noise in quadrature, plus, with several rounds,
-      the standard error of the per-round ratios;
+    - noise: each run's uncertainty (:func:`_run_variance`: its median round's
+      calibration noise, or the round scatter over the root of its rounds, whichever is
+      larger; `scatter` is the session's, :func:`round_scatter`, and a drafter run of
+      several rounds uses the spread of its own per-round ratios instead), the two in
+      quadrature; in paired mode with several rounds, the two calibration noises and the
+      standard error of the paired ratios;
     - problems_low/high: the bootstrap over problems of the median rounds' per-problem
       calibrated times.
 
@@ -445,9 +488,14 @@ def speedup_estimate(base_rounds: Sequence[Timeline], new_rounds: Sequence[Timel
     else:
         ratios = [base_m.calibrated_at(ratio) / n.calibrated_at(ratio) for n in new_rounds]
     value = statistics.median(ratios)
-    noise_sq = base_m.noise_at(ratio) ** 2 + new_m.noise_at(ratio) ** 2
-    if len(ratios) > 1:
-        noise_sq += (statistics.stdev(ratios) / value) ** 2 / len(ratios)
+    base_noise, new_noise = base_m.noise_at(ratio), new_m.noise_at(ratio)
+    own = statistics.stdev(ratios) / value if len(ratios) > 1 else None
+    if paired and own is not None:
+        noise_sq = base_noise ** 2 + new_noise ** 2 + own ** 2 / len(ratios)
+    else:
+        noise_sq = (_run_variance(base_noise, scatter, len(base_rounds))
+                    + _run_variance(new_noise, own if own is not None else scatter,
+                                    len(new_rounds)))
     low, high = bootstrap_ratio(base_m.calibrated_by_problem(problems, ratio),
                                 new_m.calibrated_by_problem(problems, ratio))
     return SpeedupEstimate(value=value, raw=base_m.wall_s / new_m.wall_s,

@@ -21,7 +21,7 @@ from pytest_specdec.bench.paradigms import PARADIGM_NAMES
 from pytest_specdec.bench.profiles import DEFAULT_PROFILE, PROFILE_OPTIONS, PROFILES, describe
 from pytest_specdec.bench.problems import DEFAULT_PROBLEMS
 from pytest_specdec.bench.record import GATED_METRICS, PEER_NAMES, PEER_PLAIN
-from pytest_specdec.engine.timing import TIMING_MODES
+from pytest_specdec.engine.timing import BASELINE_ROUNDS, TIMING_MODES
 from pytest_specdec.plugin.values import (batch_sizes, compare_fail, non_negative_float,
                                           non_negative_int, positive_float, positive_int)
 from pytest_specdec.protocol.drafter import (CPU_PROFILE_DEPTH, DEFAULT_MAX_DEPTH, DEPTH_PROFILES,
@@ -201,6 +201,12 @@ OPTIONS = (
     Option("--specdec-timed-rounds", "specdec_timed_rounds", default=1, type=positive_int,
            metavar="N", help="timed rounds per case after one warm-up; the median is "
                              "reported (default: 1)"),
+    Option("--specdec-baseline-rounds", "specdec_baseline_rounds", default=BASELINE_ROUNDS,
+           type=positive_int, metavar="N",
+           help="timed rounds of each baseline (at least --specdec-timed-rounds); its "
+                "median round is the time every speedup divides, and the rounds' spread "
+                "(the machine's round-to-round scatter) enters every speedup's noise; 1 "
+                f"measures no scatter (default: {BASELINE_ROUNDS}; the smoke profile: 1)"),
     Option("--specdec-timing", "specdec_timing", default="calibrated", type=_timing_mode,
            metavar="MODE",
            help="how speedups cancel a machine whose speed changes during the session: "
@@ -307,6 +313,7 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
         n=get("specdec_n"), rounds=get("specdec_rounds"),
         temperatures=get("specdec_temperatures"), seed=get("specdec_seed"), k=get("specdec_k"),
         timed_rounds=get("specdec_timed_rounds"), timing=get("specdec_timing"),
+        baseline_rounds=get("specdec_baseline_rounds"),
         report_dir=report_dir,
         peers=() if get("specdec_no_peer") else get("specdec_peers"),
         ablations=get("specdec_ablations"), strict=get("specdec_strict"),

@@ -60,7 +60,10 @@ TIMING_NOTE = (
     "probes around it, so a speedup is a ratio of times in units of the machine's speed "
     "and a change of load during the session cancels out (`paired`: each timed round "
     "also has a fresh baseline round next to it). `±noise`: the timing noise (probes "
-    "that disagree around a stretch, and the spread of the rounds). `problems 95%`: "
+    "that disagree around a stretch, or the spread of repeated rounds, whichever is "
+    "larger). `round scatter`: how far one round's calibrated time is from the next "
+    "(the spread of the baselines' rounds, pooled; a case of one round carries it "
+    "whole, a baseline's median of N rounds over √N). `problems 95%`: "
     "bootstrap over the problems. `raw`: the ratio of wall times without calibration; "
     "`slowdown`: the machine's speed during the case against its baseline's (probe "
     "time ratio); `host slowdown` the same for the host probe (a fixed piece of Python, "
@@ -72,7 +75,8 @@ TIMING_NOTE = (
     "`above cost bound` (a measurement artefact), one whose noise exceeds 10% `unstable "
     "timing`; flagged speedups are never marked best.")
 
-TIMING_HEADERS = ["drafter", "paradigm", "T", "timing", "speedup", "±noise", "problems 95%",
+TIMING_HEADERS = ["drafter", "paradigm", "T", "timing", "speedup", "±noise", "round scatter",
+                  "problems 95%",
                   "raw", "slowdown", "host slowdown", "t_step ms", "t_verify ms", "t_draft ms", "ideal",
                   "measured ÷ ideal", "flags"]
 
@@ -86,7 +90,7 @@ def timing_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
         rows.append([
             r["drafter"], paradigm_text(r), temperature_text(r["temperature"]),
             str(r.get("timing", NO_VALUE)), speedup_text(r["speedup"]),
-            percent_text(r.get("speedup_noise"), 1),
+            percent_text(r.get("speedup_noise"), 1), percent_text(r.get("round_scatter"), 1),
             f"{number_text(low)}–{number_text(high)}x" if isinstance(low, NUMBER_TYPES) else NO_VALUE,
             speedup_text(r.get("speedup_raw")), number_text(r.get("machine_slowdown")),
             number_text(r.get("host_slowdown")), number_text(r.get("t_step_ms"), 1), number_text(r.get("t_verify_ms"), 1),

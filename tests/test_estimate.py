@@ -72,6 +72,17 @@ def test_paired_timing_and_more_timed_rounds_cost_what_they_run(tmp_path):
     assert [c.steps for c in paired.cases] == [3 * 65 + 20, 3 * (20 + 25 + 65)]
 
 
+def test_a_baseline_is_priced_for_its_rounds(tmp_path):
+    planned = [_case("baseline", "baseline", MR), _case("speculative", "pld", MR),
+               _case("speculative", "pld", BON)]
+    estimate = estimate_run(_config(tmp_path, baseline_rounds=3), planned, step_s=1.0,
+                            step_basis="given", problems=2, history=HISTORY)
+    # three baseline rounds (40 steps + 25 probes) and one warm-up; the drafter one round;
+    # best_of_n's baseline, measured inside its first case, three rounds too
+    assert [c.steps for c in estimate.cases] == [3 * 65 + 20, 20 + 25,
+                                                 (80 / 0.75 + 45) + 3 * (80 + 45) + 40]
+
+
 def test_an_expected_speedup_prices_the_unmeasured_cases(tmp_path):
     planned = [_case("baseline", "baseline", MR), _case("speculative", "sam", MR)]
     estimate = estimate_run(_config(tmp_path, expected_speedup=2.0), planned, step_s=1.0,

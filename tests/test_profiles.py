@@ -34,6 +34,9 @@ class FakeConfig:
     ("paper", {}, "specdec_timed_rounds", 1),
     ("gate", {}, "specdec_timed_rounds", 3),
     ("gate", {}, "specdec_peers", ()),
+    ("smoke", {}, "specdec_baseline_rounds", 1),  # a first look: no round scatter
+    ("default", {}, "specdec_baseline_rounds", 3),
+    ("smoke", {"specdec_baseline_rounds": 2}, "specdec_baseline_rounds", 2),
     # the option's own default, when the profile leaves it unset
     ("smoke", {}, "specdec_timed_rounds", 1),
     ("smoke", {}, "specdec_temperatures", None),
@@ -64,7 +67,7 @@ def test_the_smoke_profile_covers_what_a_first_look_needs():
 
 def test_describe_names_each_setting_as_an_option():
     assert describe(PROFILES["smoke"]) == ("problems 1; max-new-tokens 64; drafters pld,sam,eagle3; "
-                                           "peers none")
+                                           "baseline-rounds 1; peers none")
     assert describe(PROFILES["paper"]) == "problems 120; max-new-tokens 15000; temperatures 0,0.6"
     assert describe(PROFILES["gate"]) == ("problems 4; max-new-tokens 256; drafters pld,sam,suffix; "
                                           "timed-rounds 3; peers none")

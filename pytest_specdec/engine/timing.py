@@ -95,7 +95,7 @@ BOOTSTRAP_SEED = 0
 
 #: ``--specdec-baseline-rounds``'s default: a baseline's timed rounds. Every case of a
 #: paradigm divides into its baseline, so one slow or fast baseline round would move them
-#: all; three give a median and the round scatter (about 14% more time for the default run)
+#: all; three give a median and the round scatter (about 13% more time for the default run)
 BASELINE_ROUNDS = 3
 
 #: ``--specdec-timing`` values: ``calibrated`` (every run probed, the default);

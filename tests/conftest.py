@@ -117,6 +117,10 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
     # 1-second run take 40 seconds; results do not depend on it
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    # one baseline round, unless a test asks for more on its command line (argparse
+    # keeps the last value): the round scatter is tested in-process (test_timing.py),
+    # and two more rounds in every subprocess cost the whole suite about half a minute
+    monkeypatch.setenv("PYTEST_ADDOPTS", "--specdec-baseline-rounds 1")
     pytester.makepyfile(test_cases=SUITE.read_text(encoding="utf-8"))
     return pytester
 

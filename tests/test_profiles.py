@@ -107,6 +107,7 @@ def test_the_smoke_profile_collects_its_cases_and_an_option_overrides_it(suite):
 def test_a_profiles_model_drafter_without_weights_is_skipped_like_the_default_sets(
         suite, monkeypatch, tmp_path, tiny_model_dir):
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    monkeypatch.delenv("PYTEST_ADDOPTS")  # the profile's own baseline rounds, not given
     reports = tmp_path / "reports"
     result = suite.runpytest_subprocess(
         "-p", "no:cacheprovider", "--specdec-profile", "smoke", "--specdec-target",

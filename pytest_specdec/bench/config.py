@@ -57,3 +57,9 @@ class SpecdecConfig:
     # earlier report measured (None: bench.estimate's priors)
     step_ms: float | None = None
     expected_speedup: float | None = None  # None: the estimate's priors
+
+    @property
+    def baseline_timed_rounds(self) -> int:
+        """A baseline's timed rounds: ``--specdec-baseline-rounds``, at least
+        ``--specdec-timed-rounds`` (the session times them, the estimate prices them)."""
+        return max(self.baseline_rounds, self.timed_rounds)

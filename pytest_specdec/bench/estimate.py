@@ -179,8 +179,7 @@ def estimate_run(cfg: SpecdecConfig, planned: Sequence[PlannedCase], *, step_s: 
             timed = round_steps * (ratio or PRIOR_PEER_RATIO)
         else:
             timed = round_steps
-        # a baseline's timed rounds (SpecdecSession.baseline_rounds)
-        baseline_rounds = max(cfg.baseline_rounds, cfg.timed_rounds)
+        baseline_rounds = cfg.baseline_timed_rounds
         steps = (baseline_rounds if p.role == ROLE_BASELINE else cfg.timed_rounds) * (timed + probes)
         implicit_baseline = p.role != ROLE_BASELINE and p.case not in baselines
         if implicit_baseline:  # the session measures the baseline inside this case

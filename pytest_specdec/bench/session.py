@@ -25,8 +25,7 @@ from pytest_specdec.engine.integrity import TargetChanged, TargetFingerprint
 from pytest_specdec.engine.metrics import ideal_speedup, mat_by_index, median_round
 from pytest_specdec.engine.target import Target
 from pytest_specdec.engine.timing import (Probe, SpeedupEstimate, host_ratio, round_scatter,
-                                          speedup_estimate,
-                                          step_costs, timing_flags)
+                                          speedup_estimate, step_costs, timing_flags)
 from pytest_specdec.protocol.drafter import (depth_profile, draft_depth, drafter_record_fields,
                                              serves_concurrent_sequences)
 from pytest_specdec.protocol.registry import Registry
@@ -284,14 +283,8 @@ class SpecdecSession:
         if case not in self._baselines or benchmark is not None:
             self._baselines[case] = self.measure(case, lambda: self.baseline_method(case),
                                                  benchmark=benchmark, label=f"baseline-{case.id}",
-                                                 rounds=self.baseline_rounds)
+                                                 rounds=self.config.baseline_timed_rounds)
         return self._baselines[case]
-
-    @property
-    def baseline_rounds(self) -> int:
-        """A baseline's timed rounds: ``--specdec-baseline-rounds``, at least
-        ``--specdec-timed-rounds``."""
-        return max(self.config.baseline_rounds, self.config.timed_rounds)
 
     def round_scatter(self) -> float | None:
         """The machine's round-to-round timing scatter in this session

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import small_config
 from pytest_specdec.bench.config import SpecdecConfig
-from pytest_specdec.bench.estimate import (History, PlannedCase, duration, estimate_run,
-                                           read_history)
+from pytest_specdec.bench.estimate import (PROBE_STEPS, History, PlannedCase, duration,
+                                           estimate_run, read_history)
 from pytest_specdec.bench.session import ParadigmCase
 
 MR, BON = ParadigmCase("multi_round", 0.0), ParadigmCase("best_of_n", 0.6)
@@ -35,28 +35,37 @@ HISTORY = History(speedups={("pld", "multi_round", 0.0, 1): 2.0},
                               ("best_of_n", 0.6, 4): 1.0})
 
 # 2 problems, max_new_tokens 10, 1 timed round; multi_round: 2 rounds (4 sequences),
-# best_of_n: n=4 (8 sequences); probes: (sequences or batches + 1) x 5 forwards;
-# warm-up: 1 problem's sequences x min(16, 10) tokens
+# best_of_n: n=4 (8 sequences); probes: (sequences or batches + 1) x 10.7 steps (5
+# one-token forwards, 3 wide ones at 1.9 each); warm-up: 1 problem's sequences x
+# min(16, 10) tokens
 #   (planned case, expected target steps)
+MR_PROBES, BON_PROBES, BON4_PROBES = 5 * 10.7, 9 * 10.7, 3 * 10.7
 STEPS = [
-    (_case("baseline", "baseline", MR), 40 + 25 + 20),
-    (_case("speculative", "pld", MR), 40 / 2.0 + 25),  # measured 2.0x
-    (_case("speculative", "sam", MR), 40 / 1.25 + 25),  # none measured: the T=0 prior
-    (_case("peer", "hf_generate", MR), 40 * 1.5 + 25 + 20),  # its own warm-up (generate)
+    (_case("baseline", "baseline", MR), 40 + MR_PROBES + 20),
+    (_case("speculative", "pld", MR), 40 / 2.0 + MR_PROBES),  # measured 2.0x
+    (_case("speculative", "sam", MR), 40 / 1.25 + MR_PROBES),  # none measured: the T=0 prior
+    # its own warm-up (generate)
+    (_case("peer", "hf_generate", MR), 40 * 1.5 + MR_PROBES + 20),
     # no baseline collected for best_of_n: the first case measures it, with the warm-up
-    (_case("speculative", "sam", BON), (80 / 0.75 + 45) + (80 + 45) + 40),  # T>0 prior
-    (_case("speculative", "pld", BON), 80 / 0.75 + 45),
-    (_case("peer", "hf_generate", BON), 80 * 1.6 + 45 + 40),  # none measured: the prior
+    (_case("speculative", "sam", BON),
+     (80 / 0.75 + BON_PROBES) + (80 + BON_PROBES) + 40),  # T>0 prior
+    (_case("speculative", "pld", BON), 80 / 0.75 + BON_PROBES),
+    # none measured: the prior
+    (_case("peer", "hf_generate", BON), 80 * 1.6 + BON_PROBES + 40),
     # batch 4: 4 sequences per step, probes per batch
-    (_case("baseline", "baseline", BON4), 80 / 4 + 15 + 40 / 4),
+    (_case("baseline", "baseline", BON4), 80 / 4 + BON4_PROBES + 40 / 4),
 ]
+
+
+def test_a_probe_costs_its_narrow_and_wide_forwards():
+    assert PROBE_STEPS == pytest.approx(5 + 3 * 1.9)
 
 
 def test_each_case_is_priced_by_its_target_steps(tmp_path):
     cfg = _config(tmp_path)
     estimate = estimate_run(cfg, [p for p, _ in STEPS], step_s=0.01, step_basis="given",
                             problems=2, history=HISTORY)
-    assert [c.steps for c in estimate.cases] == [steps for _, steps in STEPS]
+    assert [c.steps for c in estimate.cases] == pytest.approx([steps for _, steps in STEPS])
     assert estimate.seconds == pytest.approx(0.01 * sum(steps for _, steps in STEPS))
     assert [c.basis for c in estimate.cases] == [
         "", "2.00x measured", "1.25x assumed", "1.50x our baseline's time, measured",
@@ -68,8 +77,10 @@ def test_paired_timing_and_more_timed_rounds_cost_what_they_run(tmp_path):
     planned = [_case("baseline", "baseline", MR), _case("speculative", "pld", MR)]
     paired = estimate_run(_config(tmp_path, timing="paired", timed_rounds=3), planned,
                           step_s=1.0, step_basis="given", problems=2, history=HISTORY)
-    # every timed round of the drafter also has a baseline round (40 steps + 25 probes)
-    assert [c.steps for c in paired.cases] == [3 * 65 + 20, 3 * (20 + 25 + 65)]
+    # every timed round of the drafter also has a baseline round (40 steps and probes)
+    base_round = 40 + MR_PROBES
+    assert [c.steps for c in paired.cases] == pytest.approx(
+        [3 * base_round + 20, 3 * (20 + MR_PROBES + base_round)])
 
 
 def test_a_baseline_is_priced_for_its_rounds(tmp_path):
@@ -77,17 +88,19 @@ def test_a_baseline_is_priced_for_its_rounds(tmp_path):
                _case("speculative", "pld", BON)]
     estimate = estimate_run(_config(tmp_path, baseline_rounds=3), planned, step_s=1.0,
                             step_basis="given", problems=2, history=HISTORY)
-    # three baseline rounds (40 steps + 25 probes) and one warm-up; the drafter one round;
+    # three baseline rounds (40 steps and probes) and one warm-up; the drafter one round;
     # best_of_n's baseline, measured inside its first case, three rounds too
-    assert [c.steps for c in estimate.cases] == [3 * 65 + 20, 20 + 25,
-                                                 (80 / 0.75 + 45) + 3 * (80 + 45) + 40]
+    assert [c.steps for c in estimate.cases] == pytest.approx(
+        [3 * (40 + MR_PROBES) + 20, 20 + MR_PROBES,
+         (80 / 0.75 + BON_PROBES) + 3 * (80 + BON_PROBES) + 40])
 
 
 def test_an_expected_speedup_prices_the_unmeasured_cases(tmp_path):
     planned = [_case("baseline", "baseline", MR), _case("speculative", "sam", MR)]
     estimate = estimate_run(_config(tmp_path, expected_speedup=2.0), planned, step_s=1.0,
                             step_basis="given", problems=2, history=HISTORY)
-    assert estimate.cases[1].steps == 40 / 2 + 25 and estimate.cases[1].basis == "2x assumed"
+    assert estimate.cases[1].steps == pytest.approx(40 / 2 + MR_PROBES)
+    assert estimate.cases[1].basis == "2x assumed"
 
 
 def _report(path, records):
@@ -116,7 +129,7 @@ def test_the_step_scale_prices_a_real_step_above_the_probe(tmp_path, step_scale,
                             step_s=1.0, step_basis="given", problems=2,
                             history=History(step_scale=step_scale))
     # 4 sequences x 10 tokens, B at a time; probes around every batch; warm-up 2 x 10
-    probes = (4 // batch + 1) * 5
+    probes = (4 // batch + 1) * PROBE_STEPS
     assert estimate.cases[0].steps == pytest.approx((40 + 20) / batch * scale + probes)
 
 

@@ -215,19 +215,22 @@ def test_a_contended_machines_scattered_probes_raise_the_noise_to_unstable(monke
 
 def test_the_probe_reads_a_trimmed_mean_and_its_spread(monkeypatch):
     """One hiccup (the slowest forward) and the fastest are dropped; the rest's mean is
-    the probe's time, half their range over it the spread."""
+    the probe's time, half their range over it the spread; then the wide forwards'
+    median, each rolled back."""
     machine = FakeMachine()
     monkeypatch.setattr(timing, "clock", machine.clock)
-    costs = iter([1.0, 1.2, 0.8, 9.0, 1.0])
+    costs = iter([1.0, 1.2, 0.8, 9.0, 1.0, 2.0, 7.0, 2.2])
+    fed, cropped = [], []
 
     class Target:
         def forward(self, ids, cache, keep_logits=0):
             machine.now += next(costs)
+            fed.append(len(ids))
             return torch.zeros(1, 1), None
 
     class Cache:
         def crop(self, n):
-            pass
+            cropped.append(n)
 
     host_costs = iter([3.0, 3.0, 5.0, 3.0])
 
@@ -237,12 +240,16 @@ def test_the_probe_reads_a_trimmed_mean_and_its_spread(monkeypatch):
     monkeypatch.setattr(timing, "host_workload", host_workload)
     probe = object.__new__(timing.Probe)
     probe.target, probe.cache, probe.next_token = Target(), Cache(), 0
+    probe.wide_tokens = list(range(timing.WIDE_PROBE_WIDTH))
     reading = probe.reading()
     assert reading.device_s == pytest.approx((1.0 + 1.2 + 1.0) / 3)
     assert reading.spread == pytest.approx(0.1 / reading.device_s)
     # the host's chunks: their mean (no trimming: drafting meets every slow stretch)
     assert reading.host_s == pytest.approx(3.5)
     assert reading.host_spread == pytest.approx(1.0 / 3.5)
+    assert reading.wide_s == pytest.approx(2.2)
+    assert fed == [1] * 5 + [timing.WIDE_PROBE_WIDTH] * 3
+    assert cropped == [-1] * 5 + [-timing.WIDE_PROBE_WIDTH] * 3
 
 
 def test_the_host_workload_is_fixed_work():
@@ -268,7 +275,7 @@ def test_drafting_is_calibrated_by_the_host_probes(monkeypatch, host_probes, rat
     machine.now += 10.0
     line.finish()
     line.assign_drafting([0], [4.0])
-    assert line.calibrated_at(ratio) == pytest.approx(expected)
+    assert line.calibrated_at(timing.Reference(host=ratio)) == pytest.approx(expected)
 
 
 def test_host_ratio_is_the_quietest_probes_and_none_without_host_readings(monkeypatch):
@@ -286,6 +293,50 @@ def test_host_ratio_is_the_quietest_probes_and_none_without_host_readings(monkey
     b = line(timing.ProbeReading(3.0, 0.0, 0.2), timing.ProbeReading(3.0, 0.0, 0.2))
     assert timing.host_ratio([a, b]) == pytest.approx(0.2 / 1.0)
     assert timing.host_ratio([line(1.0, 1.0)]) is None
+
+
+@pytest.mark.parametrize("width, now, wide, expected", [
+    (1, 2.0, 1.8, 1.0),  # a one-token forward is what the narrow probe prices
+    (32, 2.0, 1.8, 0.9),  # as wide as the wide probe: the wide ratios' quotient
+    (8, 2.0, 1.8, 0.9 ** 0.6),  # log 8 / log 32 = 0.6 of the way
+    (64, 1.5, 1.8, 1.2 ** 1.2),  # wider: extrapolated on the same power law
+    (32, None, 1.8, 1.0),  # no wide reading now: no pricing
+    (32, 2.0, None, 1.0),  # no reference: no pricing
+])
+def test_width_factor(width, now, wide, expected):
+    assert timing.width_factor(width, now, wide) == pytest.approx(expected)
+
+
+def test_forwards_are_priced_at_their_width(monkeypatch):
+    """A segment of 10 s: 2 s drafting, 6 s in forwards (1 s at one token, 5 s at 32),
+    2 s other; its probes read 2 s narrow, 4.4 s wide (ratio 2.2) against a reference
+    of 2.0: the wide forwards' 5 s count as 5 · 2.0 / 2.2; the rest as measured."""
+    machine = FakeMachine()
+    monkeypatch.setattr(timing, "clock", machine.clock)
+    readings = iter([timing.ProbeReading(2.0, 0.0, None, 0.0, 4.4)] * 2)
+    line = timing.Timeline(lambda: next(readings))
+    line.cut(0)
+    machine.now += 10.0
+    line.finish()
+    line.assign_drafting([0], [2.0])
+    line.assign_forward_load([0], [{1: 1.0, 32: 5.0}])
+    assert line.wide_now() == [pytest.approx(2.2)]
+    assert line.calibrated_at(None) == pytest.approx(10.0 / 2.0)
+    priced = (10.0 - 5.0 + 5.0 * 2.0 / 2.2) / 2.0
+    assert line.calibrated_at(timing.Reference(wide=2.0)) == pytest.approx(priced)
+    assert line.calibrated_at(timing.Reference(wide=2.2)) == pytest.approx(10.0 / 2.0)
+    assert timing.wide_ratio([line]) == pytest.approx(2.2)
+
+
+def test_forward_load_is_seconds_by_width_a_batch_sharing_its_forwards():
+    from pytest_specdec.engine.metrics import StepRecord
+
+    def step(fed, target_s, rows=1):
+        return StepRecord(drafted=0, depth=0, accepted=0, emitted=1, drafter_s=0.0,
+                          target_s=target_s, fed=fed, rows=rows)
+
+    assert timing.forward_load([step(40, 3.0), step(1, 1.0), step(1, 1.0)]) == {40: 3.0, 1: 2.0}
+    assert timing.forward_load([step(8, 2.0, rows=4)]) == {8: 0.5}
 
 
 def test_bootstrap_over_problems_is_seeded_and_brackets_the_ratio():
@@ -405,3 +456,54 @@ def test_one_baseline_round_slowed_unseen_by_the_probes_moves_no_speedup(
     # one slowed round alone would have moved the speedup
     _, lone = run({2: 0.05}, 1)
     assert lone["speedup"] > quiet["speedup"] * 1.1
+
+
+class WidthMachine(FakeMachine):
+    """A fake machine whose forwards cost (1 + tokens fed / 8 × per_token) ms: changing
+    per_token moves a wide forward's cost and barely a one-token one's (on the real CPU
+    the ratio of the two wanders by ±15% on an idle machine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.per_token = 1.0
+
+    def wrap(self, target):
+        forward = target.forward
+
+        def timed_forward(token_ids, cache, **kwargs):
+            self.now += (1 + len(token_ids) / 8 * self.per_token) * 1e-3
+            return forward(token_ids, cache, **kwargs)
+
+        target.forward = timed_forward
+        return target
+
+
+@pytest.mark.parametrize("per_token", [1.5, 0.7])
+def test_wide_forwards_slowed_unlike_narrow_ones_leave_the_speedup_unchanged(
+        tiny_model_dir, tmp_path, monkeypatch, per_token):
+    """After the baseline, the machine's cost per fed token changes while a one-token
+    forward's barely does: the wide probe prices every forward at its width (the
+    prefills and the drafts), so the speedup stays the unchanged machine's; the narrow
+    probe alone would move it by more than 10%."""
+    def run(per_token: float, wide_forwards: int) -> dict:
+        machine = WidthMachine()
+        monkeypatch.setattr(timing, "clock", machine.clock)
+        monkeypatch.setattr(timing, "WIDE_PROBE_FORWARDS", wide_forwards)
+        target = machine.wrap(load_target(str(tiny_model_dir), device="cpu", dtype="float32"))
+        session = SpecdecSession(_config(tmp_path), load_registry(),
+                                 load_problems("embedded", limit=2), lambda: target)
+        case = ParadigmCase("multi_round", 0.0, True)
+        session.run_baseline_case(case, None)
+        machine.per_token = per_token
+        return session.run_speculative_case(DrafterSpec("pld"), case, None)
+
+    unchanged = run(1.0, timing.WIDE_PROBE_FORWARDS)
+    changed = run(per_token, timing.WIDE_PROBE_FORWARDS)
+    narrow_only = run(per_token, 0)
+    assert changed["output_sha256"] == unchanged["output_sha256"]
+    # the fake's cost is affine in width, the pricing a power law: close, not exact
+    assert changed["speedup"] == pytest.approx(unchanged["speedup"], rel=0.05)
+    assert abs(narrow_only["speedup"] / unchanged["speedup"] - 1) > 0.10
+    # the record says how much the wide forwards' cost moved against the baseline's
+    assert unchanged["wide_slowdown"] == pytest.approx(1.0)
+    assert (changed["wide_slowdown"] > 1.2) if per_token > 1 else (changed["wide_slowdown"] < 0.8)

@@ -6,8 +6,9 @@ A case's time is the target forwards it takes times the cost of one decode step:
   of up to ``max_new_tokens`` tokens, B at a time: ``tokens ÷ B`` plain decode steps;
 - a drafter's case takes those steps ÷ its *expected speedup*, a peer's × its *expected
   ratio* to our baseline;
-- every timed round adds the calibration probes (:data:`~pytest_specdec.engine.timing.
-  PROBE_FORWARDS` decode forwards before every sequence or batch and after the last),
+- every timed round adds the calibration probes before every sequence or batch and
+  after the last (:data:`PROBE_STEPS` decode steps' worth each: the one-token forwards
+  and the wide ones, see :mod:`pytest_specdec.engine.timing`),
   paired timing a baseline round next to each drafter's round, and the first case of a
   paradigm case on a decoding stack (our engine, transformers' generate) its warm-up.
 
@@ -38,7 +39,7 @@ from typing import Iterable, Sequence
 from pytest_specdec.bench.config import SpecdecConfig
 from pytest_specdec.bench.paradigms import make_paradigm
 from pytest_specdec.bench.session import WARMUP_TOKENS, ParadigmCase
-from pytest_specdec.engine.timing import PROBE_FORWARDS
+from pytest_specdec.engine.timing import PROBE_FORWARDS, WIDE_PROBE_FORWARDS
 
 ROLE_BASELINE, ROLE_SPECULATIVE, ROLE_PEER = "baseline", "speculative", "peer"
 
@@ -57,6 +58,10 @@ PRIOR_PEER_RATIO = 1.6
 #: batch 1 (1.24) and 51.9 against 31.9 at batch 4 (1.63) on best_of_n T=0.6
 PRIOR_STEP_SCALE = 1.25
 PRIOR_STEP_SCALE_PER_ROW = 0.13
+#: A wide probe forward's cost in one-token probe forwards (median 1.9 on the 2-core CPU,
+#: between 1.6 and 2.4), and one probe's cost in decode steps' worth
+PRIOR_WIDE_PROBE_COST = 1.9
+PROBE_STEPS = PROBE_FORWARDS + WIDE_PROBE_FORWARDS * PRIOR_WIDE_PROBE_COST
 
 #: the earlier reports an estimate reads, newest first (each a few tens of kB)
 HISTORY_REPORTS = 20
@@ -162,7 +167,7 @@ def estimate_run(cfg: SpecdecConfig, planned: Sequence[PlannedCase], *, step_s: 
                  else prior_step_scale(p.case.batch) / prior_step_scale(1))
         # decode steps in step_s units; the probes cost one probe reading each
         round_steps = sequences * cfg.max_new_tokens * fill / p.case.batch * scale
-        probes = (math.ceil(sequences / p.case.batch) + 1) * PROBE_FORWARDS
+        probes = (math.ceil(sequences / p.case.batch) + 1) * PROBE_STEPS
         notes = []
         if p.role == ROLE_SPECULATIVE:
             speedup = history.speedups.get(p.key)

@@ -149,6 +149,7 @@ class CaseRecord:
     probe_ms: float = _optional()
     machine_slowdown: float | None = _optional()
     host_slowdown: float | None = _optional()
+    wide_slowdown: float | None = _optional()
     t_step_ms: float | None = _optional()
     t_verify_ms: float | None = _optional()
     t_draft_ms: float | None = _optional()

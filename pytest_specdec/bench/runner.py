@@ -20,7 +20,7 @@ from pytest_specdec.engine.guard import attach
 from pytest_specdec.engine.loop import Generation, GenerationRequest, generate
 from pytest_specdec.engine.metrics import SpecDecodingStats, accuracy, output_digest
 from pytest_specdec.engine.target import Target
-from pytest_specdec.engine.timing import Timeline
+from pytest_specdec.engine.timing import Timeline, forward_load
 from pytest_specdec.protocol.drafter import Drafter, serves_concurrent_sequences
 from pytest_specdec.protocol.sampling import Sampler
 
@@ -182,6 +182,9 @@ def _finished(result: RunResult) -> RunResult:
     # per-segment forwards: the check for stalls the probes missed (Timeline.stall_units)
     result.timeline.assign_forwards(result.segment_of,
                                     [len(g.steps) for g in result.outputs.values()])
+    # the target's forwards are priced at their width (timing.width_factor)
+    result.timeline.assign_forward_load(result.segment_of,
+                                        [forward_load(g.steps) for g in result.outputs.values()])
     # per-sequence wall times add up to less than the run (prompt encoding, decoding
     # text): the run's own clock is the figure that counts
     result.wall_s = result.timeline.wall_s

@@ -24,8 +24,9 @@ from pytest_specdec.bench.runner import (DecodeSettings, Method, RunResult, engi
 from pytest_specdec.engine.integrity import TargetChanged, TargetFingerprint
 from pytest_specdec.engine.metrics import ideal_speedup, mat_by_index, median_round
 from pytest_specdec.engine.target import Target
-from pytest_specdec.engine.timing import (Probe, SpeedupEstimate, host_ratio, round_scatter,
-                                          speedup_estimate, step_costs, timing_flags)
+from pytest_specdec.engine.timing import (Probe, Reference, SpeedupEstimate, round_scatter,
+                                          speedup_estimate, step_costs, timing_flags,
+                                          wide_ratio)
 from pytest_specdec.protocol.drafter import (depth_profile, draft_depth, drafter_record_fields,
                                              serves_concurrent_sequences)
 from pytest_specdec.protocol.registry import Registry
@@ -291,7 +292,7 @@ class SpecdecSession:
         (:func:`~pytest_specdec.engine.timing.round_scatter` over the baselines measured
         so far, each in its own host-probe units); None before a baseline of two rounds."""
         rounds = [[r.timeline for r in m.runs] for m in self._baselines.values()]
-        return round_scatter(rounds, [host_ratio(t) for t in rounds])
+        return round_scatter(rounds, [Reference.of(t, t) for t in rounds])
 
     def peer_plain(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
         if case not in self._peer_plain or benchmark is not None:
@@ -476,21 +477,23 @@ class SpecdecSession:
         milliseconds at this case's machine speed (its median probe)."""
         paired = bool(measured.paired_baseline)
         base_runs = measured.paired_baseline or reference.runs
-        # one conversion of host-probe units for both runs (drafting's calibration)
-        ratio = host_ratio([r.timeline for r in (*base_runs, *measured.runs)])
+        # one conversion of host-probe units for both runs (drafting's calibration), and
+        # the baseline's wide-forward cost for pricing wide forwards
+        ref = Reference.of([r.timeline for r in (*base_runs, *measured.runs)],
+                           [r.timeline for r in base_runs])
         scatter = self.round_scatter()
         if own_reference:
             estimate = SpeedupEstimate(1.0, 1.0, 0.0, 1.0, 1.0)
         else:
             estimate = speedup_estimate([r.timeline for r in base_runs],
                                         [r.timeline for r in measured.runs],
-                                        len(self.problems), paired=paired, ratio=ratio,
+                                        len(self.problems), paired=paired, ref=ref,
                                         scatter=scatter)
         probe_s = median_round([r.timeline.probe_s for r in measured.runs])
         base_probe_s = median_round([r.timeline.probe_s for r in base_runs])
         host_s = [h for r in measured.runs if (h := r.timeline.host_probe_s)]
         base_host_s = [h for r in base_runs if (h := r.timeline.host_probe_s)]
-        base_costs, own_costs = step_costs(base_runs, ratio), step_costs(measured.runs, ratio)
+        base_costs, own_costs = step_costs(base_runs, ref), step_costs(measured.runs, ref)
 
         def ms(units: float | None) -> float | None:
             return None if units is None else round(units * probe_s * 1e3, 3)
@@ -513,6 +516,11 @@ class SpecdecSession:
             # the same for the host probe (Python, what drafting runs on)
             "host_slowdown": (round(median_round(host_s) / median_round(base_host_s), 4)
                               if host_s and base_host_s else None),
+            # > 1: a wide forward cost more, in one-token forwards, than during the
+            # baseline (the figure the case's forwards are priced at, by their width)
+            "wide_slowdown": (round(own_wide / ref.wide, 4)
+                              if (own_wide := wide_ratio([r.timeline for r in measured.runs]))
+                              and ref.wide else None),
             "t_step_ms": ms(base_costs and base_costs.forward),
             "t_verify_ms": None if own_reference else ms(own_costs and own_costs.forward),
             "t_draft_ms": None if own_reference else ms(own_costs and own_costs.draft),

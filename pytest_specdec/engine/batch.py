@@ -333,7 +333,8 @@ def _decode(target: Target, rows: list[_Row], cache: BatchCache, *, k: int,
             nodes = cache.columns - len(f.parents)
             cache.valid[b, nodes:] = False
             cache.valid[b, [nodes + i for i in path]] = True
-            _finish_step(target, row, step, draft, forward_s, len(open_rows), drafting[b])
+            _finish_step(target, row, step, draft, forward_s, len(open_rows), width,
+                         drafting[b])
         cache.compact()
         if on_tokens is not None:  # after every row's step record: in no step's spans
             on_tokens(sum(row.steps[-1].emitted for row in open_rows))
@@ -403,10 +404,10 @@ def _open(drafter: Drafter, request: DraftRequest, name: str, step_timeout: floa
 
 
 def _finish_step(target: Target, row: _Row, step: StepResult, draft: Draft,
-                 forward_s: float, rows: int, propose_s: float) -> None:
+                 forward_s: float, rows: int, width: int, propose_s: float) -> None:
     """Append one row's emitted tokens (cut at EOS), tell its drafter, and record the
     step: the shared forward's seconds, the row's own drafting (propose, then observe
-    and accept) and the rows the forward verified."""
+    and accept), the rows the forward verified and its slots per row (`width`)."""
     t0 = timing.now()
     emitted, row.stop = _until_eos(step.emitted, target.eos_ids)
     # all but the bonus token are cached: the next forward feeds it first
@@ -419,7 +420,7 @@ def _finish_step(target: Target, row: _Row, step: StepResult, draft: Draft,
     accepted = min(len(step.emitted) - 1, len(emitted))
     record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted,
                         emitted=len(emitted), drafter_s=drafter_s,
-                        target_s=forward_s, rows=rows)
+                        target_s=forward_s, rows=rows, fed=rows * width)
     row.steps.append(record)
     row.stats.add_step(record)
 

@@ -114,6 +114,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
             if guarded is not None and room > 0:
                 draft = guarded.propose(room, target.vocab_size)
             t1 = timing.now()
+            fed = len(context) - cached + len(draft.tokens) + len(draft.probe_tokens)
             if not draft.is_chain or draft.probe_tokens:
                 if tree_refusal is None:  # asked once per sequence, at its first tree
                     tree_refusal = target.tree_support()
@@ -135,7 +136,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
             accepted = min(len(step.emitted) - 1, len(emitted))
             record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted,
                                 emitted=len(emitted), drafter_s=(t1 - t0) + (t3 - t2),
-                                target_s=t2 - t1)
+                                target_s=t2 - t1, fed=fed)
             steps.append(record)
             stats.add_step(record)
             if on_tokens is not None:  # between this step's t3 and the next t0: in no span

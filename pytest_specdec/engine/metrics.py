@@ -23,6 +23,9 @@ class StepRecord:
     emitted: int  # tokens appended (accepted + the bonus, unless an EOS came first)
     drafter_s: float  # seconds in the drafter: propose, observe and accept
     target_s: float  # seconds in the forward and the choice of tokens
+    # tokens the forward computed: the uncached context and the draft's nodes (at batch
+    # > 1, every row's slots, pad slots included); what timing prices a forward by
+    fed: int
     # sequences the forward verified together (batch > 1: the batch's open rows, each
     # with its own record of the same forward; target_s is the shared forward's)
     rows: int = 1

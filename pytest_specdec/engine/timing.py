@@ -81,6 +81,13 @@ PROBE_CONTEXT = 64
 #: takes turns inside it, as it does inside a drafter's step); the probe reads their mean
 HOST_PROBE_CHUNKS = 4
 HOST_PROBE_ITERATIONS = 15_000
+#: Wide forwards per probe, and the tokens each feeds (after the narrow forwards, at the
+#: same context): a one-token forward does not price a verify forward of tens of tokens
+#: consistently (on the 2-core CPU their ratio wandered between 1.6 and 2.4 on an idle
+#: machine, in episodes of seconds to minutes), so each probe also reads the median of
+#: these, and wide verify forwards are calibrated at their width (:func:`width_factor`)
+WIDE_PROBE_FORWARDS = 3
+WIDE_PROBE_WIDTH = 32
 #: A segment whose calibrated cost per target forward is this many times above or below
 #: the run's median is a stall the probes missed (see the module docstring); a quiet
 #: run's segments agree within about 1.5x (draft lengths and context differ)
@@ -124,21 +131,24 @@ def host_workload(iterations: int = HOST_PROBE_ITERATIONS) -> int:
 @dataclass(frozen=True)
 class ProbeReading:
     """One probe: the target's decode-step time (trimmed mean of its forwards), their
-    relative spread, and the host workload's time per chunk (None: not measured)."""
+    relative spread, the host workload's time per chunk, and the median time of a wide
+    forward (:data:`WIDE_PROBE_WIDTH` tokens); None: not measured."""
 
     device_s: float
     spread: float = 0.0
     host_s: float | None = None
     host_spread: float = 0.0
+    wide_s: float | None = None
 
 
 class Probe:
     """The calibration workload of one target: ``reading()`` (or calling the probe)
     times :data:`PROBE_FORWARDS` one-token decode forwards after a fixed context, i.e.
     what a plain decode step costs on this machine at this moment, and the host
-    workload (:func:`host_workload`); ``measure()`` returns the first alone. The context is prefilled
-    once into the probe's own cache; each forward is rolled back (``crop(-1)``), so
-    every probe does the same work and no sequence's cache is touched."""
+    workload (:func:`host_workload`) and :data:`WIDE_PROBE_FORWARDS` forwards of
+    :data:`WIDE_PROBE_WIDTH` context tokens; ``measure()`` returns the first alone. The
+    context is prefilled once into the probe's own cache; each forward is rolled back
+    (``crop``), so every probe does the same work and no sequence's cache is touched."""
 
     def __init__(self, target: Any, context: Sequence[int]):
         self.target = target
@@ -146,6 +156,7 @@ class Probe:
         while len(ids) < PROBE_CONTEXT:  # a short prompt is repeated up to the size
             ids += ids[: PROBE_CONTEXT - len(ids)]
         self.next_token = ids[-1]
+        self.wide_tokens = ids[:WIDE_PROBE_WIDTH]
         with torch.inference_mode():
             self.cache = target.new_cache()
             target.forward(ids[:-1], self.cache, keep_logits=1)
@@ -160,7 +171,8 @@ class Probe:
         percent; on a contended one, whose threads are descheduled by other processes,
         they scatter, and the spread enters the timing noise, see
         :meth:`Timeline.noise_at`), then the host's (the mean chunk time of
-        :func:`host_workload`, and half its range over that mean)."""
+        :func:`host_workload`, and half its range over that mean), then the wide
+        forwards' median."""
         times = []
         for _ in range(PROBE_FORWARDS):
             started = now()
@@ -176,11 +188,69 @@ class Probe:
             host_workload()
             host.append(now() - started)
         host_mean = statistics.fmean(host)
-        return ProbeReading(mean, _half_range(kept, mean), host_mean, _half_range(host, host_mean))
+        wide = []
+        for _ in range(WIDE_PROBE_FORWARDS):
+            started = now()
+            logits, _ = self.target.forward(self.wide_tokens, self.cache, keep_logits=1)
+            float(logits[0, 0])
+            wide.append(now() - started)
+            self.cache.crop(-len(self.wide_tokens))
+        return ProbeReading(mean, _half_range(kept, mean), host_mean, _half_range(host, host_mean),
+                            statistics.median(wide) if wide else None)
 
 
 def _half_range(times: Sequence[float], mean: float) -> float:
     return (max(times) - min(times)) / 2 / mean if mean > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The conversions that runs compared with each other share: ``host``, the host ÷
+    target probe ratio that drafting's calibration converts at (:func:`host_ratio`);
+    ``wide``, the wide ÷ narrow probe ratio that wide forwards are priced at
+    (:func:`wide_ratio`). None: that calibration is off."""
+
+    host: float | None = None
+    wide: float | None = None
+
+    @classmethod
+    def of(cls, compared: Sequence["Timeline"], baseline: Sequence["Timeline"]) -> "Reference":
+        """The reference of a case: the host ratio of every run `compared`, the wide
+        ratio of its `baseline`'s runs (the machine as it was when the figure the case
+        divides into was timed)."""
+        return cls(host_ratio(compared), wide_ratio(baseline))
+
+
+def wide_ratio(timelines: Sequence["Timeline"]) -> float | None:
+    """The median over the probes of `timelines` of a wide forward's time over the
+    narrow probe's, None without wide readings."""
+    ratios = [w / n for t in timelines for w, n in zip(t.wide_probes, t.probes)
+              if w is not None and w > 0 and n > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def width_factor(width: float, now: float | None, wide: float | None) -> float:
+    """What a forward of `width` tokens costs at the reference, over what it costs now,
+    both in narrow-probe units, given the wide ÷ narrow probe ratio now (`now`) and at
+    the reference (`wide`): a forward's cost taken as a power of its width through the
+    narrow probe (one token) and the wide one (:data:`WIDE_PROBE_WIDTH` tokens), so
+    ``(wide / now) ** (log width / log WIDE_PROBE_WIDTH)``. On the 2-core CPU the verify
+    forwards of pld (about 7 tokens) and eagle3 (60) moved 8% and 14% while the wide
+    probe moved 12% and 15%; this predicts 7% and 18%, a cost affine in width 4% and
+    21%. 1 for one-token forwards, or without both ratios."""
+    if now is None or wide is None or width <= 1 or now <= 0 or wide <= 0:
+        return 1.0
+    return (wide / now) ** (math.log(width) / math.log(WIDE_PROBE_WIDTH))
+
+
+def forward_load(steps: Sequence[Any]) -> dict[int, float]:
+    """A sequence's target forwards (``StepRecord``s, its prefill's included): their
+    seconds by width (tokens ``fed``; a batched forward's seconds shared equally by its
+    rows' records)."""
+    load: dict[int, float] = {}
+    for step in steps:
+        load[step.fed] = load.get(step.fed, 0.0) + step.target_s / step.rows
+    return load
 
 
 def host_ratio(timelines: Sequence["Timeline"]) -> float | None:
@@ -200,13 +270,15 @@ def host_ratio(timelines: Sequence["Timeline"]) -> float | None:
 class Timeline:
     """One timed run cut by probes: segment i lies between probe i and probe i + 1 and
     belongs to problem ``problem_of[i]``; ``drafting[i]`` is the seconds of it spent in
-    the drafter (see :meth:`assign_drafting`). Without a probe (``probe=None``) every
-    probe reads 1.0, so calibrated times are the raw seconds.
+    the drafter (see :meth:`assign_drafting`), ``forward_load[i]`` those in target
+    forwards, by the forwards' width (:meth:`assign_forward_load`). Without a probe
+    (``probe=None``) every probe reads 1.0, so calibrated times are the raw seconds.
 
-    Calibrated figures take the run's reference ``ratio`` (:func:`host_ratio`): with it,
-    a segment's drafting is calibrated by the host probes around it, the rest by the
-    target's; without it (None, or no host readings), the whole segment by the
-    target's."""
+    Calibrated figures take the runs' :class:`Reference`: with its ``host`` ratio, a
+    segment's drafting is calibrated by the host probes around it, the rest by the
+    target's; with its ``wide`` ratio, the target's forwards are priced at their width
+    (:func:`width_factor`); without a reference (None), the whole segment by the
+    target's narrow probes."""
 
     #: returns a ProbeReading, the probe's time, or (time, relative spread)
     probe: Callable[[], Any] | None = None
@@ -214,10 +286,13 @@ class Timeline:
     spreads: list[float] = field(default_factory=list)  # each probe's relative spread
     host_probes: list[float | None] = field(default_factory=list)
     host_spreads: list[float] = field(default_factory=list)
+    wide_probes: list[float | None] = field(default_factory=list)
     segments: list[float] = field(default_factory=list)
     problem_of: list[int] = field(default_factory=list)
     drafting: list[float] = field(default_factory=list)  # drafter seconds per segment
     forwards: list[int] = field(default_factory=list)  # target forwards per segment
+    # per segment, target-forward seconds by width (tokens fed)
+    forward_load: list[dict[int, float]] = field(default_factory=list)
     _mark: float | None = None
     _problem: int = 0
 
@@ -241,6 +316,7 @@ class Timeline:
         self.spreads.append(reading.spread)
         self.host_probes.append(reading.host_s)
         self.host_spreads.append(reading.host_spread)
+        self.wide_probes.append(reading.wide_s)
         self._mark = now()
 
     def cut(self, problem: int) -> None:
@@ -258,13 +334,17 @@ class Timeline:
             self._mark = None
             self._take_probe()
 
+    def _per_segment(self, segment_of: Sequence[int], values: Sequence[float]) -> list[float]:
+        out = [0.0] * len(self.segments)
+        for segment, value in zip(segment_of, values):
+            if 0 <= segment < len(out):
+                out[segment] += value
+        return out
+
     def assign_drafting(self, segment_of: Sequence[int], drafter_s: Sequence[float]) -> None:
         """Each sequence's drafting seconds (``drafter_s[j]``, decoded in segment
         ``segment_of[j]``) added up per segment."""
-        self.drafting = [0.0] * len(self.segments)
-        for segment, seconds in zip(segment_of, drafter_s):
-            if 0 <= segment < len(self.drafting):
-                self.drafting[segment] += seconds
+        self.drafting = self._per_segment(segment_of, drafter_s)
 
     def assign_forwards(self, segment_of: Sequence[int], forwards: Sequence[int]) -> None:
         """Each segment's target forwards, from its sequences' (``forwards[j]``, decoded
@@ -276,6 +356,17 @@ class Timeline:
             if 0 <= segment < len(self.forwards):
                 self.forwards[segment] = max(self.forwards[segment], count)
 
+    def assign_forward_load(self, segment_of: Sequence[int],
+                            loads: Sequence[dict[int, float]]) -> None:
+        """Each segment's target-forward seconds by width, from its sequences'
+        (``loads[j]``, :func:`forward_load`, decoded in segment ``segment_of[j]``)."""
+        self.forward_load = [{} for _ in self.segments]
+        for segment, load in zip(segment_of, loads):
+            if 0 <= segment < len(self.forward_load):
+                mine = self.forward_load[segment]
+                for width, seconds in load.items():
+                    mine[width] = mine.get(width, 0.0) + seconds
+
     @property
     def wall_s(self) -> float:
         """The run's own seconds, probes excluded."""
@@ -285,76 +376,109 @@ class Timeline:
         """Each segment's calibration: the mean of the two probes around it."""
         return [(self.probes[i] + self.probes[i + 1]) / 2 for i in range(len(self.segments))]
 
-    def host_scales(self) -> list[float | None]:
-        """Each segment's host calibration (None where a probe around it has none)."""
-        hosts = self.host_probes if len(self.host_probes) == len(self.probes) else [None] * len(self.probes)
+    def _around(self, readings: Sequence[float | None]) -> list[float | None]:
+        """Per segment, the mean of two optional readings around it (None where either
+        is missing)."""
+        if len(readings) != len(self.probes):
+            readings = [None] * len(self.probes)
         out: list[float | None] = []
         for i in range(len(self.segments)):
-            a, b = hosts[i], hosts[i + 1]
+            a, b = readings[i], readings[i + 1]
             out.append((a + b) / 2 if a and b and a > 0 and b > 0 else None)
         return out
 
-    def _parts(self, ratio: float | None) -> list[tuple[float, float, int]]:
+    def host_scales(self) -> list[float | None]:
+        """Each segment's host calibration (None where a probe around it has none)."""
+        return self._around(self.host_probes)
+
+    def wide_now(self) -> list[float | None]:
+        """Each segment's wide ÷ narrow probe ratio (the means of the probes around it;
+        None where a probe around it has no wide reading)."""
+        return [None if w is None else w / c
+                for w, c in zip(self._around(self.wide_probes), self.scales())]
+
+    def _width_excess(self, i: int, now: float | None, wide: float | None) -> float:
+        """Segment i's forward seconds times their :func:`width_factor` less 1, summed
+        over its forwards' widths: what pricing them at their width adds (or removes,
+        when negative) to its seconds before calibration."""
+        if now is None or wide is None or len(self.forward_load) != len(self.segments):
+            return 0.0
+        return sum(seconds * (width_factor(width, now, wide) - 1)
+                   for width, seconds in self.forward_load[i].items())
+
+    def _parts(self, ref: Reference | None) -> list[tuple[float, float, int]]:
         """Per segment: (calibrated time outside the drafter, calibrated drafting, i)."""
+        ref = ref or Reference()
         drafting = self.drafting if len(self.drafting) == len(self.segments) else [0.0] * len(self.segments)
         parts = []
-        for i, (s, c, h) in enumerate(zip(self.segments, self.scales(), self.host_scales())):
+        for i, (s, c, h, r) in enumerate(zip(self.segments, self.scales(), self.host_scales(),
+                                             self.wide_now())):
             d = min(drafting[i], s)
-            if ratio is None or h is None:
-                parts.append(((s - d) / c, d / c, i))
+            rest = max(0.0, s - d + self._width_excess(i, r, ref.wide)) / c
+            if ref.host is None or h is None:
+                parts.append((rest, d / c, i))
             else:
-                parts.append(((s - d) / c, d * ratio / h, i))
+                parts.append((rest, d * ref.host / h, i))
         return parts
 
-    def segment_units(self, ratio: float | None = None) -> list[float]:
+    def segment_units(self, ref: Reference | None = None) -> list[float]:
         """Each segment's calibrated length (probe units)."""
-        return [rest + draft for rest, draft, _ in self._parts(ratio)]
+        return [rest + draft for rest, draft, _ in self._parts(ref)]
 
-    def calibrated_at(self, ratio: float | None) -> float:
+    def calibrated_at(self, ref: Reference | None) -> float:
         """The run's length in probe units (decode steps of the machine as it was)."""
-        return sum(self.segment_units(ratio))
+        return sum(self.segment_units(ref))
 
-    def calibrated_by_problem(self, problems: int, ratio: float | None = None) -> list[float]:
+    def calibrated_by_problem(self, problems: int, ref: Reference | None = None) -> list[float]:
         out = [0.0] * problems
-        for units, p in zip(self.segment_units(ratio), self.problem_of):
+        for units, p in zip(self.segment_units(ref), self.problem_of):
             out[p] += units
         return out
 
-    def noise_at(self, ratio: float | None) -> float:
+    def noise_at(self, ref: Reference | None) -> float:
         """The calibrated time's relative uncertainty, from three sources (the module
         docstring): per segment, the range its two probes leave (the speed changed
         somewhere between them: its seconds over the faster probe and over the slower
-        give that range, half of it the uncertainty) and the probes' own spread (a
-        contended machine, whose forwards scatter), each for the part of the segment
-        that probe calibrates (the target's probes the time outside the drafter, the
-        host's the drafting, with `ratio`); and the stalls the probes missed
+        give that range, half of it the uncertainty; for wide forwards, the same
+        for the two wide ratios around it) and the probes' own spread (a contended
+        machine, whose forwards scatter), each for the part of the segment that probe
+        calibrates (the target's probes the time outside the drafter, the host's the
+        drafting, with a host reference); and the stalls the probes missed
         (:meth:`stall_units`). Ranges add in quadrature over the segments; spreads,
         weighted by the segments' calibrated lengths, and stalls add linearly, since
         contention moves every forward of a stretch alike and does not average out."""
-        total = self.calibrated_at(ratio)
+        ref = ref or Reference()
+        total = self.calibrated_at(ref)
         if total <= 0:
             return 0.0
         square = weighted_spread = 0.0
         spreads = self.spreads if len(self.spreads) == len(self.probes) else [0.0] * len(self.probes)
         host_spreads = (self.host_spreads if len(self.host_spreads) == len(self.probes)
                         else [0.0] * len(self.probes))
+        wides = self.wide_probes if len(self.wide_probes) == len(self.probes) else [None] * len(self.probes)
         drafting = self.drafting if len(self.drafting) == len(self.segments) else [0.0] * len(self.segments)
-        hosts = self.host_scales()
-        for rest, draft, i in self._parts(ratio):
-            by_host = ratio is not None and hosts[i] is not None
+        hosts, scales = self.host_scales(), self.scales()
+        for rest, draft, i in self._parts(ref):
+            by_host = ref.host is not None and hosts[i] is not None
             device_part = rest if by_host else rest + draft
             d = min(drafting[i], self.segments[i])
             device_s = self.segments[i] - d if by_host else self.segments[i]
             square += (device_s * _half_range_of_inverse(self.probes[i], self.probes[i + 1])) ** 2
             weighted_spread += device_part * (spreads[i] + spreads[i + 1]) / 2
-            if by_host and ratio is not None:
-                square += (d * ratio * _half_range_of_inverse(self.host_probes[i],
-                                                              self.host_probes[i + 1])) ** 2
+            a, b = wides[i], wides[i + 1]
+            if a and b and self.probes[i] > 0 and self.probes[i + 1] > 0:
+                # the wide ratios of the two probes around it, each taken alone
+                excess_a = self._width_excess(i, a / self.probes[i], ref.wide)
+                excess_b = self._width_excess(i, b / self.probes[i + 1], ref.wide)
+                square += (abs(excess_a - excess_b) / 2 / scales[i]) ** 2
+            if by_host:
+                square += (d * ref.host * _half_range_of_inverse(self.host_probes[i],
+                                                                 self.host_probes[i + 1])) ** 2
                 weighted_spread += draft * (host_spreads[i] + host_spreads[i + 1]) / 2
-        stalls = self.stall_units(ratio)
+        stalls = self.stall_units(ref)
         return math.sqrt(square / total ** 2 + ((weighted_spread + stalls) / total) ** 2)
 
-    def stall_units(self, ratio: float | None) -> float:
+    def stall_units(self, ref: Reference | None) -> float:
         """The calibrated time of segments whose cost per target forward is more than
         :data:`STALL_FACTOR` times above or below the run's median (their departure from
         the median cost, summed): stretches the probes did not follow. 0 without
@@ -362,7 +486,7 @@ class Timeline:
         three counted segments (no median to trust)."""
         if len(self.forwards) != len(self.segments):
             return 0.0
-        units = self.segment_units(ratio)
+        units = self.segment_units(ref)
         costs = [(u, f) for u, f in zip(units, self.forwards) if f > 0]
         if len(costs) < 3:
             return 0.0
@@ -386,6 +510,11 @@ class Timeline:
         """The median host probe (seconds per chunk), None without host readings."""
         hosts = [h for h in self.host_probes if h is not None and h > 0]
         return statistics.median(hosts) if hosts else None
+
+    @property
+    def wide_ratio_s(self) -> float | None:
+        """The median wide ÷ narrow probe ratio of this run, None without wide readings."""
+        return wide_ratio([self])
 
 
 def _half_range_of_inverse(a: float | None, b: float | None) -> float:
@@ -429,16 +558,16 @@ def bootstrap_ratio(base: Sequence[float], new: Sequence[float], *,
 
 
 def round_scatter(runs: Sequence[Sequence[Timeline]],
-                  ratios: Sequence[float | None]) -> float | None:
+                  refs: Sequence[Reference | None]) -> float | None:
     """The relative round-to-round scatter of calibrated times: the standard deviation of
     each run's rounds about their mean, relative to it, pooled over `runs` (each the
-    timed rounds of one run, the same work every round; ``ratios[i]`` its
-    :func:`host_ratio`); runs of one round add nothing. None when no run has two."""
+    timed rounds of one run, the same work every round; ``refs[i]`` its
+    :class:`Reference`); runs of one round add nothing. None when no run has two."""
     squares, freedom = 0.0, 0
-    for rounds, ratio in zip(runs, ratios):
+    for rounds, ref in zip(runs, refs):
         if len(rounds) < 2:
             continue
-        totals = [t.calibrated_at(ratio) for t in rounds]
+        totals = [t.calibrated_at(ref) for t in rounds]
         mean = statistics.fmean(totals)
         if mean <= 0:
             continue
@@ -455,7 +584,7 @@ def _run_variance(probe_noise: float, scatter: float | None, rounds: int) -> flo
 
 
 def speedup_estimate(base_rounds: Sequence[Timeline], new_rounds: Sequence[Timeline],
-                     problems: int, *, paired: bool = False, ratio: float | None = None,
+                     problems: int, *, paired: bool = False, ref: Reference | None = None,
                      scatter: float | None = None) -> SpeedupEstimate:
     """Speedup of `new_rounds` over `base_rounds` (the timed rounds of one case and of
     its baseline), every figure a ratio of totals over the problems:
@@ -473,22 +602,22 @@ def speedup_estimate(base_rounds: Sequence[Timeline], new_rounds: Sequence[Timel
     - problems_low/high: the bootstrap over problems of the median rounds' per-problem
       calibrated times.
 
-    With `ratio` (the :func:`host_ratio` of all the rounds given), drafting is
-    calibrated by the host probes; without it, by the target's probes only.
+    With `ref` (:meth:`Reference.of`), drafting is calibrated by the host probes and wide
+    forwards at their width; without it, everything by the target's narrow probes.
     """
     if not base_rounds or not new_rounds:
         raise ValueError("a speedup needs at least one timed round of each run")
     if paired and len(base_rounds) != len(new_rounds):
         raise ValueError(f"paired timing needs one baseline round per timed round, got "
                          f"{len(base_rounds)} and {len(new_rounds)}")
-    base_m, new_m = _median_round(base_rounds, ratio), _median_round(new_rounds, ratio)
+    base_m, new_m = _median_round(base_rounds, ref), _median_round(new_rounds, ref)
     if paired:
-        ratios = [b.calibrated_at(ratio) / n.calibrated_at(ratio)
+        ratios = [b.calibrated_at(ref) / n.calibrated_at(ref)
                   for b, n in zip(base_rounds, new_rounds)]
     else:
-        ratios = [base_m.calibrated_at(ratio) / n.calibrated_at(ratio) for n in new_rounds]
+        ratios = [base_m.calibrated_at(ref) / n.calibrated_at(ref) for n in new_rounds]
     value = statistics.median(ratios)
-    base_noise, new_noise = base_m.noise_at(ratio), new_m.noise_at(ratio)
+    base_noise, new_noise = base_m.noise_at(ref), new_m.noise_at(ref)
     own = statistics.stdev(ratios) / value if len(ratios) > 1 else None
     if paired and own is not None:
         noise_sq = base_noise ** 2 + new_noise ** 2 + own ** 2 / len(ratios)
@@ -496,15 +625,15 @@ def speedup_estimate(base_rounds: Sequence[Timeline], new_rounds: Sequence[Timel
         noise_sq = (_run_variance(base_noise, scatter, len(base_rounds))
                     + _run_variance(new_noise, own if own is not None else scatter,
                                     len(new_rounds)))
-    low, high = bootstrap_ratio(base_m.calibrated_by_problem(problems, ratio),
-                                new_m.calibrated_by_problem(problems, ratio))
+    low, high = bootstrap_ratio(base_m.calibrated_by_problem(problems, ref),
+                                new_m.calibrated_by_problem(problems, ref))
     return SpeedupEstimate(value=value, raw=base_m.wall_s / new_m.wall_s,
                            noise=math.sqrt(noise_sq), problems_low=low, problems_high=high)
 
 
-def _median_round(rounds: Sequence[Timeline], ratio: float | None = None) -> Timeline:
+def _median_round(rounds: Sequence[Timeline], ref: Reference | None = None) -> Timeline:
     """The round of median calibrated time (the lower median for an even count)."""
-    ordered = sorted(rounds, key=lambda t: t.calibrated_at(ratio))
+    ordered = sorted(rounds, key=lambda t: t.calibrated_at(ref))
     return ordered[(len(ordered) - 1) // 2]
 
 
@@ -529,27 +658,31 @@ class StepCosts:
     forwards: int  # how many forwards the means are over
 
 
-def step_costs(runs: Sequence[Any], ratio: float | None = None) -> StepCosts | None:
+def step_costs(runs: Sequence[Any], ref: Reference | None = None) -> StepCosts | None:
     """The calibrated step costs of timed runs (``runner.RunResult``s): each sequence's
     step times divided by the calibration of the segment it was decoded in (its own at
-    batch 1, its batch's at batch > 1; drafting by the segment's host probes at
-    `ratio`, as :class:`Timeline` calibrates it). A batched forward is counted once per row, so
-    the forward mean is per forward; drafting is per forward too: a row's drafting
-    time times the rows of that forward (the rows draft one after another). None when
-    no sequence has a step past its first (a peer's generate records none)."""
+    batch 1, its batch's at batch > 1; drafting by the segment's host probes, and each
+    forward priced at its width, with `ref`, as :class:`Timeline` calibrates them). A
+    batched forward is counted once per row, so the forward mean is per forward;
+    drafting is per forward too: a row's drafting time times the rows of that forward
+    (the rows draft one after another). None when no sequence has a step past its first
+    (a peer's generate records none)."""
+    ref = ref or Reference()
     forward = draft = 0.0
     count = 0
     for run in runs:
-        scales, hosts = run.timeline.scales(), run.timeline.host_scales()
+        line = run.timeline
+        scales, hosts, wide_now = line.scales(), line.host_scales(), line.wide_now()
         segments = getattr(run, "segment_of", None) or range(len(run.outputs))
         for segment, generation in zip(segments, run.outputs.values()):
             scale = scales[segment] if segment < len(scales) else 0.0
             if scale <= 0:
                 continue
-            host = hosts[segment] if ratio is not None else None
-            draft_scale = host / ratio if host is not None else scale
+            host = hosts[segment] if ref.host is not None else None
+            draft_scale = host / ref.host if host is not None and ref.host else scale
             for step in generation.steps[1:]:
-                forward += step.target_s / scale
+                forward += step.target_s / scale * width_factor(step.fed, wide_now[segment],
+                                                                ref.wide)
                 draft += step.drafter_s * step.rows / draft_scale
                 count += 1
     if not count:

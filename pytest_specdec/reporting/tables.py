@@ -77,8 +77,8 @@ TIMING_NOTE = (
 
 TIMING_HEADERS = ["drafter", "paradigm", "T", "timing", "speedup", "±noise", "round scatter",
                   "problems 95%",
-                  "raw", "slowdown", "host slowdown", "t_step ms", "t_verify ms", "t_draft ms", "ideal",
-                  "measured ÷ ideal", "flags"]
+                  "raw", "slowdown", "host slowdown", "wide slowdown", "t_step ms", "t_verify ms",
+                  "t_draft ms", "ideal", "measured ÷ ideal", "flags"]
 
 
 def timing_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
@@ -93,7 +93,8 @@ def timing_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
             percent_text(r.get("speedup_noise"), 1), percent_text(r.get("round_scatter"), 1),
             f"{number_text(low)}–{number_text(high)}x" if isinstance(low, NUMBER_TYPES) else NO_VALUE,
             speedup_text(r.get("speedup_raw")), number_text(r.get("machine_slowdown")),
-            number_text(r.get("host_slowdown")), number_text(r.get("t_step_ms"), 1), number_text(r.get("t_verify_ms"), 1),
+            number_text(r.get("host_slowdown")), number_text(r.get("wide_slowdown")),
+            number_text(r.get("t_step_ms"), 1), number_text(r.get("t_verify_ms"), 1),
             number_text(r.get("t_draft_ms"), 1), speedup_text(r.get("ideal_speedup")),
             number_text(r.get("measured_over_ideal")), ", ".join(timing_flags_of(r)) or NO_VALUE,
         ])

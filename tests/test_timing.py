@@ -483,14 +483,15 @@ def test_wide_forwards_slowed_unlike_narrow_ones_leave_the_speedup_unchanged(
         tiny_model_dir, tmp_path, monkeypatch, per_token):
     """After the baseline, the machine's cost per fed token changes while a one-token
     forward's barely does: the wide probe prices every forward at its width (the
-    prefills and the drafts), so the speedup stays the unchanged machine's; the narrow
-    probe alone would move it by more than 10%."""
+    prefills and the drafts) as the machine typically was in the session (three
+    baseline rounds, one case round: the unchanged machine), so the speedup stays the
+    unchanged machine's; the narrow probe alone would move it by more than 10%."""
     def run(per_token: float, wide_forwards: int) -> dict:
         machine = WidthMachine()
         monkeypatch.setattr(timing, "clock", machine.clock)
         monkeypatch.setattr(timing, "WIDE_PROBE_FORWARDS", wide_forwards)
         target = machine.wrap(load_target(str(tiny_model_dir), device="cpu", dtype="float32"))
-        session = SpecdecSession(_config(tmp_path), load_registry(),
+        session = SpecdecSession(_config(tmp_path, baseline_rounds=3), load_registry(),
                                  load_problems("embedded", limit=2), lambda: target)
         case = ParadigmCase("multi_round", 0.0, True)
         session.run_baseline_case(case, None)

@@ -26,7 +26,7 @@ from pytest_specdec.engine.metrics import ideal_speedup, mat_by_index, median_ro
 from pytest_specdec.engine.target import Target
 from pytest_specdec.engine.timing import (Probe, Reference, SpeedupEstimate, round_scatter,
                                           speedup_estimate, step_costs, timing_flags,
-                                          wide_ratio)
+                                          Timeline, wide_ratio)
 from pytest_specdec.protocol.drafter import (depth_profile, draft_depth, drafter_record_fields,
                                              serves_concurrent_sequences)
 from pytest_specdec.protocol.registry import Registry
@@ -127,6 +127,8 @@ class SpecdecSession:
     _probe: Probe | None = None  # the calibration workload of the loaded target
     #: plain decoding at batch 1 of a case asked for at batch > 1 only (untimed)
     _references: dict[ParadigmCase, RunResult] = field(default_factory=dict)
+    #: every timed (probed) run of the session so far: the wide probes' reference
+    _probed: list[Timeline] = field(default_factory=list)
 
     @property
     def target(self) -> Target:
@@ -216,10 +218,14 @@ class SpecdecSession:
         (a timed round) logs its progress."""
         progress = log.info if probe is not None else None
         if case.batch == 1:
-            return run_paradigm(self.target, paradigm, problems, method, settings,
-                                progress=progress, probe=probe, meter=meter)
-        return run_paradigm_batched(self.target, paradigm, problems, method, settings,
-                                    case.batch, progress=progress, probe=probe, meter=meter)
+            run = run_paradigm(self.target, paradigm, problems, method, settings,
+                               progress=progress, probe=probe, meter=meter)
+        else:
+            run = run_paradigm_batched(self.target, paradigm, problems, method, settings,
+                                       case.batch, progress=progress, probe=probe, meter=meter)
+        if probe is not None:
+            self._probed.append(run.timeline)
+        return run
 
     def _meter(self, label: str, phase: str, round: int = 0,
                rounds: int | None = None) -> ProgressMeter | None:
@@ -292,7 +298,7 @@ class SpecdecSession:
         (:func:`~pytest_specdec.engine.timing.round_scatter` over the baselines measured
         so far, each in its own host-probe units); None before a baseline of two rounds."""
         rounds = [[r.timeline for r in m.runs] for m in self._baselines.values()]
-        return round_scatter(rounds, [Reference.of(t, t) for t in rounds])
+        return round_scatter(rounds, [Reference.of(t, self._probed) for t in rounds])
 
     def peer_plain(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
         if case not in self._peer_plain or benchmark is not None:
@@ -478,9 +484,8 @@ class SpecdecSession:
         paired = bool(measured.paired_baseline)
         base_runs = measured.paired_baseline or reference.runs
         # one conversion of host-probe units for both runs (drafting's calibration), and
-        # the baseline's wide-forward cost for pricing wide forwards
-        ref = Reference.of([r.timeline for r in (*base_runs, *measured.runs)],
-                           [r.timeline for r in base_runs])
+        # the session's typical wide-forward cost for pricing forwards by their width
+        ref = Reference.of([r.timeline for r in (*base_runs, *measured.runs)], self._probed)
         scatter = self.round_scatter()
         if own_reference:
             estimate = SpeedupEstimate(1.0, 1.0, 0.0, 1.0, 1.0)
@@ -516,8 +521,8 @@ class SpecdecSession:
             # the same for the host probe (Python, what drafting runs on)
             "host_slowdown": (round(median_round(host_s) / median_round(base_host_s), 4)
                               if host_s and base_host_s else None),
-            # > 1: a wide forward cost more, in one-token forwards, than during the
-            # baseline (the figure the case's forwards are priced at, by their width)
+            # > 1: a wide forward cost more, in one-token forwards, than is typical of
+            # the session so far (the figure forwards are priced at, by their width)
             "wide_slowdown": (round(own_wide / ref.wide, 4)
                               if (own_wide := wide_ratio([r.timeline for r in measured.runs]))
                               and ref.wide else None),

@@ -214,11 +214,13 @@ class Reference:
     wide: float | None = None
 
     @classmethod
-    def of(cls, compared: Sequence["Timeline"], baseline: Sequence["Timeline"]) -> "Reference":
+    def of(cls, compared: Sequence["Timeline"], session: Sequence["Timeline"]) -> "Reference":
         """The reference of a case: the host ratio of every run `compared`, the wide
-        ratio of its `baseline`'s runs (the machine as it was when the figure the case
-        divides into was timed)."""
-        return cls(host_ratio(compared), wide_ratio(baseline))
+        ratio of every timed run of the `session` so far, this case's included (the
+        machine as it typically was: the wide ratio wanders for minutes at a time, so
+        one baseline's probes would price a whole paradigm's cases at the episode it
+        ran in)."""
+        return cls(host_ratio(compared), wide_ratio(session))
 
 
 def wide_ratio(timelines: Sequence["Timeline"]) -> float | None:

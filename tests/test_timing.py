@@ -13,7 +13,7 @@ from conftest import small_config
 from pytest_specdec.bench.config import SpecdecConfig
 from pytest_specdec.bench.problems import load_problems
 from pytest_specdec.bench.session import ParadigmCase, SpecdecSession
-from pytest_specdec.engine import timing
+from pytest_specdec.engine import speedup, timing
 from pytest_specdec.engine.target import load_target
 from pytest_specdec.protocol.registry import load_registry
 from pytest_specdec.protocol.spec import DrafterSpec
@@ -186,7 +186,7 @@ def test_a_stall_the_probes_missed_enters_the_noise(monkeypatch, seconds, stalle
     line.assign_forwards(range(len(seconds)), [30] * len(seconds))
     assert line.stall_units(None) == pytest.approx(stalled)
     assert line.noise_at(None) == pytest.approx(stalled / sum(seconds))
-    flagged = timing.timing_flags(1.0, line.noise_at(None)) == [timing.UNSTABLE_TIMING]
+    flagged = speedup.timing_flags(1.0, line.noise_at(None)) == [speedup.UNSTABLE_TIMING]
     assert flagged == (stalled > 0)
 
 
@@ -209,8 +209,8 @@ def test_a_contended_machines_scattered_probes_raise_the_noise_to_unstable(monke
     assert quiet.calibrated_at(None) == contended.calibrated_at(None) == pytest.approx(12.0)
     assert quiet.noise_at(None) == pytest.approx(0.02)
     assert contended.noise_at(None) == pytest.approx(0.3)
-    assert timing.timing_flags(1.0, quiet.noise_at(None)) == []
-    assert timing.timing_flags(1.0, contended.noise_at(None)) == [timing.UNSTABLE_TIMING]
+    assert speedup.timing_flags(1.0, quiet.noise_at(None)) == []
+    assert speedup.timing_flags(1.0, contended.noise_at(None)) == [speedup.UNSTABLE_TIMING]
 
 
 def test_the_probe_reads_a_trimmed_mean_and_its_spread(monkeypatch):
@@ -341,8 +341,8 @@ def test_forward_load_is_seconds_by_width_a_batch_sharing_its_forwards():
 
 def test_bootstrap_over_problems_is_seeded_and_brackets_the_ratio():
     base, new = [10.0, 20.0, 30.0], [5.0, 10.0, 20.0]
-    low, high = timing.bootstrap_ratio(base, new)
-    assert (low, high) == timing.bootstrap_ratio(base, new)
+    low, high = speedup.bootstrap_ratio(base, new)
+    assert (low, high) == speedup.bootstrap_ratio(base, new)
     assert low <= sum(base) / sum(new) <= high
     assert low < high
 
@@ -350,13 +350,13 @@ def test_bootstrap_over_problems_is_seeded_and_brackets_the_ratio():
 @pytest.mark.parametrize("over_ideal, noise, flags", [
     (1.0, 0.01, []),
     (1.15, 0.02, []),
-    (1.3, 0.01, [timing.ABOVE_COST_BOUND]),
-    (2.1, 0.02, [timing.ABOVE_COST_BOUND]),
-    (1.0, 0.2, [timing.UNSTABLE_TIMING]),
+    (1.3, 0.01, [speedup.ABOVE_COST_BOUND]),
+    (2.1, 0.02, [speedup.ABOVE_COST_BOUND]),
+    (1.0, 0.2, [speedup.UNSTABLE_TIMING]),
     (None, 0.0, []),
 ])
 def test_timing_flags(over_ideal, noise, flags):
-    assert timing.timing_flags(over_ideal, noise) == flags
+    assert speedup.timing_flags(over_ideal, noise) == flags
 
 
 def _timeline_of(machine: FakeMachine, seconds: list[float]) -> timing.Timeline:
@@ -382,7 +382,7 @@ def test_round_scatter_is_the_pooled_relative_spread_of_rounds(monkeypatch, runs
     machine = FakeMachine()
     monkeypatch.setattr(timing, "clock", machine.clock)
     rounds = [[_timeline_of(machine, [total]) for total in run] for run in runs]
-    scatter = timing.round_scatter(rounds, [None] * len(rounds))
+    scatter = speedup.round_scatter(rounds, [None] * len(rounds))
     assert scatter == (None if expected is None else pytest.approx(expected))
 
 
@@ -393,21 +393,21 @@ def test_a_one_round_speedup_carries_the_round_scatter_of_its_baseline(monkeypat
     monkeypatch.setattr(timing, "clock", machine.clock)
     base = [_timeline_of(machine, [t]) for t in (100.0, 106.0, 94.0)]
     new = [_timeline_of(machine, [50.0])]
-    scatter = timing.round_scatter([base], [None])
-    estimate = timing.speedup_estimate(base, new, 1, scatter=scatter)
+    scatter = speedup.round_scatter([base], [None])
+    estimate = speedup.speedup_estimate(base, new, 1, scatter=scatter)
     assert estimate.value == pytest.approx(2.0)  # the median baseline round
     assert estimate.noise == pytest.approx(0.06 * (1 / 3 + 1) ** 0.5)
     # without a scatter (one baseline round), only the probes' noise: none here
-    assert timing.speedup_estimate(base[:1], new, 1).noise == 0.0
+    assert speedup.speedup_estimate(base[:1], new, 1).noise == 0.0
     # a drafter of three rounds uses its own rounds' spread (here none)
     own = [_timeline_of(machine, [50.0]) for _ in range(3)]
-    assert timing.speedup_estimate(base, own, 1, scatter=scatter).noise == pytest.approx(0.06 / 3 ** 0.5)
+    assert speedup.speedup_estimate(base, own, 1, scatter=scatter).noise == pytest.approx(0.06 / 3 ** 0.5)
 
 
 def test_a_probe_noise_larger_than_the_scatter_is_kept():
-    assert timing._run_variance(0.2, 0.06, 3) == pytest.approx(0.04)
-    assert timing._run_variance(0.01, 0.06, 1) == pytest.approx(0.0036)
-    assert timing._run_variance(0.01, None, 1) == pytest.approx(0.0001)
+    assert speedup._run_variance(0.2, 0.06, 3) == pytest.approx(0.04)
+    assert speedup._run_variance(0.01, 0.06, 1) == pytest.approx(0.0036)
+    assert speedup._run_variance(0.01, None, 1) == pytest.approx(0.0001)
 
 
 def test_one_baseline_round_slowed_unseen_by_the_probes_moves_no_speedup(

@@ -43,7 +43,7 @@ class SpecdecConfig:
     ablations: bool = False  # --specdec-ablations: the default set's ablation variants too
     timing: str = "calibrated"  # --specdec-timing (timing.TIMING_MODES)
     # --specdec-baseline-rounds: a baseline's timed rounds (at least timed_rounds); their
-    # spread is the session's round scatter (timing.round_scatter). 1 here, so a config
+    # spread is the session's round scatter (speedup.round_scatter). 1 here, so a config
     # built in code times as it asks; the option's default is BASELINE_ROUNDS
     baseline_rounds: int = 1
     batches: tuple[int, ...] = (1,)  # --specdec-batch: every case at each size

@@ -24,9 +24,9 @@ from pytest_specdec.bench.runner import (DecodeSettings, Method, RunResult, engi
 from pytest_specdec.engine.integrity import TargetChanged, TargetFingerprint
 from pytest_specdec.engine.metrics import ideal_speedup, mat_by_index, median_round
 from pytest_specdec.engine.target import Target
-from pytest_specdec.engine.timing import (Probe, Reference, SpeedupEstimate, round_scatter,
-                                          speedup_estimate, step_costs, timing_flags,
-                                          Timeline, wide_ratio)
+from pytest_specdec.engine.speedup import (SpeedupEstimate, round_scatter, speedup_estimate,
+                                           step_costs, timing_flags)
+from pytest_specdec.engine.timing import Probe, Reference, Timeline, wide_ratio
 from pytest_specdec.protocol.drafter import (depth_profile, draft_depth, drafter_record_fields,
                                              serves_concurrent_sequences)
 from pytest_specdec.protocol.registry import Registry
@@ -295,7 +295,7 @@ class SpecdecSession:
 
     def round_scatter(self) -> float | None:
         """The machine's round-to-round timing scatter in this session
-        (:func:`~pytest_specdec.engine.timing.round_scatter` over the baselines measured
+        (:func:`~pytest_specdec.engine.speedup.round_scatter` over the baselines measured
         so far, each in its own host-probe units); None before a baseline of two rounds."""
         rounds = [[r.timeline for r in m.runs] for m in self._baselines.values()]
         return round_scatter(rounds, [Reference.of(t, self._probed) for t in rounds])

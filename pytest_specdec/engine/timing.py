@@ -14,7 +14,7 @@ probe that reads :data:`RETAKE_FACTOR` times off the one before it is read again
 once and the newer reading kept, so a stall inside one probe does not miscalibrate the
 segments on either side.
 
-Uncertainty, stated for every speedup (see :func:`speedup_estimate`):
+Uncertainty, stated for every speedup (see :func:`pytest_specdec.engine.speedup.speedup_estimate`):
 
 - *timing noise*: where the two probes around a segment differ, the machine's speed
   changed somewhere inside it (or the probe jittered), and the segment's calibrated
@@ -37,7 +37,7 @@ Uncertainty, stated for every speedup (see :func:`speedup_estimate`):
   scattered by 3%, one standard deviation, and two sessions' baselines read 12% apart),
   so a baseline is timed in several rounds (``--specdec-baseline-rounds``, median
   taken) and their spread, pooled over the session's baselines, is the
-  *round scatter* (:func:`round_scatter`): each run's uncertainty is the larger of its
+  *round scatter* (:func:`pytest_specdec.engine.speedup.round_scatter`): each run's uncertainty is the larger of its
   probes' noise and that scatter over the root of its rounds (a case of one round, which
   shows no spread of its own, takes the baseline's).
 
@@ -53,6 +53,17 @@ instead, converted to target-probe units at the reference ratio of the two probe
 fastest host probe over the fastest target probe of the runs being compared, the
 quietest machine they saw; :func:`host_ratio`).
 
+Wide forwards are calibrated by a third, the wide probe. A one-token forward does not
+price a forward of many tokens consistently (on the 2-core CPU a 32-token forward cost
+1.6 to 2.4 one-token ones on an idle machine, in episodes of seconds to minutes), and
+every verify forward feeds a draft, every first forward a prompt. So every probe also
+times :data:`WIDE_PROBE_FORWARDS` forwards of :data:`WIDE_PROBE_WIDTH` tokens, and each
+segment's forward seconds of each width (``StepRecord.fed``; :func:`forward_load`) are
+repriced by :func:`width_factor` from the wide ÷ narrow ratio of the probes around the
+segment to the reference ratio (:func:`wide_ratio` of the session's timed runs so far)
+before the segment is divided by its one-token probes. One-token forwards are left as
+they are. :class:`Reference` carries both conversions.
+
 Probe time is never part of a run's wall time. Every timed figure of the package reads
 :func:`now`, so a test can run the whole stack on a fake clock.
 """
@@ -60,7 +71,6 @@ Probe time is never part of a run's wall time. Every timed figure of the package
 from __future__ import annotations
 
 import math
-import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -96,9 +106,6 @@ STALL_FACTOR = 2.0
 #: once: a background load starting or stopping moves the probe 2 to 2.5x on the
 #: 2-core CPU, a stall inside one probe's forwards 5 to 50x
 RETAKE_FACTOR = 3.0
-#: Bootstrap resamples over problems, from a fixed seed (same data, same interval).
-BOOTSTRAP_SAMPLES = 2000
-BOOTSTRAP_SEED = 0
 
 #: ``--specdec-baseline-rounds``'s default: a baseline's timed rounds. Every case of a
 #: paradigm divides into its baseline, so one slow or fast baseline round would move them
@@ -525,178 +532,3 @@ def _half_range_of_inverse(a: float | None, b: float | None) -> float:
     if not a or not b or a <= 0 or b <= 0:
         return 0.0
     return abs(1 / a - 1 / b) / 2
-
-
-@dataclass(frozen=True)
-class SpeedupEstimate:
-    """A speedup with its uncertainty (definitions in :func:`speedup_estimate`)."""
-
-    value: float  # ratio of calibrated times (median over paired rounds in paired mode)
-    raw: float  # ratio of wall times, uncalibrated: what the run would say without probes
-    noise: float  # relative timing noise (one standard deviation)
-    problems_low: float  # bootstrap over problems, 2.5th percentile
-    problems_high: float  # 97.5th percentile
-
-
-def bootstrap_ratio(base: Sequence[float], new: Sequence[float], *,
-                    samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """95% interval of sum(base[p]) / sum(new[p]) over problems p resampled with
-    replacement; a fixed seed, so the same times give the same interval."""
-    n = len(base)
-    if n == 0 or n != len(new):
-        raise ValueError(f"per-problem times must be non-empty and of equal length, "
-                         f"got {len(base)} and {len(new)}")
-    rng = random.Random(seed)
-    ratios = []
-    for _ in range(samples):
-        picks = [rng.randrange(n) for _ in range(n)]
-        denominator = sum(new[p] for p in picks)
-        if denominator > 0:
-            ratios.append(sum(base[p] for p in picks) / denominator)
-    if not ratios:
-        return math.nan, math.nan
-    ratios.sort()
-    return ratios[int(0.025 * (len(ratios) - 1))], ratios[int(0.975 * (len(ratios) - 1))]
-
-
-def round_scatter(runs: Sequence[Sequence[Timeline]],
-                  refs: Sequence[Reference | None]) -> float | None:
-    """The relative round-to-round scatter of calibrated times: the standard deviation of
-    each run's rounds about their mean, relative to it, pooled over `runs` (each the
-    timed rounds of one run, the same work every round; ``refs[i]`` its
-    :class:`Reference`); runs of one round add nothing. None when no run has two."""
-    squares, freedom = 0.0, 0
-    for rounds, ref in zip(runs, refs):
-        if len(rounds) < 2:
-            continue
-        totals = [t.calibrated_at(ref) for t in rounds]
-        mean = statistics.fmean(totals)
-        if mean <= 0:
-            continue
-        squares += sum((x / mean - 1) ** 2 for x in totals)
-        freedom += len(totals) - 1
-    return math.sqrt(squares / freedom) if freedom else None
-
-
-def _run_variance(probe_noise: float, scatter: float | None, rounds: int) -> float:
-    """One run's relative variance: the larger of its probes' (:meth:`Timeline.noise_at`)
-    and the round scatter's for a median over `rounds` rounds: two estimates of one
-    uncertainty, the probes' from inside the run, the scatter's from repeating it."""
-    return max(probe_noise ** 2, scatter ** 2 / rounds if scatter else 0.0)
-
-
-def speedup_estimate(base_rounds: Sequence[Timeline], new_rounds: Sequence[Timeline],
-                     problems: int, *, paired: bool = False, ref: Reference | None = None,
-                     scatter: float | None = None) -> SpeedupEstimate:
-    """Speedup of `new_rounds` over `base_rounds` (the timed rounds of one case and of
-    its baseline), every figure a ratio of totals over the problems:
-
-    - value: calibrated baseline time / calibrated drafter time; the median round of
-      each (calibrated, unpaired); in paired mode, the median over rounds of the ratio
-      of each round to the baseline round timed next to it;
-    - raw: the same with wall seconds (no calibration), for comparison;
-    - noise: each run's uncertainty (:func:`_run_variance`: its median round's
-      calibration noise, or the round scatter over the root of its rounds, whichever is
-      larger; `scatter` is the session's, :func:`round_scatter`, and a drafter run of
-      several rounds uses the spread of its own per-round ratios instead), the two in
-      quadrature; in paired mode with several rounds, the two calibration noises and the
-      standard error of the paired ratios;
-    - problems_low/high: the bootstrap over problems of the median rounds' per-problem
-      calibrated times.
-
-    With `ref` (:meth:`Reference.of`), drafting is calibrated by the host probes and wide
-    forwards at their width; without it, everything by the target's narrow probes.
-    """
-    if not base_rounds or not new_rounds:
-        raise ValueError("a speedup needs at least one timed round of each run")
-    if paired and len(base_rounds) != len(new_rounds):
-        raise ValueError(f"paired timing needs one baseline round per timed round, got "
-                         f"{len(base_rounds)} and {len(new_rounds)}")
-    base_m, new_m = _median_round(base_rounds, ref), _median_round(new_rounds, ref)
-    if paired:
-        ratios = [b.calibrated_at(ref) / n.calibrated_at(ref)
-                  for b, n in zip(base_rounds, new_rounds)]
-    else:
-        ratios = [base_m.calibrated_at(ref) / n.calibrated_at(ref) for n in new_rounds]
-    value = statistics.median(ratios)
-    base_noise, new_noise = base_m.noise_at(ref), new_m.noise_at(ref)
-    own = statistics.stdev(ratios) / value if len(ratios) > 1 else None
-    if paired and own is not None:
-        noise_sq = base_noise ** 2 + new_noise ** 2 + own ** 2 / len(ratios)
-    else:
-        noise_sq = (_run_variance(base_noise, scatter, len(base_rounds))
-                    + _run_variance(new_noise, own if own is not None else scatter,
-                                    len(new_rounds)))
-    low, high = bootstrap_ratio(base_m.calibrated_by_problem(problems, ref),
-                                new_m.calibrated_by_problem(problems, ref))
-    return SpeedupEstimate(value=value, raw=base_m.wall_s / new_m.wall_s,
-                           noise=math.sqrt(noise_sq), problems_low=low, problems_high=high)
-
-
-def _median_round(rounds: Sequence[Timeline], ref: Reference | None = None) -> Timeline:
-    """The round of median calibrated time (the lower median for an even count)."""
-    ordered = sorted(rounds, key=lambda t: t.calibrated_at(ref))
-    return ordered[(len(ordered) - 1) // 2]
-
-
-#: measured ÷ ideal above 1 + this (plus twice the timing noise) breaks the cost bound:
-#: the baseline's own per-token overheads (prefill, sampling, Python) let a real speedup
-#: exceed the forwards-only ideal a little, never by this much
-COST_BOUND_TOLERANCE = 0.15
-#: a relative timing noise above this: the machine's speed changed too fast within the
-#: case for the probes to follow
-UNSTABLE_NOISE = 0.10
-ABOVE_COST_BOUND = "above cost bound"
-UNSTABLE_TIMING = "unstable timing"
-
-
-@dataclass(frozen=True)
-class StepCosts:
-    """Mean costs per target forward, in probe units (plain decode steps of the machine
-    as it was), over every forward but a sequence's first (which also prefills)."""
-
-    forward: float  # the target's forward and token choice (t_step, or t_verify)
-    draft: float  # the drafter's propose, observe and accept (t_draft)
-    forwards: int  # how many forwards the means are over
-
-
-def step_costs(runs: Sequence[Any], ref: Reference | None = None) -> StepCosts | None:
-    """The calibrated step costs of timed runs (``runner.RunResult``s): each sequence's
-    step times divided by the calibration of the segment it was decoded in (its own at
-    batch 1, its batch's at batch > 1; drafting by the segment's host probes, and each
-    forward priced at its width, with `ref`, as :class:`Timeline` calibrates them). A
-    batched forward is counted once per row, so the forward mean is per forward;
-    drafting is per forward too: a row's drafting time times the rows of that forward
-    (the rows draft one after another). None when no sequence has a step past its first
-    (a peer's generate records none)."""
-    ref = ref or Reference()
-    forward = draft = 0.0
-    count = 0
-    for run in runs:
-        line = run.timeline
-        scales, hosts, wide_now = line.scales(), line.host_scales(), line.wide_now()
-        segments = getattr(run, "segment_of", None) or range(len(run.outputs))
-        for segment, generation in zip(segments, run.outputs.values()):
-            scale = scales[segment] if segment < len(scales) else 0.0
-            if scale <= 0:
-                continue
-            host = hosts[segment] if ref.host is not None else None
-            draft_scale = host / ref.host if host is not None and ref.host else scale
-            for step in generation.steps[1:]:
-                forward += step.target_s / scale * width_factor(step.fed, wide_now[segment],
-                                                                ref.wide)
-                draft += step.drafter_s * step.rows / draft_scale
-                count += 1
-    if not count:
-        return None
-    return StepCosts(forward / count, draft / count, count)
-
-
-def timing_flags(measured_over_ideal: float | None, noise: float) -> list[str]:
-    """Why a speedup cannot be trusted as measured (empty: it can)."""
-    flags = []
-    if measured_over_ideal is not None and measured_over_ideal > 1 + COST_BOUND_TOLERANCE + 2 * noise:
-        flags.append(ABOVE_COST_BOUND)
-    if noise > UNSTABLE_NOISE:
-        flags.append(UNSTABLE_TIMING)
-    return flags

@@ -17,8 +17,9 @@ from pytest_specdec.bench.estimate import (ROLE_BASELINE, ROLE_PEER, ROLE_SPECUL
                                            read_history)
 from pytest_specdec.plugin.keys import CONFIG_KEY, ESTIMATE_KEY, SESSION_KEY
 
-#: probe readings (each the trimmed mean of PROBE_FORWARDS decode forwards) whose
-#: median is the measured step cost: about half a second on a 2-core CPU
+#: probe readings (each the trimmed mean of PROBE_FORWARDS decode forwards, read with
+#: the host and wide probes) whose median is the measured step cost: about 2 s on the
+#: 2-core CPU
 STEP_READINGS = 3
 
 

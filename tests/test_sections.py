@@ -102,3 +102,26 @@ def test_a_conftest_adds_a_section_to_both_reports(suite, tiny_model_dir, tmp_pa
     assert md_titles == [title for _, title in html]
     assert ("tokens-per-step", "Tokens per step") in html
     assert "| pld " in markdown.read_text(encoding="utf-8")
+
+
+def test_flagged_speedups_have_a_section_with_what_to_do(records):
+    from pytest_specdec.reporting.layout import FLAG_ADVICE, flag_advice
+
+    assert flag_advice(records) == []  # the stored run flags nothing
+    assert "flags" not in [s.id for s in default_sections(records)]
+    flagged = []
+    for record in records:
+        record = dict(record)
+        if record["role"] == "speculative" and record["drafter"] == "pld":
+            record["timing_flags"] = ["unstable timing"]
+        flagged.append(record)
+    assert flag_advice(flagged) == [FLAG_ADVICE["unstable timing"]]
+    markdown = render_markdown(flagged, title="t", meta=report_meta(flagged))
+    page = render_html(flagged, title="t", meta=report_meta(flagged))
+    assert "Flagged speedups" in markdown_titles(markdown)
+    assert ("flags", "Flagged speedups") in html_titles(page)
+    for text in (markdown, page):
+        assert "--specdec-timed-rounds 3" in text
+        assert "pld on " in text and "(unstable timing; ideal" in text
+    both = [dict(r, timing_flags=["above cost bound", "unstable timing"]) for r in flagged[:1]]
+    assert flag_advice(both) == [FLAG_ADVICE["unstable timing"], FLAG_ADVICE["above cost bound"]]

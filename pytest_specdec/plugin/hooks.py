@@ -349,7 +349,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if not records:
         show_comparison(terminalreporter, config)
         return
-    from pytest_specdec.reporting.layout import flagged_lines
+    from pytest_specdec.reporting.layout import flag_advice, flagged_lines
     from pytest_specdec.reporting.markdown import render_terminal
 
     terminalreporter.section("pytest-specdec")
@@ -359,6 +359,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(
             "WARNING: speedups flagged as timing artefacts or unstable (never marked best): "
             + "; ".join(flagged), yellow=True, bold=True)
+        for advice in flag_advice(records):
+            terminalreporter.write_line(f"  {advice} (docs/timing.md#flags)", yellow=True)
     for path in write_session_report(config, records, final=True):
         terminalreporter.write_line(f"report written: {path}")
     from pytest_specdec.plugin.estimate import took_line

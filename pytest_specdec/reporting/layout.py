@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from pytest_specdec.bench.record import PEER_NAMES, PEER_PLAIN, ROLES
+from pytest_specdec.engine.speedup import ABOVE_COST_BOUND, UNSTABLE_TIMING
 
 #: What a numeric field may hold (bool counts: it is an int).
 NUMBER_TYPES = (int, float)
@@ -161,7 +162,7 @@ def speedup_text(value: float | None) -> str:
 
 
 def timing_flags_of(record: dict) -> list[str]:
-    """Why a record's speedup cannot be trusted as measured (pytest_specdec.engine.timing)."""
+    """Why a record's speedup cannot be trusted as measured (pytest_specdec.engine.speedup)."""
     flags = record.get("timing_flags")
     return [str(f) for f in flags] if isinstance(flags, list) else []
 
@@ -269,3 +270,20 @@ def flagged_lines(records: Sequence[dict]) -> list[str]:
             f"{speedup_text(r['speedup'])} ({', '.join(timing_flags_of(r))}; ideal "
             f"{speedup_text(r.get('ideal_speedup'))}, noise {percent_text(r.get('speedup_noise'))})"
             for r in report_order(records) if timing_flags_of(r)]
+
+
+#: what to do about each flag, after the closing warning (docs/timing.md#flags)
+FLAG_ADVICE = {
+    UNSTABLE_TIMING: "unstable timing: the machine's speed moved more than its probes could "
+                     "follow (on a shared VM this happens with no load of yours); a quieter "
+                     "machine, or more timed rounds (--specdec-timed-rounds 3: each case the "
+                     "median of three), narrows it",
+    ABOVE_COST_BOUND: "above cost bound: faster than its MAT and step costs allow, a timing "
+                      "artefact and not a result; rerun the case",
+}
+
+
+def flag_advice(records: Sequence[dict]) -> list[str]:
+    """What to do about the flags the records carry, one line per kind of flag."""
+    present = {flag for r in records for flag in timing_flags_of(r)}
+    return [advice for flag, advice in FLAG_ADVICE.items() if flag in present]

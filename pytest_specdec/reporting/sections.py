@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 
 from pytest_specdec.reporting.charts import CHART_TITLES
-from pytest_specdec.reporting.layout import group_by_target, summary_table
+from pytest_specdec.reporting.layout import (flag_advice, flagged_lines, group_by_target,
+                                             summary_table)
 from pytest_specdec.reporting.tables import (BATCH_NOTE, HOW_TO_READ, HYBRIDS_NOTE, LOSSLESS_NOTE,
                                              MAT_BY_SEQUENCE_NOTE, PER_POSITION_NOTE, TIMING_NOTE,
                                              batch_table, details_table, drafter_note_lines,
@@ -133,6 +134,9 @@ per_position_section = _table_section("per-position", "Per-position acceptance",
                                       PER_POSITION_NOTE, per_position_table)
 mat_by_sequence_section = _table_section("mat-by-sequence", "MAT by round and sample",
                                          MAT_BY_SEQUENCE_NOTE, mat_by_sequence_table)
+flags_section = _items_section("flags", "Flagged speedups",
+                               "Never marked best; each fails a `compare --fail speedup:` rule.",
+                               lambda records: flagged_lines(records) + flag_advice(records))
 hybrids_section = _items_section("hybrids", "Hybrids", HYBRIDS_NOTE, hybrid_part_lines)
 drafter_notes_section = _items_section("drafter-notes", "Drafter notes", "", drafter_note_lines)
 peers_section = _items_section("peers", "Compared with Hugging Face generate", "",
@@ -158,7 +162,7 @@ def how_to_read_section(records: Sequence[dict]) -> Section:
 #: or None when the records hold nothing for it.
 DEFAULT_SECTIONS: tuple[Callable[[Sequence[dict]], Section | None], ...] = (
     summary_section, charts_section, details_section, batch_section, timing_section,
-    lossless_section,
+    flags_section, lossless_section,
     per_position_section, mat_by_sequence_section, hybrids_section, drafter_notes_section,
     peers_section, how_to_read_section,
 )

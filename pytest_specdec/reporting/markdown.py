@@ -21,7 +21,7 @@ def render_terminal(records: Sequence[dict]) -> str:
         table = tabulate(rows, headers, tablefmt="simple", disable_numparse=True)
         parts.append(f"{label}\n{table}" if len(groups) > 1 else table)
     parts.append("cells: speedup · MAT · ±the speedup's timing noise;  * best speedup among "
-                 "speculative drafters;  ! flagged (see the report's Timing and costs)")
+                 "speculative drafters;  ! flagged (see the report's Flagged speedups)")
     return "\n\n".join(parts) + "\n"
 
 

@@ -82,7 +82,7 @@ class Section:
 
 SUMMARY_NOTE = ("Cells: speedup over the baseline · MAT · ±the speedup's timing noise. "
                 "**Bold**: best speedup among speculative drafters in the column; `!`: "
-                "flagged (see Timing and costs).")
+                "flagged (see Flagged speedups).")
 
 
 def summary_section(records: Sequence[dict]) -> Section:

@@ -543,12 +543,17 @@ def test_each_hostile_drafter_fails_only_its_own_case(suite, tiny_model_dir, tmp
     assert markdown.startswith("# ")
 
 
+@pytest.mark.parametrize("benchmark_option", ["--benchmark-disable", "--benchmark-save=run"])
 def test_an_interrupted_session_leaves_valid_reports_of_the_finished_cases(
-        suite, tiny_model_dir, tmp_path):
+        suite, tiny_model_dir, tmp_path, benchmark_option):
     """Ctrl-C in the third case (a drafter raising KeyboardInterrupt): pytest stops, and
-    the reports, written from the records of the cases that finished, parse whole."""
+    the reports, written from the records of the cases that finished, parse whole. With
+    --benchmark-save (as `make bench` runs), pytest-benchmark saves the finished cases
+    too, instead of crashing on the interrupted one's empty benchmark."""
     reports = tmp_path / "reports"
-    result = suite.runpytest_subprocess(*small(tiny_model_dir, reports, "pld", "interrupts"),
+    args = [a if a != "--benchmark-disable" else benchmark_option
+            for a in small(tiny_model_dir, reports, "pld", "interrupts")]
+    result = suite.runpytest_subprocess(*args, f"--benchmark-storage={tmp_path / 'saved'}",
                                         timeout=300)
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.assert_outcomes(passed=2)
@@ -561,6 +566,11 @@ def test_an_interrupted_session_leaves_valid_reports_of_the_finished_cases(
     assert [r["drafter"] for r in rows] == ["baseline", "pld"]
     assert {r["paradigm"] for r in data["records"]} == {"multi_round"}
     assert "interrupts" not in markdown and "| pld " in markdown
+    assert "ValueError" not in result.stdout.str() + result.stderr.str()
+    if benchmark_option.startswith("--benchmark-save"):
+        saved = json.loads(next((tmp_path / "saved").rglob("*_run.json")).read_text())
+        assert [b["name"] for b in saved["benchmarks"]] == [
+            "test_baseline[multi_round]", "test_speculative[pld-multi_round]"]
 
 
 def test_a_crashed_session_leaves_valid_reports_of_the_finished_cases(

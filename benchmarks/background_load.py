@@ -8,39 +8,42 @@ machine whose speed changes during the session ([docs/timing.md](../docs/timing.
 
 Each of `--workers` processes spins on pure Python while the load is on and sleeps
 while it is off; the phases alternate, on first, until `--duration` seconds have passed
-(0: until stopped). Each phase change is printed with its time, so a run's cases can be
-matched with the phases they ran in.
+(0: until stopped: Ctrl-C, or `kill`, after which the workers notice their parent is gone
+and stop within a second). Each phase change is printed with its time and the workers'
+process ids, so a run's cases can be matched with the phases they ran in.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
-import signal
+import os
 import sys
 import time
 from typing import Sequence
 
 
-def _spin(until: float) -> None:
-    """Busy work until the monotonic clock reads `until`."""
+def _spin(until: float, parent: int) -> None:
+    """Busy work until the monotonic clock reads `until` or the parent is gone."""
     counter = 0
-    while time.monotonic() < until:
+    while time.monotonic() < until and os.getppid() == parent:
         for _ in range(10_000):
             counter += 1
 
 
-def _worker(on: float, off: float, start: float, end: float) -> None:
+def _worker(on: float, off: float, start: float, end: float, parent: int) -> None:
+    """On and off in turn until `end` (0: never), or until the parent process is gone:
+    a killed load leaves no busy orphan behind."""
     period = on + off
-    while True:
+    while os.getppid() == parent:
         now = time.monotonic()
         if end and now >= end:
             return
         phase = (now - start) % period
         if phase < on:
-            _spin(min(now + on - phase, end or float("inf")))
+            _spin(min(now + on - phase, end or float("inf")), parent)
         else:
-            time.sleep(min(period - phase, (end - now) if end else period))
+            time.sleep(min(period - phase, (end - now) if end else period, 0.5))
 
 
 def _positive(text: str) -> float:
@@ -67,24 +70,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--workers {args.workers} must be >= 1")
     if args.on <= 0:
         parser.error(f"--on {args.on:g} must be > 0 seconds")
-    # `kill` (SIGTERM) stops the workers too, as Ctrl-C does
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     start = time.monotonic()
     end = start + args.duration if args.duration else 0.0
-    workers = [multiprocessing.Process(target=_worker, args=(args.on, args.off, start, end),
-                                       daemon=True) for _ in range(args.workers)]
+    workers = [multiprocessing.Process(target=_worker, daemon=True,
+                                       args=(args.on, args.off, start, end, os.getpid()))
+               for _ in range(args.workers)]
     for worker in workers:
         worker.start()
+    pids = " ".join(str(w.pid) for w in workers)
     try:
         at, on = 0.0, True  # the schedule, not the clock, decides the phases printed
         while not end or at < args.duration:
             print(f"{time.strftime('%H:%M:%S')} load {'on' if on else 'off'} "
-                  f"({args.workers} workers)", flush=True)
+                  f"({args.workers} workers: {pids})", flush=True)
             at += args.on if on else args.off
             on = not on or args.off == 0
             stop = start + (min(at, args.duration) if end else at)
             time.sleep(max(0.0, stop - time.monotonic()))
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         pass
     finally:
         for worker in workers:

@@ -38,9 +38,25 @@ def test_bad_values_are_named(args, message):
     assert message in done.stderr
 
 
-def test_kill_stops_the_load():
-    load = subprocess.Popen([sys.executable, "-m", "benchmarks.background_load", "--workers", "1"],
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has stopped; only its exit status is left
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_kill_stops_the_load_and_its_workers():
+    load = subprocess.Popen([sys.executable, "-m", "benchmarks.background_load", "--workers", "2"],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert load.stdout.readline().split()[1:3] == ["load", "on"]
-    load.terminate()
-    assert load.wait(timeout=30) == 0
+    first = load.stdout.readline()
+    assert first.split()[1:3] == ["load", "on"]
+    pids = [int(p) for p in first.split(":", 3)[3].strip(" )\n").split()]
+    assert len(pids) == 2 and all(_running(pid) for pid in pids)
+    load.kill()
+    load.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in pids)

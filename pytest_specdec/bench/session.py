@@ -205,12 +205,11 @@ class SpecdecSession:
             try:
                 benchmark.pedantic(one_round, setup=fresh_method, rounds=rounds,
                                    iterations=1, warmup_rounds=0)
-            except BaseException as stopped:
+            except BaseException:
                 # pytest-benchmark marks a benchmark errored on an Exception only; after
                 # Ctrl-C inside a round its --benchmark-save would save one with no
                 # rounds, crash (min() of nothing) and take the session's summary with it
-                if not isinstance(stopped, Exception):
-                    benchmark.has_error = True
+                benchmark.has_error = True
                 raise
         # without a benchmark, or with a disabled one (--benchmark-disable, which runs
         # its target once), the remaining rounds run here

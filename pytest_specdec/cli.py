@@ -403,8 +403,11 @@ def _add_train(commands) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from pytest_specdec.engine.target import load_target
-    from pytest_specdec.models.weights import (TrainingError, default_weights, weights_fit,
+    from pytest_specdec.models.weights import (TrainingError, default_weights,
+                                               trained_otherwise, weights_fit,
                                                weights_incomplete)
     from pytest_specdec.training import loop as t
     from pytest_specdec.training.prompts import DataSettings
@@ -431,6 +434,16 @@ def run_train(args: argparse.Namespace) -> int:
             if not why and not unfinished:
                 print(f"{args.kind} weights for {target.name} are in {output}; "
                       f"nothing to do (--if-missing)")
+                wanted = dict(t.kind_defaults(args.kind), seed=args.seed,
+                              options=dict(args.options), torch_threads=args.threads,
+                              data_settings=asdict(settings))
+                wanted.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr),
+                                                  ("batch_size", args.batch_size)) if v})
+                differs = trained_otherwise(output, wanted)
+                if differs:  # kept: they may be a user's own run; a fresh clone's differ
+                    log(f"note: they were trained with other settings than this command's "
+                        f"({differs}), so their MAT may differ from a fresh machine's; "
+                        f"this command without --if-missing retrains them, replacing them")
                 return 0
             log(f"training {args.kind}: {why or unfinished}")
             steps = args.steps or t.kind_defaults(args.kind)["steps"]

@@ -3,12 +3,21 @@ for plugin runs, and the embedded default target (converted once, then cached)."
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 pytest_plugins = ["pytester"]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n auto``) each worker takes one intra-op
+    thread: workers already share the cores, and OpenMP threads spinning beside another
+    worker's make a small CPU machine several times slower, not faster."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0):

@@ -396,6 +396,42 @@ def test_cli_if_missing_skips_fitting_weights_and_trains_otherwise(
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_if_missing_keeps_weights_trained_otherwise_and_says_how(
+        chat_target, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from dataclasses import asdict
+
+    from pytest_specdec.cli import main
+    from pytest_specdec.training.prompts import DataSettings
+
+    calls = []
+    monkeypatch.setattr(t, "train", lambda *a, **kw: calls.append(kw))
+    folder = tmp_path / "w"
+    Toy(chat_target, None).save(_made(folder))
+    saved = (folder / "model.safetensors").read_bytes()
+    this_commit = dict(t.kind_defaults("sps"), seed=0, options={},
+                       torch_threads=t.DEFAULT_THREADS, data_settings=asdict(DataSettings()))
+    older = dict(this_commit, steps=240, data_settings=dict(this_commit["data_settings"],
+                                                            max_new_tokens=96))
+    unrecorded = {k: v for k, v in this_commit.items() if k != "data_settings"}
+    argv = ["train", "sps", "--target", str(tiny_model_dir), "--output", str(folder),
+            "--if-missing"]
+    for record, note in [
+            (this_commit, None),
+            (older, "(steps 240 (not 200), data_settings.max_new_tokens 96 (not 64))"),
+            (unrecorded, "(data_settings not recorded (an older version's run))")]:
+        (folder / "training.json").write_text(json.dumps(dict(record, complete=True,
+                                                              steps_done=record["steps"])))
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        assert "nothing to do (--if-missing)" in out
+        if note is None:
+            assert "other settings" not in err
+        else:
+            assert f"note: they were trained with other settings than this command's {note}" \
+                   in err and "without --if-missing retrains them, replacing them" in err
+    assert calls == [] and (folder / "model.safetensors").read_bytes() == saved
+
+
 def test_cli_names_a_bad_prompt_source(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from pytest_specdec.cli import main
 
@@ -421,6 +457,7 @@ def test_cli_trains_end_to_end(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert "wrote" in capsys.readouterr().out
     record = json.loads((out / "training.json").read_text())
     assert (record["steps_done"], record["sequences"], record["batch_size"]) == (3, 4, 2)
+    assert (record["data_settings"]["max_new_tokens"], record["data_settings"]["rounds"]) == (3, 1)
     cached = json.loads((tmp_path / "drafters" / td.DATA_FILE).read_text())
     assert cached["settings"]["max_new_tokens"] == 3 and len(cached["sequences"]) == 4
     # the data cache, the target's states captured while generating them, the weights

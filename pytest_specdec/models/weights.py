@@ -123,6 +123,28 @@ def weights_incomplete(folder: str | Path, kind: str | None = None, target: Any 
 
 
 
+def trained_otherwise(folder: str | Path, wanted: dict[str, Any]) -> str:
+    """"" when the folder's training.json records every setting of `wanted` (keys as
+    training.json names them: steps, lr, batch_size, seed, options, torch_threads,
+    data_settings) with the same value, or has no training.json (weights made
+    elsewhere); else the settings that differ, e.g. "steps 240 (not 200)"."""
+    record = training_record(folder)
+    if record is None:
+        return ""
+    differs = []
+    for key, value in json.loads(json.dumps(wanted)).items():
+        had = record.get(key)
+        if key not in record:
+            differs.append(f"{key} not recorded (an older version's run)")
+        elif isinstance(value, dict) and isinstance(had, dict) and value:
+            differs += [f"{key}.{k} {had.get(k)!r} (not {v!r})" for k, v in value.items()
+                        if had.get(k) != v]
+        elif had != value:
+            differs.append(f"{key} {had!r} (not {value!r})")
+    return ", ".join(differs)
+
+
+
 def training_summary(folder: str | Path) -> str:
     """One line on how the weights in `folder` were trained (from its ``training.json``):
     for the report's row of a drafter whose weights were made here."""

@@ -17,7 +17,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -212,9 +212,11 @@ def _train(name: str, factory: TrainableFactory, target: Target, *, output: Path
            threads: int, restart_mismatched: bool, log: Callable[[str], None], clock: float,
            tqdm: Any) -> TrainResult:
     data_started = time.perf_counter()
+    made_by = None  # the settings the data were made with (None: data given)
     if data is None:
+        made_by = data_settings or DataSettings(seed=seed)
         data = prepare_data(target, Path(data_path) if data_path else output.parent / DATA_FILE,
-                            data_settings or DataSettings(seed=seed), progress=progress, log=log)
+                            made_by, progress=progress, log=log)
     data_seconds = time.perf_counter() - data_started
     random.seed(seed)
     torch.manual_seed(seed)
@@ -311,6 +313,7 @@ def _train(name: str, factory: TrainableFactory, target: Target, *, output: Path
                   seconds_per_step=result.seconds_per_step, data_seconds=result.data_seconds,
                   states_seconds=result.states_seconds, resumed_from=start,
                   sequences=len(data.sequences), generated_tokens=data.generated_tokens,
+                  data_settings=None if made_by is None else asdict(made_by),
                   **build_info())
     result.digest = save_weights(trainable, output, record)
     if step < steps:

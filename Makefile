@@ -11,6 +11,9 @@ NAME ?= default
 ARGS ?=
 # options of `pytest-specdec train` for bench's training step, e.g. --no-progress
 TRAIN_ARGS ?=
+# pytest-xdist workers for `make test` (one torch thread each; 0: one process, auto: a
+# worker per core)
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
 .PHONY: bench test cost setup clean-venv gpu-prepare gpu-check
@@ -40,7 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest suites/ --benchmark-save=$(NAME) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests/ $(ARGS)
+	$(BIN)/python -m pytest tests/ -n $(TEST_WORKERS) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

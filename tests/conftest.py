@@ -20,6 +20,14 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _not_an_xdist_worker_to_child_runs(monkeypatch):
+    """A pytest run a test starts (pytester) is no xdist worker, whatever this one is:
+    pytest-benchmark reads PYTEST_XDIST_WORKER and would disable its benchmarks."""
+    for name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")]:
+        monkeypatch.delenv(name)
+
+
 def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0):
     """A 2-layer random causal LM; a decode step costs a few milliseconds."""
     import transformers

@@ -438,7 +438,8 @@ def run_train(args: argparse.Namespace) -> int:
                               options=dict(args.options), torch_threads=args.threads,
                               data_settings=asdict(settings))
                 wanted.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr),
-                                                  ("batch_size", args.batch_size)) if v})
+                                                  ("batch_size", args.batch_size))
+                               if v is not None})
                 differs = trained_otherwise(output, wanted)
                 if differs:  # kept: they may be a user's own run; a fresh clone's differ
                     log(f"note: they were trained with other settings than this command's "

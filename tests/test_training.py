@@ -418,7 +418,7 @@ def test_cli_if_missing_keeps_weights_trained_otherwise_and_says_how(
     for record, note in [
             (this_commit, None),
             (older, "(steps 240 (not 200), data_settings.max_new_tokens 96 (not 64))"),
-            (unrecorded, "(data_settings not recorded (an older version's run))")]:
+            (unrecorded, "(data_settings not recorded)")]:
         (folder / "training.json").write_text(json.dumps(dict(record, complete=True,
                                                               steps_done=record["steps"])))
         assert main(argv) == 0

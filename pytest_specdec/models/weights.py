@@ -134,8 +134,8 @@ def trained_otherwise(folder: str | Path, wanted: dict[str, Any]) -> str:
     differs = []
     for key, value in json.loads(json.dumps(wanted)).items():
         had = record.get(key)
-        if key not in record:
-            differs.append(f"{key} not recorded (an older version's run)")
+        if had is None:  # an older version's run, or one given its data directly
+            differs.append(f"{key} not recorded")
         elif isinstance(value, dict) and isinstance(had, dict) and value:
             differs += [f"{key}.{k} {had.get(k)!r} (not {v!r})" for k, v in value.items()
                         if had.get(k) != v]

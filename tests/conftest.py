@@ -21,11 +21,15 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
-def _not_an_xdist_worker_to_child_runs(monkeypatch):
+def _not_an_xdist_worker_to_child_runs():
     """A pytest run a test starts (pytester) is no xdist worker, whatever this one is:
-    pytest-benchmark reads PYTEST_XDIST_WORKER and would disable its benchmarks."""
-    for name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")]:
-        monkeypatch.delenv(name)
+    pytest-benchmark reads PYTEST_XDIST_WORKER and would disable its benchmarks. (A
+    MonkeyPatch of its own: the test's `monkeypatch` must be undone before the test's
+    other fixtures are torn down, as without this fixture.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")]:
+            patch.delenv(name)
+        yield
 
 
 def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0):

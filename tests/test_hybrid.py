@@ -17,7 +17,7 @@ from pytest_specdec.drafters.pld import PromptLookup
 from pytest_specdec.drafters.sam import SamDecoding
 from pytest_specdec.engine import GenerationRequest, generate
 from pytest_specdec.protocol.drafter import (Draft, DraftError, DrafterBase, DraftRequest,
-                                             TargetSignals, draft_depth)
+                                             TargetSignals, draft_depth, drafter_record_fields)
 from pytest_specdec.protocol.hybrid import (DEFAULT_THRESHOLD, LIST_NOTE, Hybrid, HybridPartError,
                                             cut, sam_depth)
 from pytest_specdec.protocol.registry import Registry, load_registry
@@ -175,6 +175,25 @@ def test_needs_and_max_depth_come_from_both_parts():
     assert h.needs == {"top_k", "hidden_states", "output_head"}
     assert (h.max_depth, h.depths, h.threshold) == (40, (40, 6), 21)
     assert Hybrid(a, b, names=("a", "b"), max_depth=12).max_depth == 12
+
+
+class Weighted(Chain):
+    """A part that states the digest of weights it loaded, as a model drafter does."""
+
+    def record_fields(self):
+        return {"drafter_note": "", "drafter_weights": "a41e460907035687"}
+
+
+@pytest.mark.parametrize("parts, weights", [
+    ((Chain(A_TOKEN, 2), Chain(B_TOKEN, 2)), None),
+    ((Chain(A_TOKEN, 2), Weighted(B_TOKEN, 2)), "b:a41e460907035687"),
+    ((Weighted(A_TOKEN, 2), Weighted(B_TOKEN, 2)), "a:a41e460907035687,b:a41e460907035687"),
+])
+def test_a_hybrid_records_its_model_parts_weights_each_named(parts, weights):
+    fields = drafter_record_fields(Hybrid(*parts, names=("a", "b")))
+    assert fields.get("drafter_weights") == weights
+    assert fields["hybrid_parts"] == {"a": {"steps": 0, "tokens": 0},
+                                      "b": {"steps": 0, "tokens": 0}}
 
 
 def test_probes_of_both_parts_travel_and_each_gets_its_own_choices():

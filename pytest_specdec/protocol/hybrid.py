@@ -72,7 +72,8 @@ import torch
 
 from pytest_specdec.protocol.drafter import (MAX_PROBES, TARGET_RESOURCES, TARGET_SIGNALS, Draft,
                                              DraftRequest, TargetInfo, TargetSignals, draft_depth,
-                                             missing_methods, node_depths, validate_draft)
+                                             drafter_record_fields, missing_methods, node_depths,
+                                             validate_draft)
 from pytest_specdec.protocol.registered import RegisteredDrafter
 
 #: The reference's ``len_threshold``: the shortest SAM match whose copy is drafted.
@@ -296,8 +297,16 @@ class Hybrid:
         self._both("end")
 
     def record_fields(self) -> dict[str, Any]:
-        """The parts' notes and how many steps and tokens each part drafted."""
-        return {"drafter_note": self.report_note, "hybrid_parts": self.parts}
+        """The parts' notes, how many steps and tokens each part drafted, and the digests
+        of the weights its model parts loaded, each named (``eagle3:a41e4609...``), so
+        `compare` sees a hybrid's weights change too."""
+        weights = []
+        for name, part in zip(self.names, self.part_list):
+            digest = drafter_record_fields(part).get("drafter_weights")
+            if digest:
+                weights.append(f"{name}:{digest}")
+        fields = {"drafter_note": self.report_note, "hybrid_parts": self.parts}
+        return dict(fields, drafter_weights=",".join(weights)) if weights else fields
 
     @property
     def report_note(self) -> str:

@@ -432,6 +432,22 @@ def test_cli_if_missing_keeps_weights_trained_otherwise_and_says_how(
     assert calls == [] and (folder / "model.safetensors").read_bytes() == saved
 
 
+@pytest.mark.parametrize("recorded, wanted, differs", [
+    ({"steps": 200, "options": {"layers": 2}}, {"steps": 200, "options": {"layers": 2}}, ""),
+    ({"steps": 240}, {"steps": 200}, "steps 240 (not 200)"),
+    ({"options": {"layers": 2, "width": 8}}, {"options": {"layers": 2}},
+     "options.width 8 (not None)"),
+    ({"options": {"layers": 2}}, {"options": {"layers": 2, "width": 8}},
+     "options.width None (not 8)"),
+    ({"options": {"layers": 2}}, {"options": {}}, "options {'layers': 2} (not {})"),
+    ({}, {"data_settings": {"rounds": 2}}, "data_settings not recorded"),
+])
+def test_trained_otherwise_names_each_setting_that_differs(tmp_path, recorded, wanted, differs):
+    (tmp_path / "training.json").write_text(json.dumps(recorded))
+    assert mw.trained_otherwise(tmp_path, wanted) == differs
+    assert mw.trained_otherwise(tmp_path / "none", wanted) == ""
+
+
 def test_cli_names_a_bad_prompt_source(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from pytest_specdec.cli import main
 

@@ -137,8 +137,8 @@ def trained_otherwise(folder: str | Path, wanted: dict[str, Any]) -> str:
         if had is None:  # an older version's run, or one given its data directly
             differs.append(f"{key} not recorded")
         elif isinstance(value, dict) and isinstance(had, dict) and value:
-            differs += [f"{key}.{k} {had.get(k)!r} (not {v!r})" for k, v in value.items()
-                        if had.get(k) != v]
+            differs += [f"{key}.{k} {had.get(k)!r} (not {value.get(k)!r})"
+                        for k in sorted(value.keys() | had.keys()) if had.get(k) != value.get(k)]
         elif had != value:
             differs.append(f"{key} {had!r} (not {value!r})")
     return ", ".join(differs)

@@ -57,6 +57,9 @@ class SpecdecConfig:
     # earlier report measured (None: bench.estimate's priors)
     step_ms: float | None = None
     expected_speedup: float | None = None  # None: the estimate's priors
+    # --specdec-engine: the decode path (engine.compiled.ENGINES), "auto" resolved by
+    # resolve_engine for the target's device
+    engine: str = "eager"
 
     @property
     def baseline_timed_rounds(self) -> int:

@@ -116,6 +116,9 @@ class CaseRecord:
     dtype: str = _required()
     device: str = _required()
     worker: str = _optional()  # the pytest-xdist worker ("main" without xdist)
+    # the decode path the case ran on (Target.path): "compiled", "eager", or "eager
+    # (compiled refused: WHY)"; batched and exact-mode forwards run eagerly on either
+    engine: str = _optional()
     k: int = _required(checked=False)
     depth_profile: str = _optional()
     profile: str = _optional()  # --specdec-profile: the run's size (bench.profiles)

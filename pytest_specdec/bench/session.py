@@ -23,6 +23,7 @@ from pytest_specdec.bench.runner import (DecodeSettings, Method, RunResult, engi
                                          engine_method, run_paradigm, run_paradigm_batched)
 from pytest_specdec.engine.integrity import TargetChanged, TargetFingerprint
 from pytest_specdec.engine.metrics import ideal_speedup, mat_by_index, median_round
+from pytest_specdec.engine.loop import DRAFT_ROOM
 from pytest_specdec.engine.target import Target
 from pytest_specdec.engine.speedup import (SpeedupEstimate, round_scatter, speedup_estimate,
                                            step_costs, timing_flags)
@@ -36,6 +37,9 @@ log = logging.getLogger("pytest_specdec")
 
 #: Token budget of the warm-up sequences that precede a case's timed rounds.
 WARMUP_TOKENS = 16
+#: Tokens a later round's prompt adds to the question and the earlier answer (the
+#: compiled path sizes its cache by it; a longer prompt grows the cache, recompiling)
+ROUND_PROMPT_ROOM = 64
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,21 @@ class SpecdecSession:
         if self._target is None:
             self._target = self.load_target()
             self._fingerprint = TargetFingerprint.take(self._target.model)
+            self._compile(self._target)
         return self._target
+
+    def _compile(self, target: Target) -> None:
+        """On the compiled path, every graph a sequence may use is compiled now, before
+        any timed span (:meth:`CompiledForward.warm_up`), with room for the longest
+        sequence the session can decode: the longest first prompt, every round's budget
+        and answer, and the draft room."""
+        if target.path != "compiled":
+            return
+        cfg = self.config
+        longest = max(len(target.encode_prompt(p.question)) for p in self.problems)
+        capacity = longest + cfg.rounds * (cfg.max_new_tokens + ROUND_PROMPT_ROOM) + DRAFT_ROOM
+        spent = target.compiled_forward().warm_up(capacity)
+        log.info("compiled path: graphs compiled or loaded in %.1f s", spent)
 
     @property
     def probe(self) -> Probe:
@@ -428,6 +446,16 @@ class SpecdecSession:
         return self._record("peer", peer, case, measured, reference, lossless=verdict.label, k=k,
                             peer_settings=settings, **divergence)
 
+    def _engine_of(self, role: str, case: ParadigmCase) -> str:
+        """The decode path a case's forwards ran on (CaseRecord.engine)."""
+        if role == "peer":
+            return "eager (transformers generate)"
+        if self.config.exact:
+            return "eager (exact mode)"
+        if case.batch > 1:
+            return "eager (batched)"
+        return self.target.path
+
     def _record(self, role: str, drafter: str, case: ParadigmCase, measured: Measured,
                 reference: Measured, *, lossless: str, drafter_options: dict[str, str] | None = None,
                 k: int = 0, **fields: Any) -> dict[str, Any]:
@@ -449,6 +477,7 @@ class SpecdecSession:
             dtype=str(target.dtype).removeprefix("torch."),
             device=str(target.device),
             worker=self.worker,
+            engine=self._engine_of(role, case),
             k=k,
             depth_profile=self.depth_profile,
             profile=cfg.profile,

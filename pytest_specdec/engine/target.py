@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pytest_specdec.atomic import staging_folder
+from pytest_specdec.engine.compiled import (ENGINES, SERVED_LAYER_TYPES, CompiledForward, StaticKV,
+                                            resolve_engine)
 
 log = logging.getLogger("pytest_specdec")
 
@@ -117,6 +119,41 @@ class Target:
     #: the drafters attached to this target (see :func:`pytest_specdec.engine.guard.attach`)
     attached: AttachedDrafters = field(default_factory=lambda: AttachedDrafters(),
                                        init=False, repr=False, compare=False)
+    #: the decode path (``--specdec-engine``): "eager" (transformers' forward over a
+    #: DynamicCache) or "compiled" (:mod:`pytest_specdec.engine.compiled`)
+    engine: str = "eager"
+    #: the compiled path's graphs and static cache, made on first use
+    compiled: CompiledForward | None = field(default=None, init=False, repr=False,
+                                             compare=False)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise TargetError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+
+    def compiled_refusal(self) -> str:
+        """Why the compiled path cannot serve this target ("" when it can): it serves
+        full-attention decoder layers on a CPU or CUDA device."""
+        if self.device.type not in ("cpu", "cuda"):
+            return f"it runs on {self.device.type}, and the compiled path serves cpu and cuda"
+        types, _ = self.layer_types()
+        if other := sorted(set(types) - SERVED_LAYER_TYPES):
+            return (f"it has {other} layers, and the compiled path serves "
+                    f"{sorted(SERVED_LAYER_TYPES)} layers only")
+        return ""
+
+    @property
+    def path(self) -> str:
+        """The path a batch-1 decode of this target runs on: "compiled", "eager", or
+        "eager (compiled refused: WHY)"."""
+        if self.engine == "eager":
+            return "eager"
+        refusal = self.compiled_refusal()
+        return f"eager (compiled refused: {refusal})" if refusal else "compiled"
+
+    def compiled_forward(self) -> CompiledForward:
+        if self.compiled is None:
+            self.compiled = CompiledForward(self.model, self.device, self.dtype)
+        return self.compiled
 
     @property
     def dtype(self) -> torch.dtype:
@@ -127,11 +164,18 @@ class Target:
         """Size of the logits: draft ids must lie in [0, vocab_size)."""
         return int(self.model.get_output_embeddings().weight.shape[0])
 
-    def new_cache(self) -> Any:
-        """The model's own DynamicCache (sliding-window layers included), with its
-        sliding layers recording the past: they keep what a forward adds until the next
-        ``crop``, so rejected draft tokens can be rolled back (``crop(-n)``) and a tree's
-        accepted path moved into place even past the window."""
+    def new_cache(self, capacity: int | None = None, owner: str = "sequence") -> Any:
+        """A KV cache for one sequence of at most `capacity` positions.
+
+        On the compiled path (:attr:`path` is "compiled") and with a capacity given, the
+        compiled forward's static cache (:class:`StaticKV`), reset. Otherwise the model's
+        own DynamicCache (sliding-window layers included), with its sliding layers
+        recording the past: they keep what a forward adds until the next ``crop``, so
+        rejected draft tokens can be rolled back (``crop(-n)``) and a tree's accepted path
+        moved into place even past the window. `owner` names which static cache
+        (one per owner, reused: "sequence", or "probe" for the timing probe's)."""
+        if capacity is not None and self.path == "compiled":
+            return self.compiled_forward().new_cache(capacity, owner)
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicSlidingWindowLayer
 
@@ -186,6 +230,9 @@ class Target:
         restricted to keys less than a window behind each query's position, over the
         keys their cache returns (see :meth:`_masks`).
         """
+        if isinstance(cache, StaticKV):
+            return self._forward_static(token_ids, cache, keep_logits, hidden_states,
+                                        positions, attend)
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         extra: dict[str, Any] = {}
         if positions is not None:
@@ -203,6 +250,28 @@ class Target:
             states = out.hidden_states
             hidden = torch.cat([states[i][0] for i in hidden_states], dim=-1)
         return out.logits[0], hidden
+
+    def _forward_static(self, token_ids: Sequence[int], cache: StaticKV, keep_logits: int,
+                        hidden_states: bool | Sequence[int], positions: Sequence[int] | None,
+                        attend: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` on the compiled path: the fed rows' view of each other is the
+        last len(token_ids) columns of `attend` (every row sees the whole cache)."""
+        n = len(token_ids)
+        anc = None
+        if attend is not None:
+            if attend.shape != (n, cache.length + n):
+                raise RuntimeError(f"attend has shape {tuple(attend.shape)}; expected "
+                                   f"({n}, {cache.length + n}) for {n} tokens after "
+                                   f"{cache.length} cached")
+            anc = attend[:, cache.length:]
+        logits, states = self.compiled_forward().run(cache, token_ids, positions, anc,
+                                                     bool(hidden_states))
+        hidden = None
+        if hidden_states is True:
+            hidden = states[-1]
+        elif hidden_states:
+            hidden = torch.cat([states[i] for i in hidden_states], dim=-1)
+        return (logits[-keep_logits:] if keep_logits else logits), hidden
 
     def _masks(self, attend: torch.Tensor, cache: Any, position_ids: torch.Tensor | None) -> Any:
         """The additive float mask of each layer type (what eager attention adds and SDPA
@@ -317,12 +386,12 @@ def eos_ids_of(model: Any, tokenizer: Any = None) -> frozenset[int]:
 
 
 def wrap_model(model: Any, tokenizer: Any = None, *, name: str = "model",
-               device: torch.device | None = None) -> Target:
+               device: torch.device | None = None, engine: str = "eager") -> Target:
     """A Target around an already built model (tests build tiny ones in memory)."""
     device = device or next(model.parameters()).device
     model.to(device).eval()
     return Target(model=model, tokenizer=tokenizer, name=name,
-                  eos_ids=eos_ids_of(model, tokenizer), device=device)
+                  eos_ids=eos_ids_of(model, tokenizer), device=device, engine=engine)
 
 
 def embedded_folder() -> Path:
@@ -396,8 +465,8 @@ def load_tokenizer(spec: str = EMBEDDED, *, trust_remote_code: bool = False) -> 
 
 
 def load_target(spec: str = EMBEDDED, *, device: str = "auto", dtype: str = "auto",
-                trust_remote_code: bool = False, seed: int = 0) -> Target:
-    """Load a target.
+                trust_remote_code: bool = False, seed: int = 0, engine: str = "eager") -> Target:
+    """Load a target, to decode on the path `engine` names ('auto': resolve_engine).
 
     spec: 'embedded' (SmolLM2-135M-Instruct, offline), a local model folder, a
     config.json (random weights, seeded; for timing on GPUs without downloads), or a
@@ -443,4 +512,5 @@ def load_target(spec: str = EMBEDDED, *, device: str = "auto", dtype: str = "aut
             raise TargetError(f"could not load target {spec!r} from the Hugging Face hub or "
                               f"its cache: {exc}") from exc
         name = spec
-    return wrap_model(model, tokenizer, name=name, device=torch_device)
+    return wrap_model(model, tokenizer, name=name, device=torch_device,
+                      engine=resolve_engine(engine, torch_device))

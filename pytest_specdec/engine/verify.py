@@ -165,7 +165,12 @@ def keep_path(cache: Any, base: int, path: list[int], fed: int) -> None:
     its window still needs), but every layer holds the `fed` nodes last, so they are
     indexed from the end of each layer. A sliding layer must record the past (as
     :meth:`Target.new_cache` sets it up): one that trims to its window on update may
-    have dropped context the path still needs, or nodes themselves."""
+    have dropped context the path still needs, or nodes themselves.
+
+    A cache with a ``keep_path`` of its own (the compiled path's static cache) does it."""
+    own = getattr(cache, "keep_path", None)
+    if callable(own):
+        return own(base, path, fed)
     if path != list(range(len(path))):
         for layer in cache.layers:
             if getattr(layer, "is_sliding", False) and not getattr(layer, "record_past", False):

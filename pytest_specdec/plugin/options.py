@@ -69,6 +69,15 @@ def _timing_mode(text: str) -> str:
 LOSSLESS_MODES = ("auto", "exact")
 
 
+def _engine(text: str) -> str:
+    from pytest_specdec.engine.compiled import ENGINES
+
+    if text not in ("auto", *ENGINES):
+        raise argparse.ArgumentTypeError(
+            f"expected one of auto, {', '.join(ENGINES)}, got {text!r}")
+    return text
+
+
 def _lossless_mode(text: str) -> str:
     if text not in LOSSLESS_MODES:
         raise argparse.ArgumentTypeError(
@@ -243,6 +252,12 @@ OPTIONS = (
            help="auto: equality with plain decoding in float32, every token judged "
                 "teacher-forced in float16/bfloat16; exact: row-invariant attention in "
                 "baseline and speculative forwards, equality in every dtype (default: auto)"),
+    Option("--specdec-engine", "specdec_engine", default="auto", type=_engine,
+           metavar="PATH",
+           help="the decode path of the baseline and every drafter: eager (transformers' "
+                "forward over a dynamic cache) or compiled (a static cache and forwards "
+                "compiled for fixed widths, CUDA graphs on CUDA); auto: compiled on CUDA, "
+                "on a CPU the path measured faster there (docs/engine.md) (default: auto)"),
     Option("--specdec-strict", "specdec_strict", action="store_true", default=False,
            help="fail a case on a half-precision near-tie divergence too"),
     Option("--specdec-tie-margin", "specdec_tie_margin", default=None, type=_tie_margin,
@@ -323,4 +338,5 @@ def read_config(config: pytest.Config) -> SpecdecConfig:
         compare_fail=get("specdec_compare_fail") or (),
         batches=batches or (1,), batch_explicit=batches is not None,
         step_ms=get("specdec_step_ms"), expected_speedup=get("specdec_expected_speedup"),
+        engine=get("specdec_engine"),
     )

@@ -173,9 +173,10 @@ class StaticKV:
     def crop(self, length: int) -> None:
         """Keep `length` positions, or drop ``-length`` when negative (a rollback): a
         length change only, the slots past it are overwritten by the next forward."""
-        self.length = length if length >= 0 else self.length + length
-        if not 0 <= self.length:
-            raise ValueError(f"cannot crop to {length}: the cache holds fewer positions")
+        kept = length if length >= 0 else self.length + length
+        if not 0 <= kept <= self.length:
+            raise ValueError(f"cannot crop to {length}: the cache holds {self.length} positions")
+        self.length = kept
 
     def keep_path(self, base: int, path: list[int], fed: int) -> None:
         """The cache holds `base` context slots then `fed` tree nodes: move the nodes of

@@ -58,8 +58,8 @@ class SpecdecConfig:
     step_ms: float | None = None
     expected_speedup: float | None = None  # None: the estimate's priors
     # --specdec-engine: the decode path (engine.compiled.ENGINES), "auto" resolved by
-    # resolve_engine for the target's device
-    engine: str = "eager"
+    # resolve_engine for the target's device, or "both" (a case on each)
+    engine: str = "auto"
 
     @property
     def baseline_timed_rounds(self) -> int:

@@ -23,6 +23,7 @@ from pytest_specdec.bench.runner import (DecodeSettings, Method, RunResult, engi
                                          engine_method, run_paradigm, run_paradigm_batched)
 from pytest_specdec.engine.integrity import TargetChanged, TargetFingerprint
 from pytest_specdec.engine.metrics import ideal_speedup, mat_by_index, median_round
+from pytest_specdec.engine.compiled import BOTH, ENGINES, resolve_engine
 from pytest_specdec.engine.loop import DRAFT_ROOM
 from pytest_specdec.engine.target import Target
 from pytest_specdec.engine.speedup import (SpeedupEstimate, round_scatter, speedup_estimate,
@@ -49,6 +50,10 @@ class ParadigmCase:
     explicit_temperature: bool = False
     batch: int = 1  # sequences decoded together (--specdec-batch)
     explicit_batch: bool = False  # --specdec-batch was given: the id names the size
+    # the decode path (--specdec-engine: auto, eager or compiled; "both" makes a case of
+    # each, whose ids name it)
+    engine: str = "auto"
+    explicit_engine: bool = False
 
     @property
     def id(self) -> str:
@@ -57,6 +62,8 @@ class ParadigmCase:
             out += f"-T{self.temperature:g}"
         if self.explicit_batch:
             out += f"-b{self.batch}"
+        if self.explicit_engine:
+            out += f"-{self.engine}"
         return out
 
     @property
@@ -68,10 +75,12 @@ def paradigm_cases(cfg: SpecdecConfig) -> list[ParadigmCase]:
     """Each paradigm at the asked temperatures, or at its own default temperature, at
     every asked batch size."""
     out = []
+    engines = ENGINES if cfg.engine == BOTH else (cfg.engine,)
     for name in cfg.paradigms:
         temps = cfg.temperatures or (make_paradigm(name).default_temperature,)
-        out += [ParadigmCase(name, t, cfg.temperatures is not None, b, cfg.batch_explicit)
-                for t in temps for b in cfg.batches]
+        out += [ParadigmCase(name, t, cfg.temperatures is not None, b, cfg.batch_explicit,
+                             e, cfg.engine == BOTH)
+                for t in temps for b in cfg.batches for e in engines]
     return out
 
 
@@ -128,7 +137,9 @@ class SpecdecSession:
     _peer_plain: dict[ParadigmCase, Measured] = field(default_factory=dict)
     #: (paradigm case, stack) pairs whose first-call costs a warm-up has already paid
     _warm: set[tuple[ParadigmCase, str]] = field(default_factory=set)
-    _probe: Probe | None = None  # the calibration workload of the loaded target
+    #: the calibration workload of the loaded target, per decode path (a probe times
+    #: the path it runs on; a case is calibrated by its own path's)
+    _probes: dict[str, Probe] = field(default_factory=dict)
     #: plain decoding at batch 1 of a case asked for at batch > 1 only (untimed)
     _references: dict[ParadigmCase, RunResult] = field(default_factory=dict)
     #: every timed (probed) run of the session so far: the wide probes' reference
@@ -147,9 +158,11 @@ class SpecdecSession:
         any timed span (:meth:`CompiledForward.warm_up`), with room for the longest
         sequence the session can decode: the longest first prompt, every round's budget
         and answer, and the draft room."""
-        if target.path != "compiled":
-            return
         cfg = self.config
+        if target.compiled_refusal() or not any(
+                resolve_engine(c.engine, target.device) == "compiled"
+                for c in paradigm_cases(cfg)):
+            return
         longest = max(len(target.encode_prompt(p.question)) for p in self.problems)
         capacity = longest + cfg.rounds * (cfg.max_new_tokens + ROUND_PROMPT_ROOM) + DRAFT_ROOM
         spent = target.compiled_forward().warm_up(capacity)
@@ -160,9 +173,29 @@ class SpecdecSession:
         """The calibration probe (see :mod:`pytest_specdec.engine.timing`), on the first
         problem's prompt; made again for a reloaded target."""
         target = self.target
-        if self._probe is None or self._probe.target is not target:
-            self._probe = Probe(target, target.encode_prompt(self.problems[0].question))
-        return self._probe
+        probe = self._probes.get(target.engine)
+        if probe is None or probe.target is not target:
+            probe = self._probes[target.engine] = Probe(
+                target, target.encode_prompt(self.problems[0].question))
+        return probe
+
+    def compile_text(self) -> str:
+        """The compiled path's compilation, for the report's meta ("" when it did not
+        run): the seconds paid before timing, and graphs compiled inside a decode (a
+        width or capacity no warm-up foresaw: that decode's time includes it)."""
+        compiled = self._target.compiled if self._target is not None else None
+        if compiled is None or not compiled.graphs:
+            return ""
+        return (f"{len(compiled.graphs)} graphs compiled or loaded from inductor's cache in "
+                f"{compiled.compile_s:.1f} s before any timed span; "
+                f"{compiled.late_compiles} compiled inside a decode")
+
+    def on_path(self, case: ParadigmCase) -> Target:
+        """The target, set to decode on the case's path (every run of a case goes
+        through here first)."""
+        target = self.target
+        target.engine = resolve_engine(case.engine, target.device)
+        return target
 
     @property
     def depth_profile(self) -> str:
@@ -195,6 +228,7 @@ class SpecdecSession:
         (``pld-best_of_n``); `rounds`: the timed rounds (default ``timed_rounds``).
         """
         cfg = self.config
+        self.on_path(case)
         rounds = rounds or cfg.timed_rounds
         paradigm = make_paradigm(case.paradigm, rounds=cfg.rounds, n=cfg.n)
         settings = self.settings(case, k)
@@ -242,6 +276,7 @@ class SpecdecSession:
         (`method` then decodes a batch: runner.engine_batch_method); a probed run
         (a timed round) logs its progress."""
         progress = log.info if probe is not None else None
+        self.on_path(case)
         if case.batch == 1:
             run = run_paradigm(self.target, paradigm, problems, method, settings,
                                progress=progress, probe=probe, meter=meter)
@@ -454,7 +489,7 @@ class SpecdecSession:
             return "eager (exact mode)"
         if case.batch > 1:
             return "eager (batched)"
-        return self.target.path
+        return self.on_path(case).path
 
     def _record(self, role: str, drafter: str, case: ParadigmCase, measured: Measured,
                 reference: Measured, *, lossless: str, drafter_options: dict[str, str] | None = None,

@@ -45,8 +45,10 @@ import torch.nn.functional as F
 
 log = logging.getLogger("pytest_specdec")
 
-#: ``--specdec-engine`` values.
+#: The decode paths (``--specdec-engine``, with "auto" and BOTH).
 ENGINES = ("eager", "compiled")
+#: ``--specdec-engine both``: every case on each path, side by side in one session.
+BOTH = "both"
 #: Fed-token widths the forward is compiled for (a forward is padded to the next one).
 WIDTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 #: Cache capacities are rounded up to a multiple of this (a new capacity recompiles).

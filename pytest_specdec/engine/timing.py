@@ -167,6 +167,9 @@ class Probe:
         with torch.inference_mode():
             # on the compiled path a static cache of its own; its one-token and wide
             # forwards run once here, so no reading pays a first call (a compilation)
+            if getattr(target, "path", "eager") == "compiled":
+                target.compiled_forward().warm_up(PROBE_CONTEXT + WIDE_PROBE_WIDTH, (
+                    PROBE_CONTEXT - 1, 1, WIDE_PROBE_WIDTH), owner="probe")
             self.cache = target.new_cache(PROBE_CONTEXT + WIDE_PROBE_WIDTH, owner="probe")
             target.forward(ids[:-1], self.cache, keep_logits=1)
             for fed in ([self.next_token], self.wide_tokens) * 2:

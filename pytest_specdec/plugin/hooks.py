@@ -248,7 +248,7 @@ def _load_target(cfg: SpecdecConfig, worker: str = "main") -> Any:
     try:
         return load_target(cfg.target, device=_worker_device(cfg.device, worker),
                            dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                           seed=cfg.seed, engine=cfg.engine)
+                           seed=cfg.seed, engine="auto" if cfg.engine == "both" else cfg.engine)
     finally:
         _restore_torch_state(before, f"loading the target {cfg.target!r}")
 

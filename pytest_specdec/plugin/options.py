@@ -70,11 +70,11 @@ LOSSLESS_MODES = ("auto", "exact")
 
 
 def _engine(text: str) -> str:
-    from pytest_specdec.engine.compiled import ENGINES
+    from pytest_specdec.engine.compiled import BOTH, ENGINES
 
-    if text not in ("auto", *ENGINES):
+    if text not in ("auto", *ENGINES, BOTH):
         raise argparse.ArgumentTypeError(
-            f"expected one of auto, {', '.join(ENGINES)}, got {text!r}")
+            f"expected one of auto, {', '.join(ENGINES)}, {BOTH}, got {text!r}")
     return text
 
 
@@ -256,8 +256,10 @@ OPTIONS = (
            metavar="PATH",
            help="the decode path of the baseline and every drafter: eager (transformers' "
                 "forward over a dynamic cache) or compiled (a static cache and forwards "
-                "compiled for fixed widths, CUDA graphs on CUDA); auto: compiled on CUDA, "
-                "on a CPU the path measured faster there (docs/engine.md) (default: auto)"),
+                "compiled for fixed widths, CUDA graphs on CUDA); both: every case on each "
+                "path, side by side (case ids end in -eager / -compiled); auto: compiled on "
+                "CUDA, on a CPU the path measured faster there (docs/engine.md) "
+                "(default: auto)"),
     Option("--specdec-strict", "specdec_strict", action="store_true", default=False,
            help="fail a case on a half-precision near-tie divergence too"),
     Option("--specdec-tie-margin", "specdec_tie_margin", default=None, type=_tie_margin,

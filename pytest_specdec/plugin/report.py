@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pytest_specdec.bench.config import SpecdecConfig
-from pytest_specdec.plugin.keys import COMPARISON_KEY, CONFIG_KEY, REPORT_STEM_KEY
+from pytest_specdec.plugin.keys import COMPARISON_KEY, CONFIG_KEY, REPORT_STEM_KEY, SESSION_KEY
 from pytest_specdec.plugin.xdist import session_records
 
 def write_progress(config: pytest.Config) -> None:
@@ -103,10 +103,15 @@ def write_session_report(config: pytest.Config, records: list[dict], *,
         "k": depth_text(records) + (" (--specdec-k)" if cfg.k is not None else ""),
         "depth profile": depth_profile_text(records, cfg),
         "lossless": "exact mode (row-invariant forwards)" if cfg.exact else "auto",
+        "decode path": ", ".join(dict.fromkeys(str(r.get("engine") or "eager")
+                                               for r in records)),
         "timed_rounds": str(cfg.timed_rounds),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_line(cfg),
     }
+    session = config.stash.get(SESSION_KEY, None)
+    if session is not None and session.compile_text():
+        meta["compilation"] = session.compile_text()
     sections: list = []
     config.hook.pytest_specdec_report_sections(config=config, records=records, sections=sections)
     charts = final and importlib.util.find_spec("matplotlib") is not None

@@ -8,7 +8,8 @@ import importlib
 import io
 from typing import Any, Sequence
 
-from pytest_specdec.reporting.layout import (Column, batch_of, column_of, columns_of,
+from pytest_specdec.reporting.layout import (Column, batch_of, column_of, columns_of, engine_of,
+                                             shows_engine,
                                              group_by_target, report_order, row_key, row_keys,
                                              shows_temperature)
 from pytest_specdec.reporting.load import ReportError
@@ -77,7 +78,8 @@ def _speedup_figure(records: Sequence[dict], figure_class: Any) -> Any:
                 if record is not None and record["speedup"] is not None:
                     xs.append(i - 0.4 + width * (j + 0.5))
                     heights.append(record["speedup"])
-            ax.bar(xs, heights, width, label=column.header(with_temperature=with_temperature))
+            ax.bar(xs, heights, width, label=column.header(with_temperature=with_temperature,
+                                                        with_engine=shows_engine(group)))
         ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1, label="baseline")
         ax.set_xticks(range(len(rows)), [row[1] for row in rows], rotation=30, ha="right")
         ax.set_xlim(-0.6, max(len(rows), 1) - 0.4)
@@ -99,7 +101,8 @@ def _acceptance_figure(records: Sequence[dict], figure_class: Any) -> Any:
             curves = [r for r in report_order(group) if r["role"] == "speculative"
                       and column_of(r) == column and r["per_position_acceptance"]]
             if curves:
-                name = column.header(with_temperature=with_temperature)
+                name = column.header(with_temperature=with_temperature,
+                                     with_engine=shows_engine(group))
                 panels[f"{label}, {name}" if several_targets else name] = curves
     count = max(len(panels), 1)
     figure = figure_class(figsize=(8.0, 3.6 * count), layout="constrained")
@@ -135,11 +138,12 @@ def _batch_panels(records: Sequence[dict]) -> dict[str, dict[str, dict[int, dict
         by_column: dict[Column, dict[str, dict[int, dict]]] = {}
         for r in report_order(group):
             if r["role"] != "peer":
-                column = Column(r["paradigm"], float(r["temperature"]))
+                column = Column(r["paradigm"], float(r["temperature"]), engine=engine_of(r))
                 by_column.setdefault(column, {}).setdefault(r["drafter"], {})[batch_of(r)] = r
         for column, drafters in by_column.items():
             if len({b for sizes in drafters.values() for b in sizes}) > 1:
-                name = column.header(with_temperature=with_temperature)
+                name = column.header(with_temperature=with_temperature,
+                                     with_engine=shows_engine(group))
                 panels[f"{label}, {name}" if several_targets else name] = drafters
     return panels
 

@@ -51,7 +51,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from tabulate import tabulate
 
 from pytest_specdec.bench.record import COMPARED, GATED_METRICS, PEER_NAMES, PEER_PLAIN, ROLES
-from pytest_specdec.reporting.layout import PARADIGM_ORDER, draft_depth_of, timing_flags_of
+from pytest_specdec.reporting.layout import PARADIGM_ORDER, draft_depth_of, engine_of, timing_flags_of
 from pytest_specdec.reporting.load import ReportError, load_records
 
 NO_VALUE = "—"
@@ -150,11 +150,13 @@ class CaseDelta:
     single_round: bool = False  # a run measured this case (or its reference) once
     own_reference: bool = False  # baseline / hf_generate: speedup 1 by definition
     batch: int = 1  # sequences decoded together
+    engine: str = "eager"  # the decode path (layout.engine_of)
 
     @property
     def label(self) -> str:
         batch = f" batch {self.batch}" if self.batch != 1 else ""
-        return f"{self.drafter} {self.paradigm} T={self.temperature:g}{batch}"
+        engine = " compiled" if self.engine == "compiled" else ""
+        return f"{self.drafter} {self.paradigm} T={self.temperature:g}{batch}{engine}"
 
     @property
     def failures(self) -> list[MetricDelta]:
@@ -163,6 +165,7 @@ class CaseDelta:
     def as_dict(self) -> dict[str, Any]:
         return {"role": self.role, "drafter": self.drafter, "paradigm": self.paradigm,
                 "temperature": self.temperature, "batch": self.batch, "target": self.target,
+                "engine": self.engine,
                 "status": self.status,
                 "metrics": {k: d.as_dict() for k, d in self.metrics.items()},
                 "failed": [d.metric for d in self.failures]}
@@ -248,13 +251,15 @@ def load_compare_options(compare: Path | None,
 
 # --------------------------------------------------------------------------- comparing
 
-Key = tuple[str, str, str, float, int, str]
+Key = tuple[str, str, str, float, int, str, str]
 
 
 def _key(record: Mapping[str, Any], *, with_target: bool) -> Key:
-    # a case is matched at its batch size too (a record without one ran at batch 1)
+    # a case is matched at its batch size (a record without one ran at batch 1) and on
+    # its decode path too: like with like
     return (record["role"], record["drafter"], record["paradigm"], float(record["temperature"]),
-            int(record.get("batch", 1) or 1), record["target"] if with_target else "")
+            int(record.get("batch", 1) or 1), record["target"] if with_target else "",
+            engine_of(dict(record)))
 
 
 def _index(records: Iterable[dict], with_target: bool, name: str,
@@ -361,7 +366,8 @@ def compare_records(base: Sequence[dict], new: Sequence[dict], *,
         assert shown is not None
         status = "compared" if old is not None and now is not None else (
             "only_base" if now is None else "only_new")
-        case = CaseDelta(key[0], key[1], key[2], key[3], shown["target"], status, batch=key[4])
+        case = CaseDelta(key[0], key[1], key[2], key[3], shown["target"], status, batch=key[4],
+                         engine=key[6])
         for metric in METRICS:
             before = old.get(metric.key) if old is not None else None
             after = now.get(metric.key) if now is not None else None

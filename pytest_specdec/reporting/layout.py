@@ -63,18 +63,33 @@ def _distinct_text(records: Sequence[dict], key: str) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """One summary column: a paradigm at one temperature and batch size."""
+    """One summary column: a paradigm at one temperature and batch size, on one decode
+    path (a session may run both: ``--specdec-engine both``)."""
 
     paradigm: str
     temperature: float
     batch: int = 1
+    engine: str = "eager"
 
-    def header(self, *, with_temperature: bool) -> str:
+    def header(self, *, with_temperature: bool, with_engine: bool = False) -> str:
         text = self.paradigm
         if with_temperature:
             text += f" T={temperature_text(self.temperature)}"
+        if with_engine:
+            text += f" · {self.engine}"
         # batch 1 is the reference protocol's: only other sizes are named
         return text if self.batch == 1 else f"{text} · batch {self.batch}"
+
+
+def engine_of(record: dict) -> str:
+    """The decode path a record's forwards ran on, "compiled" or "eager" (a record saved
+    before the compiled path existed, or one that fell back, ran eagerly)."""
+    return "compiled" if str(record.get("engine") or "").startswith("compiled") else "eager"
+
+
+def shows_engine(records: Sequence[dict]) -> bool:
+    """Columns name their decode path when the records ran on both."""
+    return len({engine_of(r) for r in records}) > 1
 
 
 def batch_of(record: dict) -> int:
@@ -89,7 +104,8 @@ def paradigm_text(record: dict) -> str:
 
 
 def column_of(record: dict) -> Column:
-    return Column(record["paradigm"], float(record["temperature"]), batch_of(record))
+    return Column(record["paradigm"], float(record["temperature"]), batch_of(record),
+                  engine_of(record))
 
 
 def columns_of(records: Sequence[dict]) -> list[Column]:
@@ -100,7 +116,8 @@ def columns_of(records: Sequence[dict]) -> list[Column]:
     """
     paradigms = list(dict.fromkeys([*PARADIGM_ORDER, *(r["paradigm"] for r in records)]))
     columns = set(map(column_of, records))
-    return sorted(columns, key=lambda c: (paradigms.index(c.paradigm), c.temperature, c.batch))
+    return sorted(columns, key=lambda c: (paradigms.index(c.paradigm), c.temperature, c.batch,
+                                          c.engine != "eager"))
 
 
 def shows_temperature(records: Sequence[dict]) -> bool:
@@ -223,7 +240,9 @@ def summary_table(records: Sequence[dict], *,
     columns = columns_of(records)
     with_temperature = shows_temperature(records)
     headers = (["target"] if several_targets else []) + ["drafter"]
-    headers += [column.header(with_temperature=with_temperature) for column in columns]
+    with_engine = shows_engine(records)
+    headers += [column.header(with_temperature=with_temperature, with_engine=with_engine)
+                for column in columns]
     rows = []
     for label, group in groups.items():
         for row in _summary_rows(group, columns, mark_best):

@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 from pytest_specdec.bench.record import OUR_PLD, PEER_PLAIN, PEER_PLD
 from pytest_specdec.reporting.layout import (NO_VALUE, NUMBER_TYPES, Column, batch_of, column_of,
+                                             shows_engine,
                                              columns_of, paradigm_text,
                                              draft_depth_of, group_by_target, number_text,
                                              percent_text, report_order, row_key, row_order,
@@ -234,7 +235,8 @@ def peer_ratio_lines(records: Sequence[dict]) -> list[str]:
         for column in columns_of(group):
             ratios = _peer_ratios(by_cell, column)
             if ratios:
-                name = column.header(with_temperature=with_temperature)
+                name = column.header(with_temperature=with_temperature,
+                                     with_engine=shows_engine(group))
                 prefix = f"{label}, {name}" if len(groups) > 1 else name
                 lines.append(f"- {prefix}: " + "; ".join(ratios))
     return lines

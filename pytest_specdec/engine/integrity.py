@@ -130,9 +130,9 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
     return z ^ ((z >> 31) & ((1 << 33) - 1))
 
 
-def _weyl_keys(seed: int, start: int, count: int, device: torch.device) -> torch.Tensor:
-    """[count] int64: mix(seed + i * WEYL) for i = start..start+count-1."""
-    index = torch.arange(start, start + count, dtype=torch.int64, device=device)
+def _weyl_keys(seed: int, count: int, device: torch.device) -> torch.Tensor:
+    """[count] int64: mix(seed + i * WEYL) for i = 0..count-1."""
+    index = torch.arange(count, dtype=torch.int64, device=device)
     return _mix(index * _signed(_WEYL) + _signed(seed))
 
 
@@ -153,16 +153,17 @@ def _keys(device: torch.device, blocks: int) -> tuple[torch.Tensor, torch.Tensor
         # normal tensors even when first asked for in inference mode (they are reused)
         with torch.inference_mode(False), torch.no_grad():
             if keys is None:
-                keys = _weyl_keys(_POSITION_SEED, 0, KEY_BLOCK, device)
+                keys = _weyl_keys(_POSITION_SEED, KEY_BLOCK, device)
             count = max(blocks, 64, 2 * (multipliers.numel() if multipliers is not None else 0))
-            multipliers = _weyl_keys(_BLOCK_SEED, 0, count, device) | 1
+            multipliers = _weyl_keys(_BLOCK_SEED, count, device) | 1
         _KEYS[device] = (keys, multipliers)
     return keys, multipliers
 
 
 def _words(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor`'s bits as integers of its element size (8-byte words for longer elements,
-    bytes for odd sizes), at least 1-D (a view, except for those longer or odd sizes)."""
+    """`tensor`'s bits (any shape) as integers of its element size (8-byte words for
+    longer elements, bytes for odd sizes), at least 1-D: a view, except for those longer
+    or odd sizes."""
     t = tensor.detach()
     if t.dim() == 0:
         t = t.reshape(1)
@@ -174,8 +175,9 @@ def _words(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _flat_range(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Words `start`..`end`-1 of `t` in row-major order, 1-D and contiguous: a view when
-    `t` is contiguous, else a copy of about those words only (never the whole tensor)."""
+    """Words `start`..`end`-1 of `t` (integers, any shape and strides) in row-major
+    order, [end - start] and contiguous: a view when `t` is contiguous, else a copy of
+    about those words only (never of the whole tensor)."""
     if t.is_contiguous():
         return t.reshape(-1)[start:end]
     if t.dim() == 1:
@@ -229,11 +231,12 @@ def _pass_sum(words: torch.Tensor, keys: torch.Tensor, multipliers: torch.Tensor
 
 
 def digest(tensor: torch.Tensor) -> torch.Tensor:
-    """One int64 number on `tensor`'s device (shape [1]): the wrap-around sum over its
-    words (its bits as integers of its element size, in row-major order) of a keyed
-    non-linear mix of each word with its position. Equal bits give equal digests (a
-    non-contiguous view and its contiguous copy too); see the module's docstring for
-    what a change does to it. No host sync: the caller reads it when it needs it."""
+    """One int64 number on `tensor`'s device, [1] (`tensor`: any shape, dtype and
+    strides): the wrap-around sum over its words (its bits as integers of its element
+    size, in row-major order) of a keyed non-linear mix of each word with its position.
+    Equal bits give equal digests (a non-contiguous view and its contiguous copy too);
+    see the module's docstring for what a change does to it. No host sync: the caller
+    reads the number when it needs it."""
     words = _words(tensor)
     total = words.numel()
     if total == 0:

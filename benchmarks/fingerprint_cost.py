@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch's CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected 1 or more, got {args.rounds}")
     if args.threads < 0:
         parser.error(f"--threads: expected 0 (torch's default) or more, got {args.threads}")
     if args.threads:

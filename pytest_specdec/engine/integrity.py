@@ -39,10 +39,11 @@ The version counter is not used: a write through ``.data`` leaves it alone, and 
 tensor set back to its bits (as the engine does after a write to a lent tensor) is
 intact.
 
-Cost: six elementwise int64 passes per word, over a scratch buffer of one pass's words
-(a fraction of a key block on a CPU, several blocks on an accelerator; never a 64-bit
-copy of a whole big tensor), so a few times the cost of one read of the weights;
-``benchmarks/fingerprint_cost.py`` measures it against the linear sums it replaced.
+Cost: six elementwise int64 passes per word (five for 8-byte words), over a scratch
+buffer of one pass's words (a fraction of a key block on a CPU, several blocks on an
+accelerator; never a 64-bit copy of a whole big tensor), so several times the cost of
+one read of the weights; ``benchmarks/fingerprint_cost.py`` measures it against the
+linear sums it replaced.
 """
 
 from __future__ import annotations

@@ -638,3 +638,75 @@ def test_reports_are_written_when_pytest_benchmark_fails_the_session(suite, tiny
     data, rows, _ = read_reports(reports)
     assert [r["drafter"] for r in data["records"]] == ["baseline", "pld"]
     assert [r["drafter"] for r in rows] == ["baseline", "pld"]
+
+
+# --------------------------------------------------------------------------- a hidden write
+
+
+FLIPS_CONFTEST = '''
+import gc
+
+import torch
+
+from pytest_specdec.drafter import Draft, DrafterBase
+
+
+class FlipsASign(DrafterBase):
+    """Lent nothing; finds the target model through gc in attach and flips the sign of
+    one whole weight matrix: an fp32 sign flip adds 2^31 to the word, so with an even
+    number of rows and columns its bits' sums by row and by column stay the same (mod
+    2^32). Once: a second instance flipping it again would undo it."""
+
+    flipped = False
+
+    def attach(self, info):
+        if FlipsASign.flipped:
+            return
+        for found in gc.get_objects():
+            if (issubclass(type(found), torch.nn.Module) and hasattr(found, "get_input_embeddings")
+                    and found.get_input_embeddings() is not None
+                    and tuple(found.get_input_embeddings().weight.shape)
+                    == (info.vocab_size, info.hidden_size)):
+                weight = dict(found.named_parameters())["model.layers.0.mlp.down_proj.weight"]
+                weight.data.neg_()
+                FlipsASign.flipped = True
+                return
+
+    def propose(self, context, k):
+        return Draft()
+
+
+def pytest_specdec_register_drafters(config):
+    return {"flips_a_sign": FlipsASign}
+'''
+
+
+def test_a_drafter_that_flips_a_whole_matrix_fails_and_the_next_case_is_intact(
+        suite, tiny_model_dir, tmp_path):
+    """The flipped matrix's sum of bits, by row and column, is what it was: only a keyed
+    digest sees the change. The hostile case fails naming the matrix; the next case, an
+    innocent drafter, runs on a fresh load and gives the output it gives without it."""
+    suite.makeconftest(FLIPS_CONFTEST)
+    clean = suite.runpytest_subprocess(*small(tiny_model_dir, tmp_path / "clean", "pld"),
+                                       timeout=300)
+    clean.assert_outcomes(passed=2)
+    result = suite.runpytest_subprocess(
+        *small(tiny_model_dir, tmp_path / "hostile", "flips_a_sign", "pld"), "-v",
+        timeout=300)
+    result.assert_outcomes(passed=2, failed=1)
+    assert failed_ids(result) == ["test_speculative[flips_a_sign-multi_round]"]
+    result.stdout.fnmatch_lines([
+        "*TargetChanged: case 'flips_a_sign on multi_round' broke the rule 'the target is "
+        "left unchanged': it changed model.layers.0.mlp.down_proj.weight (1 of the *"])
+    order = [line.split()[0].split("::")[1] for line in result.outlines
+             if line.startswith("test_") and "::" in line
+             and (" PASSED" in line or " FAILED" in line)]
+    assert order == ["test_baseline[multi_round]", "test_speculative[flips_a_sign-multi_round]",
+                     "test_speculative[pld-multi_round]"]
+    # the next case: the output (and verdict) it has in the run without the hostile one
+    clean_records = {r["drafter"]: r for r in read_reports(tmp_path / "clean")[0]["records"]}
+    records = {r["drafter"]: r for r in read_reports(tmp_path / "hostile")[0]["records"]}
+    assert set(records) == {"baseline", "pld"}
+    for name in records:
+        assert records[name]["lossless"] == "exact", name
+        assert records[name]["output_sha256"] == clean_records[name]["output_sha256"], name

@@ -17,7 +17,8 @@ import torch
 
 from pytest_specdec.bench.session import SpecdecSession
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.engine.integrity import TARGET_INTACT, TargetChanged, TargetFingerprint, digest
+from pytest_specdec.engine.integrity import (KEY_BLOCK, PASS_WORDS, TARGET_INTACT, TargetChanged,
+                                             TargetFingerprint, digest)
 from pytest_specdec.engine.target import wrap_model
 from conftest import tiny_model
 
@@ -148,15 +149,160 @@ def test_other_dtypes(model, dtype):
     torch.tensor(3.5), torch.zeros(0, 4), torch.tensor([True, False, True]),
     torch.arange(12, dtype=torch.int64).reshape(3, 4), torch.randn(6, 5).t(),
     torch.randn(2, 3, 4), torch.randn(4, dtype=torch.complex64),
-], ids=["scalar", "empty", "bool", "int64", "transposed", "3d", "complex"])
+    torch.randn(3, dtype=torch.complex128),
+], ids=["scalar", "empty", "bool", "int64", "transposed", "3d", "complex", "complex128"])
 def test_the_digest_reads_any_tensor(tensor):
     value = digest(tensor)
-    assert value.dtype == torch.int64 and value.shape == (3,)
+    assert value.dtype == torch.int64 and value.shape == (1,)
     assert torch.equal(digest(tensor.clone()), value)
     if tensor.numel():
         changed, first = tensor.clone(), (0,) * tensor.dim()
         changed[first] = ~changed[first] if tensor.dtype == torch.bool else changed[first] + 1
         assert not torch.equal(digest(changed), value)
+
+
+# Changes a linear digest (sums of the bits by row and column, weighted or not) can miss,
+# each written to the tensor's bits: `words` is an integer view of them, [rows, columns]
+# (a 0-d or 1-d tensor is one row), so a write goes to the tensor itself.
+
+def _top(words):
+    return torch.iinfo(words.dtype).min  # the top bit alone: a float's sign
+
+
+def flip_all_signs(words):
+    words.bitwise_xor_(_top(words))
+
+
+def flip_a_row(words):
+    words[0].bitwise_xor_(_top(words))
+
+
+def flip_a_column(words):
+    words[:, 0].bitwise_xor_(_top(words))
+
+
+def opposite_pair(words):
+    words[0, 0] += 1000
+    words[-1, -1] -= 1000
+
+
+def opposite_pair_in_a_column(words):
+    words[0, -1] += 1000
+    words[1, -1] -= 1000
+
+
+def top_bits_in_pairs(words):
+    """The top bit flipped in two elements of two rows and two columns: an even number
+    in every row and column (adds 2^(bits-1) to each: an even count cancels mod 2^bits)."""
+    words[:2, -2:].bitwise_xor_(_top(words))
+
+
+def swap_two_rows(words):
+    words[[0, 1]] = words[[1, 0]]
+
+
+def swap_two_columns(words):
+    words[:, [0, -1]] = words[:, [-1, 0]]
+
+
+def one_ulp(words):
+    words[-1, 0] += 1
+
+
+# change -> (rows, columns) it needs
+CHANGES = {flip_all_signs: (1, 1), flip_a_row: (1, 1), flip_a_column: (1, 1),
+           opposite_pair: (1, 2), opposite_pair_in_a_column: (2, 1), top_bits_in_pairs: (2, 2),
+           swap_two_rows: (2, 1), swap_two_columns: (1, 2), one_ulp: (1, 1)}
+
+# name -> a tensor of that shape (a fresh random one for each dtype)
+SHAPES = {
+    "0-d": lambda dtype: torch.randn((), dtype=dtype),
+    "1-d": lambda dtype: torch.randn(10, dtype=dtype),
+    "2-d": lambda dtype: torch.randn(6, 8, dtype=dtype),
+    "3-d": lambda dtype: torch.randn(4, 6, 8, dtype=dtype),
+    "transposed": lambda dtype: torch.randn(8, 6, dtype=dtype).t(),  # non-contiguous
+    "strided": lambda dtype: torch.randn(6, 16, dtype=dtype)[:, ::2],  # non-contiguous
+}
+
+
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """An integer view of `tensor`'s bits, [shape[0], -1] (a 0-d or 1-d one as a row)."""
+    ints = {2: torch.int16, 4: torch.int32}[tensor.element_size()]
+    words = tensor.view(ints) if tensor.dim() else tensor.reshape(1).view(ints)
+    return words.view(1, -1) if words.dim() == 1 else words.flatten(1)
+
+
+def fits(change, shape: str) -> bool:
+    rows, columns = as_rows(SHAPES[shape](torch.float32)).shape
+    return CHANGES[change][0] <= rows and CHANGES[change][1] <= columns
+
+
+CASES = [pytest.param(change, shape, dtype, id=f"{change.__name__}-{shape}-{str(dtype)[6:]}")
+         for dtype in (torch.float32, torch.bfloat16, torch.float16)
+         for shape in SHAPES for change in CHANGES if fits(change, shape)]
+
+
+@pytest.mark.parametrize("change, shape, dtype", CASES)
+def test_a_change_built_to_cancel_in_linear_sums_changes_the_digest(change, shape, dtype):
+    torch.manual_seed(0)
+    tensor = SHAPES[shape](dtype)
+    words = as_rows(tensor)
+    assert words.data_ptr() == tensor.data_ptr()  # a view: writes reach the tensor
+    before, saved = digest(tensor), tensor.clone()
+    change(words)
+    assert not torch.equal(tensor.view(words.dtype), saved.view(words.dtype))
+    assert not torch.equal(digest(tensor), before)
+    tensor.copy_(saved)  # the same bits again: the same digest
+    assert torch.equal(digest(tensor), before)
+
+
+def test_the_table_meets_every_change_in_each_shape_that_has_room_for_it():
+    """A 0-d tensor meets the changes of one element; a 1-d one those within a row too;
+    the others every change; each in the three dtypes."""
+    per_shape = {shape: sum(1 for p in CASES if p.values[1] == shape) // 3 for shape in SHAPES}
+    assert per_shape == {"0-d": 4, "1-d": 6, "2-d": 9, "3-d": 9, "transposed": 9, "strided": 9}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_equal_bits_give_equal_digests(dtype):
+    torch.manual_seed(1)
+    base = torch.randn(8, 6, dtype=dtype)
+    view = base.t()
+    ints = {2: torch.int16, 4: torch.int32}[base.element_size()]
+    same = [base.clone(), base.reshape(6, 8), base.view(ints), base.reshape(-1)]
+    if dtype != torch.float32:  # another 2-byte float: the same bits, another meaning
+        same.append(base.view(torch.float16 if dtype == torch.bfloat16 else torch.bfloat16))
+    for other in same:
+        assert torch.equal(digest(other), digest(base))
+    assert not view.is_contiguous()
+    assert torch.equal(digest(view), digest(view.contiguous()))
+    assert torch.equal(digest(view.view(ints)), digest(view.contiguous()))
+    assert not torch.equal(digest(view), digest(base))  # the same words, other positions
+
+
+def test_large_tensors_read_in_passes_give_the_digest_of_one_pass(monkeypatch):
+    """A CPU reads a pass of part of a key block at a time, an accelerator several whole
+    blocks as rows (each its own multiplier): both give the same number, for a tensor
+    longer than a block and for a non-contiguous one."""
+    torch.manual_seed(2)
+    long = torch.randn(3 * KEY_BLOCK + 7)
+    wide = torch.randn(KEY_BLOCK // 512 + 3, 600).t()  # rows of 600, non-contiguous
+    digests = []
+    for per_pass in (1 << 18, KEY_BLOCK, 2 * KEY_BLOCK, 4 * KEY_BLOCK):
+        monkeypatch.setitem(PASS_WORDS, "cpu", per_pass)
+        digests.append((digest(long), digest(wide)))
+    for got in digests[1:]:
+        assert torch.equal(got[0], digests[0][0]) and torch.equal(got[1], digests[0][1])
+    assert torch.equal(digests[0][1], digest(wide.contiguous()))
+
+
+def test_swapped_key_blocks_change_the_digest():
+    """Two whole key blocks swapped put each word at a position with the same key: the
+    blocks' multipliers still differ."""
+    torch.manual_seed(3)
+    tensor = torch.randn(2, KEY_BLOCK)
+    swapped = tensor.flip(0)
+    assert not torch.equal(digest(swapped), digest(tensor))
 
 
 def test_the_digest_does_not_depend_on_threads(model):

@@ -276,11 +276,11 @@ def _index(records: Iterable[dict], with_target: bool, name: str,
 
 def _reference(index: Mapping[Key, dict], key: Key) -> dict | None:
     """The record a case's speedup is a ratio to, in the same run (None: not there)."""
-    role, drafter, paradigm, temperature, batch, target = key
+    role, drafter, paradigm, temperature, batch, target, engine = key
     if role == "speculative":
-        return index.get(("baseline", "baseline", paradigm, temperature, batch, target))
+        return index.get(("baseline", "baseline", paradigm, temperature, batch, target, engine))
     if role == "peer" and drafter != PEER_PLAIN:
-        return index.get(("peer", PEER_PLAIN, paradigm, temperature, batch, target))
+        return index.get(("peer", PEER_PLAIN, paradigm, temperature, batch, target, engine))
     return None  # the baseline and hf_generate: their own reference
 
 

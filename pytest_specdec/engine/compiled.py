@@ -245,6 +245,7 @@ class CompiledForward:
     #: seconds warm_up spent compiling (or loading from inductor's cache)
     compile_s: float = 0.0
     warming: bool = False
+    _staging: torch.Tensor | None = field(default=None, repr=False)
 
     def new_cache(self, capacity: int, owner: str = "sequence") -> StaticKV:
         """`owner`'s static cache, reset, with room for at least `capacity` positions
@@ -315,12 +316,7 @@ class CompiledForward:
         at = list(positions) if positions is not None else list(range(base, base + n))
         grid = anc.cpu() if anc is not None else torch.ones(n, n, dtype=torch.bool).tril()
         width = width or n  # wider than every graph (a long prompt): the model, eagerly
-        pad = width - n
-        args = (torch.tensor([[*token_ids, *([0] * pad)]], dtype=torch.long, device=self.device),
-                torch.tensor([[*at, *([at[-1]] * pad)]], dtype=torch.long, device=self.device),
-                torch.tensor(base, device=self.device),
-                padded_ancestors(grid, width).to(self.device),
-                torch.arange(base, base + width, device=self.device))
+        args = self._inputs(token_ids, at, base, padded_ancestors(grid, width))
         with packed_attention(self.model):
             if bucket(n) is None:
                 outs = self._eager(cache, hidden, *args)
@@ -329,6 +325,33 @@ class CompiledForward:
         cache.length = base + n
         logits = outs[0][:n].clone()
         return logits, tuple(h[:n].clone() for h in outs[1:])
+
+    def _inputs(self, token_ids: Sequence[int], at: list[int], base: int,
+                anc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A forward's inputs on the device, from ONE host-to-device copy: ids and
+        positions [1, w], the cache length (0-d), anc [w, w] bool, the write slots [w].
+        On CUDA the copy leaves a pinned staging buffer without waiting for the device
+        (a copy from pageable memory would wait for the stream first)."""
+        width, pad = anc.shape[0], anc.shape[0] - len(token_ids)
+        packed = torch.tensor([*token_ids, *([0] * pad), *at, *([at[-1]] * pad), base],
+                              dtype=torch.long)
+        packed = torch.cat([packed, anc.reshape(-1).long()])
+        if self.device.type == "cuda":
+            packed = self._staged(packed).to(self.device, non_blocking=True)
+        ids, positions = packed[:width][None], packed[width:2 * width][None]
+        length = packed[2 * width]
+        return (ids, positions, length, packed[2 * width + 1:].reshape(width, width).bool(),
+                length + torch.arange(width, device=self.device))
+
+    def _staged(self, packed: torch.Tensor) -> torch.Tensor:
+        """`packed` copied into the pinned staging buffer (grown when too small). The
+        previous step's copy is done by now: every step reads its choices on the host."""
+        if self._staging is None or self._staging.numel() < packed.numel():
+            self._staging = torch.empty(max(packed.numel(), 1 << 15), dtype=torch.long,
+                                        pin_memory=True)
+        staged = self._staging[:packed.numel()]
+        staged.copy_(packed)
+        return staged
 
     def _eager(self, cache: StaticKV, hidden: bool, ids: torch.Tensor, positions: torch.Tensor,
                length: torch.Tensor, anc: torch.Tensor, write_at: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -142,9 +142,9 @@ def measure_bandwidth(device: Any, dtype: Any, nbytes: int) -> tuple[int, float]
     rows = max(1, elements // columns)
     try:
         with torch.inference_mode():
-            matrix = torch.full((rows, columns), 0.5, dtype=dtype, device=device)
-            vector = torch.ones(columns, dtype=dtype, device=device)
-            out = torch.mv(matrix, vector)  # the warm-up: every page touched once
+            matrix = torch.full((rows, columns), 0.5, dtype=dtype, device=device)  # [rows, columns]
+            vector = torch.ones(columns, dtype=dtype, device=device)  # [columns]
+            out = torch.mv(matrix, vector)  # [rows]; the untimed warm-up
             times = []
             for _ in range(BANDWIDTH_PROBE_REPEATS):
                 _synchronize(out.device)

@@ -75,7 +75,9 @@ TIMING_NOTE = (
     "drafting; `ideal` = MAT × t_step ÷ (t_verify + "
     "t_draft). A speedup above its ideal by more than 15% plus twice its noise is flagged "
     "`above cost bound` (a measurement artefact), one whose noise exceeds 10% `unstable "
-    "timing`; flagged speedups are never marked best.")
+    "timing`; flagged speedups are never marked best. The meta block's machine line gives "
+    "the memory limit of a decode step (the target's weight bytes over the probed memory "
+    "bandwidth) and limit ÷ step: how close plain decoding runs to it.")
 
 TIMING_HEADERS = ["drafter", "paradigm", "T", "timing", "speedup", "±noise", "round scatter",
                   "problems 95%",
@@ -107,7 +109,8 @@ def timing_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
             speedup_text(r.get("speedup_raw")), number_text(r.get("machine_slowdown")),
             number_text(r.get("host_slowdown")), number_text(r.get("wide_slowdown")),
             number_text(r.get("t_step_ms"), 1), number_text(r.get("t_verify_ms"), 1),
-            verify_cost_text(r), number_text(r.get("t_draft_ms"), 1), speedup_text(r.get("ideal_speedup")),
+            verify_cost_text(r), number_text(r.get("t_draft_ms"), 1),
+            speedup_text(r.get("ideal_speedup")),
             number_text(r.get("measured_over_ideal")), ", ".join(timing_flags_of(r)) or NO_VALUE,
         ])
     return TIMING_HEADERS, rows

@@ -56,7 +56,7 @@ NVIDIA_SMI_TIMEOUT_S = 10
 BANDWIDTH_PROBE_MAX_BYTES = 1 << 30
 #: its matrix's columns (a hidden size of a large model: a long, contiguous row per dot)
 BANDWIDTH_PROBE_COLUMNS = 4096
-#: timed matrix-vector products after one untimed warm-up (which touches every page);
+#: timed matrix-vector products after one untimed warm-up (threads and kernels started);
 #: the probe reads their median
 BANDWIDTH_PROBE_REPEATS = 5
 

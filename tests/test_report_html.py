@@ -17,10 +17,11 @@ import torch
 from conftest import STORED_RUN, STORED_SUMMARY
 from pytest_specdec import cli
 from pytest_specdec.bench.machine import (machine_differences, nvidia_driver_version,
-                                          specdec_machine_info, target_name)
+                                          specdec_machine_info, target_name, weight_bytes)
 from pytest_specdec.reporting import (ReportError, describe_machine, load_records, report_meta,
                                       select_records, write_reports)
 from pytest_specdec.reporting.html import render_html
+from pytest_specdec.reporting.machine_text import describe_memory_limit
 
 RUN = STORED_RUN
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -402,6 +403,22 @@ def test_machine_differences():
 # --------------------------------------------------------------------------- through pytest
 
 
+def assert_memory_entry(memory: dict, model_dir: Path, records: list[dict]) -> None:
+    """machine_info's memory entry of a saved run: the target's weights, a bandwidth, the
+    limit they give, the baselines' median probe as the step, and the figure."""
+    from pytest_specdec.engine.target import load_target
+
+    assert memory["weight_bytes"] == weight_bytes(load_target(str(model_dir)).model)
+    assert 0 < memory["probe_bytes"] <= memory["weight_bytes"]
+    assert memory["bandwidth_bytes_per_s"] > 0
+    assert memory["limit_ms"] == pytest.approx(
+        memory["weight_bytes"] / memory["bandwidth_bytes_per_s"] * 1e3, rel=1e-3)
+    (baseline,) = [r for r in records if r["role"] == "baseline"]
+    assert memory["step_ms"] == baseline["probe_ms"]
+    assert memory["limit_over_step"] == pytest.approx(memory["limit_ms"] / memory["step_ms"],
+                                                      rel=1e-3)
+
+
 def test_saved_run_carries_machine_info_and_compare_warns(suite, tiny_model_dir, tmp_path):
     import transformers
 
@@ -422,13 +439,25 @@ def test_saved_run_carries_machine_info_and_compare_warns(suite, tiny_model_dir,
     assert (info["dtype"], info["device"]) == ("float32", "cpu")
     assert (info["torch"], info["transformers"]) == (torch.__version__, transformers.__version__)
     assert ("gpus" in info) == torch.cuda.is_available()
+    records = load_records([saved])
+    assert_memory_entry(info["memory"], tiny_model_dir, records)
     # the session's report and a report of the saved run both show it
     (html_name,) = [p for p in reports.iterdir() if p.suffix == ".html"]
-    meta = dict(Page(html_name.read_text(encoding="utf-8")).tables["meta"][0])
-    assert f"torch {torch.__version__}, transformers {transformers.__version__}" in meta["machine"]
-    records = load_records([saved])
+    page = Page(html_name.read_text(encoding="utf-8"))
+    meta = dict(page.tables["meta"][0])
+    assert f"torch {torch.__version__}, transformers {transformers.__version__}; " \
+        f"{describe_memory_limit(info['memory'])}" in meta["machine"]
     assert records[0]["machine"].endswith(f"torch {torch.__version__}, "
-                                          f"transformers {transformers.__version__}")
+                                          f"transformers {transformers.__version__}; "
+                                          f"{describe_memory_limit(info['memory'])}")
+    assert "limit ÷ step" in meta["machine"]
+    # each case's verify forward in decode steps, in Timing and costs
+    (timing,) = page.tables["timing"]
+    pld = next(r for r in records if r["drafter"] == "pld")
+    assert pld["verify_steps"] == pytest.approx(pld["t_verify_ms"] / pld["t_step_ms"], rel=0.01)
+    assert pld["verify_width"] >= 1
+    column = timing[0].index("t_verify steps (width)")
+    assert timing[1][column] == f"{pld['verify_steps']:.2f} ({pld['verify_width']:.1f})"
 
     # a second saved run of another target and dtype
     data["machine_info"]["specdec"].update(target="other-model", dtype="bfloat16")

@@ -2,7 +2,9 @@
 
 plugin/hooks.py fills it through ``pytest_benchmark_update_machine_info`` and checks it through
 ``pytest_benchmark_compare_machine_info``; reports show it (``report.describe_machine``).
-Nothing here loads a model: the target is described from the options alone.
+Nothing here loads a model: the target is described from the options alone, and the
+memory limit of a decode step (:func:`measure_memory_limit`, :func:`memory_entry`) is
+measured on a target a case has already loaded.
 
 The entry, as saved by ``--benchmark-save`` / ``--benchmark-json``::
 
@@ -12,7 +14,11 @@ The entry, as saved by ``--benchmark-save`` / ``--benchmark-json``::
         "dtype": "bfloat16", "device": "cuda",
         "torch": "2.13.0", "transformers": "5.24.0",
         # only where CUDA is available:
-        "gpus": ["NVIDIA H200"], "cuda": "12.8", "driver": "570.133.20"
+        "gpus": ["NVIDIA H200"], "cuda": "12.8", "driver": "570.133.20",
+        # only once a case has loaded the target (see memory_entry):
+        "memory": {"weight_bytes": 16381470720, "probe_bytes": 1073741824,
+                   "bandwidth_bytes_per_s": 3.1e12, "limit_ms": 5.284,
+                   "step_ms": 24.1, "limit_over_step": 0.219}
     }
 
 A conftest can add its own fields after ours (hooks of conftests run first, so wrap):
@@ -31,22 +37,35 @@ from __future__ import annotations
 
 import importlib.metadata
 import shutil
+import statistics
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from pytest_specdec.bench.config import SpecdecConfig
+from pytest_specdec.engine.metrics import limit_over_step, memory_limit_s
 
 #: The key under machine_info.
 SPECDEC_KEY = "specdec"
 #: Fields whose difference makes two runs' timings incomparable, with their labels.
 COMPARED_FIELDS = (("gpus", "GPU"), ("target", "target"), ("dtype", "dtype"))
 NVIDIA_SMI_TIMEOUT_S = 10
+#: The bandwidth probe reads a matrix of the target's weight bytes, up to this many (past
+#: every cache; on a GPU the target nearly fills, room for this much more is likely)
+BANDWIDTH_PROBE_MAX_BYTES = 1 << 30
+#: its matrix's columns (a hidden size of a large model: a long, contiguous row per dot)
+BANDWIDTH_PROBE_COLUMNS = 4096
+#: timed matrix-vector products after one untimed warm-up (threads and kernels started);
+#: the probe reads their median
+BANDWIDTH_PROBE_REPEATS = 5
 
 
-def specdec_machine_info(cfg: SpecdecConfig) -> dict[str, Any]:
+def specdec_machine_info(cfg: SpecdecConfig, memory: dict[str, Any] | None = None
+                         ) -> dict[str, Any]:
     """GPUs, driver and CUDA (where CUDA is available), torch and transformers versions,
-    and the target's name, dtype and device as the session resolves them."""
+    and the target's name, dtype and device as the session resolves them; `memory`, the
+    session's :func:`memory_entry`, where it has one."""
     import torch
 
     from pytest_specdec.engine.target import TargetError, resolve_device, resolve_dtype
@@ -75,7 +94,115 @@ def specdec_machine_info(cfg: SpecdecConfig) -> dict[str, Any]:
         driver = nvidia_driver_version()
         if driver:
             info["driver"] = driver
+    if memory:
+        info["memory"] = memory
     return info
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    """A target's weight bytes and the memory bandwidth its device reads them at (bytes
+    per second, from ``probe_bytes`` read by one matrix-vector product)."""
+
+    weight_bytes: int
+    probe_bytes: int
+    bandwidth: float
+
+    @property
+    def limit_s(self) -> float | None:
+        """One pass over the weights: the memory limit of a decode step at batch 1."""
+        return memory_limit_s(self.weight_bytes, self.bandwidth)
+
+
+def weight_bytes(model: Any) -> int:
+    """The bytes of a model's parameters and buffers, each storage counted once (tied
+    weights, such as an input embedding shared with the output head, read once a step)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        key = (str(tensor.device), tensor.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def measure_bandwidth(device: Any, dtype: Any, nbytes: int) -> tuple[int, float] | None:
+    """(bytes read, seconds): the median of :data:`BANDWIDTH_PROBE_REPEATS` products of
+    a matrix of about `nbytes` (at most :data:`BANDWIDTH_PROBE_MAX_BYTES`) with a vector,
+    on `device` in `dtype`, each timed on :func:`~pytest_specdec.engine.timing.now` with
+    the device synchronized around it. None when the matrix does not fit in memory."""
+    import torch
+
+    from pytest_specdec.engine.timing import now
+
+    element = torch.empty((), dtype=dtype).element_size()
+    elements = max(1, min(nbytes, BANDWIDTH_PROBE_MAX_BYTES) // element)
+    columns = min(BANDWIDTH_PROBE_COLUMNS, elements)
+    rows = max(1, elements // columns)
+    try:
+        with torch.inference_mode():
+            matrix = torch.full((rows, columns), 0.5, dtype=dtype, device=device)  # [rows, columns]
+            vector = torch.ones(columns, dtype=dtype, device=device)  # [columns]
+            out = torch.mv(matrix, vector)  # [rows]; the untimed warm-up
+            times = []
+            for _ in range(BANDWIDTH_PROBE_REPEATS):
+                _synchronize(out.device)
+                started = now()
+                torch.mv(matrix, vector, out=out)
+                _synchronize(out.device)
+                times.append(now() - started)
+    except torch.OutOfMemoryError:
+        return None
+    return matrix.numel() * element, statistics.median(times)
+
+
+def _synchronize(device: Any) -> None:
+    """Wait for an asynchronous device (kernels are queued, a host clock would time the
+    queueing); a CPU's work is done when the call returns."""
+    import torch
+
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def measure_memory_limit(model: Any, device: Any, dtype: Any) -> MemoryLimit | None:
+    """The memory limit of a loaded target's decode step: its weight bytes, and the
+    bandwidth of a matrix-vector product of about that size on its device and dtype
+    (:func:`measure_bandwidth`; about 0.3 s for the default target on a 2-core CPU).
+    None when the probe does not fit in memory or reads no time."""
+    size = weight_bytes(model)
+    measured = measure_bandwidth(device, dtype, size)
+    if measured is None or measured[1] <= 0:
+        return None
+    probe_bytes, seconds = measured
+    return MemoryLimit(size, probe_bytes, probe_bytes / seconds)
+
+
+def memory_entry(limit: MemoryLimit, step_ms: Iterable[float]) -> dict[str, Any]:
+    """machine_info's ``memory``: the weight bytes, the probe's bytes and bandwidth, the
+    memory limit of a step in ms and, given the session's probes of a plain decode step
+    (`step_ms`, the baseline records' ``probe_ms``; their median is the step), the step
+    and ``limit_over_step`` (:func:`~pytest_specdec.engine.metrics.limit_over_step`)."""
+    entry: dict[str, Any] = {"weight_bytes": limit.weight_bytes, "probe_bytes": limit.probe_bytes,
+                             "bandwidth_bytes_per_s": round(limit.bandwidth, 1)}
+    if limit.limit_s is None:
+        return entry
+    entry["limit_ms"] = round(limit.limit_s * 1e3, 3)
+    steps = [s for s in step_ms if isinstance(s, (int, float)) and s > 0]
+    if steps:
+        step_s = statistics.median(steps) / 1e3
+        entry["step_ms"] = round(step_s * 1e3, 3)
+        figure = limit_over_step(limit.limit_s, step_s)
+        if figure is not None:
+            entry["limit_over_step"] = round(figure, 4)
+    return entry
+
+
+def baseline_step_ms(records: Sequence[dict]) -> list[float]:
+    """The baseline records' probes of a plain decode step (``probe_ms``), in ms."""
+    return [r["probe_ms"] for r in records
+            if r.get("role") == "baseline" and isinstance(r.get("probe_ms"), (int, float))]
 
 
 def target_name(spec: str) -> str:

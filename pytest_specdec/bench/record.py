@@ -156,6 +156,10 @@ class CaseRecord:
     t_step_ms: float | None = _optional()
     t_verify_ms: float | None = _optional()
     t_draft_ms: float | None = _optional()
+    # one verify forward of this case: the tokens it fed on average, and its cost in
+    # plain decode steps (t_verify ÷ t_step, metrics.verify_steps)
+    verify_width: float | None = _optional()
+    verify_steps: float | None = _optional()
     ideal_speedup: float | None = _optional()
     measured_over_ideal: float | None = _optional()
     timing_flags: list = _optional()

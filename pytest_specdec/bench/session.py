@@ -22,8 +22,9 @@ from pytest_specdec.bench.record import (OUR_PLD, PEER_PLAIN, PER_SEQUENCE, SCHE
 from pytest_specdec.bench.runner import (DecodeSettings, Method, RunResult, engine_batch_method,
                                          engine_method, run_paradigm, run_paradigm_batched)
 from pytest_specdec.engine.integrity import TargetChanged, TargetFingerprint
-from pytest_specdec.engine.metrics import ideal_speedup, mat_by_index, median_round
 from pytest_specdec.engine.compiled import BOTH, ENGINES, resolve_engine
+from pytest_specdec.engine.metrics import (ideal_speedup, mat_by_index, median_round,
+                                           verify_steps)
 from pytest_specdec.engine.loop import DRAFT_ROOM
 from pytest_specdec.engine.target import Target
 from pytest_specdec.engine.speedup import (SpeedupEstimate, round_scatter, speedup_estimate,
@@ -167,6 +168,12 @@ class SpecdecSession:
         capacity = longest + cfg.rounds * (cfg.max_new_tokens + ROUND_PROMPT_ROOM) + DRAFT_ROOM
         spent = target.compiled_forward().warm_up(capacity)
         log.info("compiled path: graphs compiled or loaded in %.1f s", spent)
+
+    @property
+    def loaded_target(self) -> Target | None:
+        """The target if a case has loaded it, without loading it (None: not yet, or
+        dropped after a case changed it)."""
+        return self._target
 
     @property
     def probe(self) -> Probe:
@@ -574,9 +581,10 @@ class SpecdecSession:
         def ms(units: float | None) -> float | None:
             return None if units is None else round(units * probe_s * 1e3, 3)
 
-        ideal = None
+        ideal = verify_cost = None
         if base_costs is not None and own_costs is not None and not own_reference:
             ideal = ideal_speedup(mat, base_costs.forward, own_costs.forward, own_costs.draft)
+            verify_cost = verify_steps(own_costs.forward, base_costs.forward)
         over_ideal = None if ideal is None else estimate.value / ideal
         return {
             "timing": self.config.timing,
@@ -600,6 +608,9 @@ class SpecdecSession:
             "t_step_ms": ms(base_costs and base_costs.forward),
             "t_verify_ms": None if own_reference else ms(own_costs and own_costs.forward),
             "t_draft_ms": None if own_reference else ms(own_costs and own_costs.draft),
+            "verify_width": (None if own_reference or own_costs is None
+                             else round(own_costs.width, 2)),
+            "verify_steps": None if verify_cost is None else round(verify_cost, 4),
             "ideal_speedup": None if ideal is None else round(ideal, 4),
             "measured_over_ideal": None if over_ideal is None else round(over_ideal, 4),
             "timing_flags": timing_flags(over_ideal, estimate.noise),

@@ -122,6 +122,31 @@ def ideal_speedup(mat: float, step_s: float, verify_s: float, draft_s: float) ->
     return mat * step_s / (verify_s + draft_s)
 
 
+def verify_steps(verify_s: float, step_s: float) -> float | None:
+    """t_verify ÷ t_step: what one of a case's verify forwards costs in plain decode
+    steps, both at the same machine speed (1.0: a verify forward costs no more than a
+    decode step). None without a step."""
+    if step_s <= 0:
+        return None
+    return verify_s / step_s
+
+
+def memory_limit_s(weight_bytes: int, bytes_per_s: float) -> float | None:
+    """The memory limit of a decode step at batch 1: one pass over the target's weights
+    (parameters and buffers) at the device's memory bandwidth. None without a bandwidth."""
+    if bytes_per_s <= 0 or weight_bytes <= 0:
+        return None
+    return weight_bytes / bytes_per_s
+
+
+def limit_over_step(limit_s: float, step_s: float) -> float | None:
+    """limit ÷ step: how close a plain decode step runs to its memory limit (1.0: at the
+    limit; 0.5: twice as long as one pass over the weights takes). None without a step."""
+    if step_s <= 0 or limit_s <= 0:
+        return None
+    return limit_s / step_s
+
+
 def speedup(baseline_wall_s: float, speculative_wall_s: float) -> float:
     """Baseline wall time / speculative wall time for the same work (ratio of totals)."""
     return baseline_wall_s / speculative_wall_s

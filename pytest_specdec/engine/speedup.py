@@ -156,6 +156,9 @@ class StepCosts:
     forward: float  # the target's forward and token choice (t_step, or t_verify)
     draft: float  # the drafter's propose, observe and accept (t_draft)
     forwards: int  # how many forwards the means are over
+    # mean tokens a forward fed (StepRecord.fed: the uncached context and the draft's
+    # nodes; at batch > 1 every row's slots), the width :func:`width_factor` prices
+    width: float = 1.0
 
 
 def step_costs(runs: Sequence[Any], ref: Reference | None = None) -> StepCosts | None:
@@ -168,7 +171,7 @@ def step_costs(runs: Sequence[Any], ref: Reference | None = None) -> StepCosts |
     (the rows draft one after another). None when no sequence has a step past its first
     (a peer's generate records none)."""
     ref = ref or Reference()
-    forward = draft = 0.0
+    forward = draft = fed = 0.0
     count = 0
     for run in runs:
         line = run.timeline
@@ -184,10 +187,11 @@ def step_costs(runs: Sequence[Any], ref: Reference | None = None) -> StepCosts |
                 forward += step.target_s / scale * width_factor(step.fed, wide_now[segment],
                                                                 ref.wide)
                 draft += step.drafter_s * step.rows / draft_scale
+                fed += step.fed
                 count += 1
     if not count:
         return None
-    return StepCosts(forward / count, draft / count, count)
+    return StepCosts(forward / count, draft / count, count, fed / count)
 
 
 def timing_flags(measured_over_ideal: float | None, noise: float) -> list[str]:

@@ -17,7 +17,8 @@ from pytest_specdec.plugin.keys import (COMPARE_BASE_KEY, COMPARISON_KEY, CONFIG
                                         REGISTRY_KEY, SESSION_KEY, TORCH_STATE_KEY)
 from pytest_specdec.plugin.options import add_options, read_config
 from pytest_specdec.plugin.progress import install_progress
-from pytest_specdec.plugin.report import show_comparison, write_progress, write_session_report
+from pytest_specdec.plugin.report import (session_memory, show_comparison, write_progress,
+                                          write_session_report)
 from pytest_specdec.plugin.xdist import (is_worker, keep_worker_records, send_records,
                                          session_records, worker_id)
 from pytest_specdec.protocol.drafter import DrafterUnavailable
@@ -147,12 +148,14 @@ def _check_cheap(cfg: SpecdecConfig, registry: Registry) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Add ``machine_info["specdec"]``: GPUs, driver, CUDA, torch and transformers
-    versions, target name, dtype and device (see bench/machine.py; no model is loaded)."""
+    versions, target name, dtype and device, and, once a case has loaded the target (as
+    when a run is saved, at the session's end), the memory limit of its decode step
+    (see bench/machine.py; no model is loaded for it)."""
     cfg = config.stash.get(CONFIG_KEY, None)
     if cfg is not None:
         from pytest_specdec.bench.machine import SPECDEC_KEY, specdec_machine_info
 
-        machine_info[SPECDEC_KEY] = specdec_machine_info(cfg)
+        machine_info[SPECDEC_KEY] = specdec_machine_info(cfg, session_memory(config))
 
 
 @pytest.hookimpl(optionalhook=True)

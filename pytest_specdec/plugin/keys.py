@@ -29,3 +29,7 @@ TORCH_STATE_KEY = pytest.StashKey[Any]()
 WORKEROUTPUT_RECORDS = "specdec_records"
 #: the start-of-session estimate (bench.estimate.RunEstimate) and when the cases began
 ESTIMATE_KEY = pytest.StashKey[Any]()
+#: the memory limit of the session's target (bench.machine.MemoryLimit), measured once
+#: when a report or machine_info first asks after a case loaded the target; None: the
+#: probe did not fit in memory
+MEMORY_KEY = pytest.StashKey[Any]()

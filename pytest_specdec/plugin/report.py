@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from pytest_specdec.bench.config import SpecdecConfig
-from pytest_specdec.plugin.keys import COMPARISON_KEY, CONFIG_KEY, REPORT_STEM_KEY, SESSION_KEY
+from pytest_specdec.plugin.keys import (COMPARISON_KEY, CONFIG_KEY, MEMORY_KEY, REPORT_STEM_KEY,
+                                        SESSION_KEY)
 from pytest_specdec.plugin.xdist import session_records
 
 def write_progress(config: pytest.Config) -> None:
@@ -42,13 +43,35 @@ def show_comparison(terminalreporter: Any, config: pytest.Config) -> None:
         terminalreporter.write_line(render_summary(comparison))
 
 
-def machine_line(cfg: SpecdecConfig) -> str:
-    """The report's machine: host and CPU, then GPUs, driver, CUDA, torch, transformers."""
+def machine_line(config: pytest.Config) -> str:
+    """The report's machine: host and CPU, then GPUs, driver, CUDA, torch, transformers,
+    and the memory limit of a decode step (:func:`session_memory`)."""
     from pytest_specdec.bench.machine import specdec_machine_info
     from pytest_specdec.reporting.machine_text import describe_specdec_machine
 
+    info = specdec_machine_info(config.stash[CONFIG_KEY], session_memory(config))
     host = f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip()
-    return "; ".join(filter(None, (host, describe_specdec_machine(specdec_machine_info(cfg)))))
+    return "; ".join(filter(None, (host, describe_specdec_machine(info))))
+
+
+def session_memory(config: pytest.Config) -> dict[str, Any] | None:
+    """machine_info's ``memory`` entry of this session (``bench.machine.memory_entry``):
+    the target's memory limit, measured the first time it is asked for once a case has
+    loaded the target (a second's probe, between cases), and the baselines' decode step
+    so far. None before that, on the pytest-xdist controller (which loads no target),
+    or when the probe did not fit in memory."""
+    from pytest_specdec.bench.machine import baseline_step_ms, measure_memory_limit, memory_entry
+
+    if MEMORY_KEY not in config.stash:
+        specdec = config.stash.get(SESSION_KEY, None)
+        target = None if specdec is None else specdec.loaded_target
+        if target is None:
+            return None
+        config.stash[MEMORY_KEY] = measure_memory_limit(target.model, target.device, target.dtype)
+    limit = config.stash[MEMORY_KEY]
+    if limit is None:
+        return None
+    return memory_entry(limit, baseline_step_ms(session_records(config) or []))
 
 
 def depth_profile_text(records: list[dict], cfg: SpecdecConfig) -> str:
@@ -107,7 +130,7 @@ def write_session_report(config: pytest.Config, records: list[dict], *,
                                                for r in records)),
         "timed_rounds": str(cfg.timed_rounds),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_line(cfg),
+        "machine": machine_line(config),
     }
     session = config.stash.get(SESSION_KEY, None)
     if session is not None and session.compile_text():

@@ -9,7 +9,8 @@ from typing import Any
 def describe_machine(machine_info: Any) -> str:
     """One line from pytest-benchmark's machine_info: host, CPU, OS, Python, then what
     pytest-specdec adds under ``machine_info["specdec"]`` (GPUs, driver, CUDA, torch and
-    transformers versions; see :func:`describe_specdec_machine`)."""
+    transformers versions, the memory limit of a decode step; see
+    :func:`describe_specdec_machine`)."""
     if not isinstance(machine_info, dict):
         return ""
     cpu = machine_info.get("cpu")
@@ -25,8 +26,9 @@ def describe_machine(machine_info: Any) -> str:
 
 
 def describe_specdec_machine(info: Any) -> str:
-    """``GPU NVIDIA H200 (driver 550.54, CUDA 12.4); torch 2.13.0, transformers 5.24.0``
-    from the ``specdec`` entry of machine_info (empty when there is none)."""
+    """``GPU NVIDIA H200 (driver 550.54, CUDA 12.4); torch 2.13.0, transformers 5.24.0``,
+    then the memory limit of a decode step (:func:`describe_memory_limit`), from the
+    ``specdec`` entry of machine_info (empty when there is none)."""
     if not isinstance(info, dict):
         return ""
     parts = []
@@ -41,4 +43,37 @@ def describe_specdec_machine(info: Any) -> str:
     software = ", ".join(f"{key} {info[key]}" for key in ("torch", "transformers") if info.get(key))
     if software:
         parts.append(software)
+    memory = describe_memory_limit(info.get("memory"))
+    if memory:
+        parts.append(memory)
     return "; ".join(parts)
+
+
+def describe_memory_limit(memory: Any) -> str:
+    """``decode step 53.0 ms, memory limit 27.1 ms (538 MB of weights at 19.9 GB/s):
+    limit ÷ step 0.51`` from machine_info's ``specdec.memory`` (``bench.machine.memory_entry``;
+    the step and the figure only where the run had a baseline); empty without one."""
+    if not isinstance(memory, dict) or not _is_number(memory.get("limit_ms")):
+        return ""
+    text = f"memory limit {memory['limit_ms']:.1f} ms"
+    weights, bandwidth = memory.get("weight_bytes"), memory.get("bandwidth_bytes_per_s")
+    if _is_number(weights) and _is_number(bandwidth):
+        text += f" ({_bytes_text(weights)} of weights at {_bytes_text(bandwidth)}/s)"
+    if _is_number(memory.get("step_ms")):
+        text = f"decode step {memory['step_ms']:.1f} ms, {text}"
+    if _is_number(memory.get("limit_over_step")):
+        text += f": limit ÷ step {memory['limit_over_step']:.2f}"
+    return text
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bytes_text(count: float) -> str:
+    """Decimal units, as memory bandwidths are quoted: 538 MB, 19.9 GB, 3.35 TB."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            value = count / size
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{count:.0f} B"

@@ -71,15 +71,29 @@ TIMING_NOTE = (
     "which calibrates drafting: a contended CPU slows the target's forwards and Python "
     "by different factors). Costs per step, at this case's machine speed, over every forward but a "
     "sequence's first: `t_step` a plain decode step (the baseline's), `t_verify` this "
-    "case's verify forward, `t_draft` its drafting; `ideal` = MAT × t_step ÷ (t_verify + "
+    "case's verify forward, `t_verify steps (width)` the same in plain decode steps "
+    "(t_verify ÷ t_step) with the tokens a verify forward fed on average, `t_draft` its "
+    "drafting; `ideal` = MAT × t_step ÷ (t_verify + "
     "t_draft). A speedup above its ideal by more than 15% plus twice its noise is flagged "
     "`above cost bound` (a measurement artefact), one whose noise exceeds 10% `unstable "
-    "timing`; flagged speedups are never marked best.")
+    "timing`; flagged speedups are never marked best. The meta block's machine line gives "
+    "the memory limit of a decode step (the target's weight bytes over the probed memory "
+    "bandwidth) and limit ÷ step: how close plain decoding runs to it.")
 
 TIMING_HEADERS = ["drafter", "paradigm", "T", "timing", "speedup", "±noise", "round scatter",
                   "problems 95%",
                   "raw", "slowdown", "host slowdown", "wide slowdown", "t_step ms", "t_verify ms",
-                  "t_draft ms", "ideal", "measured ÷ ideal", "flags"]
+                  "t_verify steps (width)", "t_draft ms", "ideal", "measured ÷ ideal", "flags"]
+
+
+def verify_cost_text(record: dict) -> str:
+    """``2.31 (59.8)``: one verify forward of the case in plain decode steps, and the
+    tokens it fed on average; ``—`` for a record without them (a peer, an older run)."""
+    cost, width = record.get("verify_steps"), record.get("verify_width")
+    if not isinstance(cost, NUMBER_TYPES):
+        return NO_VALUE
+    return number_text(cost) + (f" ({number_text(width, 1)})" if isinstance(width, NUMBER_TYPES)
+                                else "")
 
 
 def timing_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
@@ -96,7 +110,8 @@ def timing_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
             speedup_text(r.get("speedup_raw")), number_text(r.get("machine_slowdown")),
             number_text(r.get("host_slowdown")), number_text(r.get("wide_slowdown")),
             number_text(r.get("t_step_ms"), 1), number_text(r.get("t_verify_ms"), 1),
-            number_text(r.get("t_draft_ms"), 1), speedup_text(r.get("ideal_speedup")),
+            verify_cost_text(r), number_text(r.get("t_draft_ms"), 1),
+            speedup_text(r.get("ideal_speedup")),
             number_text(r.get("measured_over_ideal")), ", ".join(timing_flags_of(r)) or NO_VALUE,
         ])
     return TIMING_HEADERS, rows

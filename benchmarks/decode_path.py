@@ -9,9 +9,9 @@ machine whose speed drifts slows both alike):
 - the decode step: a one-token forward after ``--context`` tokens;
 - the verify cost of widths 2..64 in decode steps (a forward of w tokens ÷ a one-token
   forward on the same path);
-- the memory limit of a step: the target's weight bytes ÷ the bandwidth of a matvec over
-  a weight-sized matrix (what one pass over the weights costs here), and limit ÷ step
-  (1.0: the step runs at the memory limit);
+- the memory limit of a step (the bandwidth probe of the report's machine line:
+  ``bench.machine.measure_memory_limit``), and limit ÷ step (1.0: the step runs at the
+  memory limit);
 - the compile time of the compiled path's graphs (inductor's cache warm or cold, as the
   machine has it).
 
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from pytest_specdec.bench.machine import measure_memory_limit
 from pytest_specdec.engine.target import load_target
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64)
@@ -52,32 +53,6 @@ def forward_s(target: Any, context: list[int], width: int, repeats: int) -> floa
     return statistics.median(times)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def matvec_s(nbytes: int, dtype: torch.dtype, device: torch.device, repeats: int = 7) -> float:
-    """The median seconds of a matvec over a matrix of about `nbytes` (the weights' pass)."""
-    cols = 1024
-    rows = max(1, nbytes // (cols * torch.tensor([], dtype=dtype).element_size()))
-    matrix = torch.randn(rows, cols, device=device).to(dtype)
-    vector = torch.randn(cols, device=device).to(dtype)
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        started = time.perf_counter()
-        matrix @ vector
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="embedded")
@@ -97,9 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         spent = compiled.compiled_forward().warm_up(args.context + 256 + 64, WIDTHS)
         print(f"compiled path: {len(compiled.compiled.graphs)} graphs compiled or loaded "
               f"in {spent:.1f} s")
-        limit = matvec_s(weight_bytes(compiled.model), compiled.dtype, compiled.device)
-        print(f"weights {weight_bytes(compiled.model) / 1e6:.0f} MB; one pass (matvec) "
-              f"{limit * 1e3:.1f} ms")
+        memory = measure_memory_limit(compiled.model, compiled.device, compiled.dtype)
+        if memory is None or memory.limit_s is None:
+            raise SystemExit("the bandwidth probe does not fit in memory here")
+        limit = memory.limit_s
+        print(f"weights {memory.weight_bytes / 1e6:.0f} MB at {memory.bandwidth / 1e9:.1f} GB/s: "
+              f"memory limit of a step {limit * 1e3:.1f} ms")
         table: dict[str, dict[int, list[float]]] = {p: {w: [] for w in WIDTHS} for p in paths}
         for _ in range(args.rounds):
             for name, target in paths.items():

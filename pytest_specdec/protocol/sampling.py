@@ -26,14 +26,16 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit avalanche hash (lowbias32) on int64 tensors holding values < 2**32.
 
     Products may wrap past 2**63; only the low 32 bits are kept, and those are the
-    same under wrapping, so the result is exact on every device.
+    same under wrapping, so the result is exact on every device. `x` is left as it
+    is; after its first step the hash works in place (one temporary, the shifted value).
     """
     x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+    x ^= x >> 16
+    x.mul_(0x7FEB352D).bitwise_and_(_MASK32)
+    x ^= x >> 15
+    x.mul_(0x846CA68B).bitwise_and_(_MASK32)
+    x ^= x >> 16
+    return x
 
 
 #: Elements of the [rows, vocab] noise computed at once. The hash runs on int64 and the

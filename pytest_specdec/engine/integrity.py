@@ -22,7 +22,7 @@ weighted by their index. A change of any single element changes the total for
 certain; swapping rows or columns changes the weighted sums; a miss needs changes
 that cancel in all three (not something a bug does by chance). The version counter is
 not used: a write through ``.data`` leaves it alone, and a tensor set back to its bits
-(as the engine does after a write to a lent tensor) is intact.
+is intact.
 
 Cost, measured on the development machine (2 CPU cores, torch 2.13): a random-init
 model of SmolLM2-135M's config (the default target: 134.5 M parameters, 274 tensors,

@@ -7,9 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pytest_specdec.bench.session import SpecdecSession
 from pytest_specdec.engine import GenerationRequest, attach, generate
+from pytest_specdec.engine.integrity import TargetChanged
+from pytest_specdec.engine.target import wrap_model
 from pytest_specdec.protocol.drafter import Draft, DraftError, DrafterBase, TargetInfo
 from pytest_specdec.protocol.sampling import Sampler
+from conftest import tiny_model
+from test_memory import LiveTensors
 
 PROMPT = (1, 17, 42, 99, 250, 3, 77)
 
@@ -110,18 +115,55 @@ class Writer(Collector):
             self.how(self.weight)
 
 
+def reloading_session(loads: list) -> SpecdecSession:
+    """A session on a fresh tiny target, reloaded (appended to `loads`) after a case
+    that changed it, as a run's session reloads its target."""
+
+    def load():
+        loads.append(wrap_model(tiny_model("llama"), name="tiny-llama"))
+        return loads[-1]
+
+    return SpecdecSession(config=None, registry=None, problems=[], load_target=load)
+
+
 @pytest.mark.parametrize("when, how", [
     ("accept", lambda w: w.add_(1.0)),
-    ("accept", lambda w: w[0].zero_()),
+    ("accept", lambda w: w[3].fill_(1.0)),
     ("end", lambda w: w.data.mul_(2.0)),  # no version bump: caught by the checksum
 ], ids=["in-place", "through-a-view", "through-data"])
-def test_writing_to_a_lent_tensor_fails_the_case_and_is_undone(llama, when, how):
-    before = llama.model.get_input_embeddings().weight.clone()
+def test_writing_to_a_lent_tensor_fails_its_case_and_the_next_case_sees_an_intact_target(
+        when, how):
+    loads: list = []
+    s = reloading_session(loads)
+    clean = generate(s.target, GenerationRequest(PROMPT, 8)).tokens
+    written = s.target.model
     with pytest.raises(DraftError) as caught:
-        generate(llama, GenerationRequest(PROMPT, 4), Writer(when, how), k=4)
+        generate(s.target, GenerationRequest(PROMPT, 8), Writer(when, how), k=4)
     assert caught.value.rule == "the target's tensors are read-only"
     assert "embeddings" in caught.value.detail
-    assert torch.equal(llama.model.get_input_embeddings().weight, before)
+    # nothing was copied to set it back: the session's check after the case finds the
+    # write, fails the case and drops the target
+    with pytest.raises(TargetChanged) as changed:
+        s.check_target_intact("writer on multi_round")
+    assert changed.value.changes == ("model.embed_tokens.weight",)
+    assert s.target.model is not written and len(loads) == 2
+    assert generate(s.target, GenerationRequest(PROMPT, 8)).tokens == clean
+    s.check_target_intact("pld on multi_round")
+
+
+def test_attaching_several_drafter_instances_copies_no_lent_tensor(tiny_target):
+    lent = [tiny_target.model.get_input_embeddings().weight,
+            tiny_target.model.get_output_embeddings().weight]
+    drafters = [Collector((), needs={"embeddings", "output_head"}) for _ in range(4)]
+    with LiveTensors() as live:
+        for drafter in drafters:
+            attach(tiny_target, drafter, "collector")
+    # what the attachments keep is their fingerprints (a copy per instance kept 4 of each)
+    assert live.bytes < min(t.numel() * t.element_size() for t in lent) // 8
+    for drafter in drafters:
+        info = drafter.infos[0]
+        assert info.embeddings.data_ptr() == lent[0].data_ptr()
+        assert info.output_head.data_ptr() == lent[1].data_ptr()
 
 
 @pytest.mark.parametrize("layers", [(3,), (-4,), ("1",), 2, (True,)])
@@ -171,27 +213,30 @@ class AttachWriter(Collector):
     ("embeddings", lambda w: w[3].fill_(1.0)),
     ("output_head", lambda w: w.data.zero_()),  # no version bump: caught by the digest
 ], ids=["in-place", "through-a-view", "through-data"])
-def test_writing_to_a_lent_tensor_in_attach_fails_the_case_and_is_undone(tiny_target, lent, how):
-    model = tiny_target.model
-    weights = {"embeddings": model.get_input_embeddings().weight,
-               "output_head": model.get_output_embeddings().weight}
-    before = {name: w.clone() for name, w in weights.items()}
-    clean = generate(tiny_target, GenerationRequest(PROMPT, 8)).tokens
+def test_writing_to_a_lent_tensor_in_attach_fails_the_case_and_the_target_is_reloaded(
+        lent, how):
+    loads: list = []
+    s = reloading_session(loads)
+    clean = generate(s.target, GenerationRequest(PROMPT, 8)).tokens
     with pytest.raises(DraftError) as caught:
-        generate(tiny_target, GenerationRequest(PROMPT, 8), AttachWriter(lent, how), k=4,
+        generate(s.target, GenerationRequest(PROMPT, 8), AttachWriter(lent, how), k=4,
                  drafter_name="writer")
     assert caught.value.drafter == "writer"
     assert caught.value.rule == "the target's tensors are read-only"
     assert caught.value.detail == f"attach wrote to the target's {lent}"
-    for name, w in weights.items():
-        assert torch.equal(w, before[name]), name
+    with pytest.raises(TargetChanged) as changed:
+        s.check_target_intact("writer on multi_round")
+    assert changed.value.changes == ({"embeddings": "model.embed_tokens.weight",
+                                      "output_head": "lm_head.weight"}[lent],)
     # a drafter run after it sees the intact target: the output it has without the writer
+    fresh = tiny_model("llama")
     probe = Collector(clean, needs={"embeddings", "output_head"})
-    assert generate(tiny_target, GenerationRequest(PROMPT, 8), probe, k=4).tokens == clean
-    assert torch.equal(probe.infos[0].output_head, before["output_head"])
+    assert generate(s.target, GenerationRequest(PROMPT, 8), probe, k=4).tokens == clean
+    assert torch.equal(probe.infos[0].output_head, fresh.get_output_embeddings().weight)
+    assert torch.equal(probe.infos[0].embeddings, fresh.get_input_embeddings().weight)
 
 
-def test_a_lent_tensor_written_by_a_call_that_raises_is_set_back(tiny_target):
+def test_a_lent_tensor_written_by_a_call_that_raises_is_caught(tiny_target):
     class WritesThenRaises(Collector):
         def __init__(self):
             super().__init__((), needs={"embeddings"})
@@ -200,13 +245,11 @@ def test_a_lent_tensor_written_by_a_call_that_raises_is_set_back(tiny_target):
             target.embeddings.data.add_(1.0)
             raise RuntimeError("no weights")
 
-    before = tiny_target.model.get_input_embeddings().weight.clone()
     with pytest.raises(DraftError) as caught:
         generate(tiny_target, GenerationRequest(PROMPT, 4), WritesThenRaises(), k=4)
     assert caught.value.rule == "the target's tensors are read-only"
     assert caught.value.detail == ("attach wrote to the target's embeddings "
                                    "(RuntimeError: no weights)")
-    assert torch.equal(tiny_target.model.get_input_embeddings().weight, before)
 
 
 class Unhashable(Collector):

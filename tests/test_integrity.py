@@ -1,9 +1,9 @@
 """No case can change a later one: the whole target's fingerprint (integrity.py), the
 session's check after every case (SpecdecSession.check_target_intact), and the real
 suite under pytester with drafters that write to the target: to a lent tensor inside
-attach (the engine's read-only rule, undone at once), and to parameters and buffers
-they were never lent, reached through ``gc`` (the fingerprint; the target is
-reloaded). The cases after them must give the outputs they give without them.
+attach (the engine's read-only rule), and to parameters and buffers they were never
+lent, reached through ``gc`` (the fingerprint); either way the target is reloaded. The
+cases after them must give the outputs they give without them.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def test_swapped_entries_of_a_vector_are_named(model):
 
 
 def test_a_tensor_set_back_bit_for_bit_is_intact(model):
-    """As the engine sets a lent tensor back: its version counter moved, its bits did not."""
+    """A tensor written and set back: its version counter moved, its bits did not."""
     fingerprint = TargetFingerprint.take(model)
     weight = model.lm_head.weight
     saved, version = weight.detach().clone(), weight._version

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from pytest_specdec.engine import GenerationRequest, generate
+from pytest_specdec.protocol import sampling
 from pytest_specdec.protocol.sampling import Sampler, gumbel_noise
+from test_memory import LiveTensors
 
 EULER_GAMMA = 0.5772156649015329
 
@@ -50,6 +52,69 @@ def test_noise_is_standard_gumbel():
     # mean of standard Gumbel is the Euler-Mascheroni constant, variance pi^2 / 6
     assert noise.mean().item() == pytest.approx(EULER_GAMMA, abs=0.01)
     assert noise.var().item() == pytest.approx(math.pi ** 2 / 6, rel=0.02)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _reference_hash32(x):
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def reference_noise(seed, positions, vocab_size):
+    """The noise as first defined: whole [rows, vocab] int64 and float64 temporaries."""
+    device = positions.device
+    seed_key = _reference_hash32(torch.tensor([seed & _MASK32], dtype=torch.int64, device=device))
+    row_key = _reference_hash32(seed_key ^ _reference_hash32(positions.to(torch.int64) + 0x9E3779B9))
+    cols = torch.arange(vocab_size, dtype=torch.int64, device=device)
+    bits = _reference_hash32(row_key[:, None]
+                             ^ _reference_hash32(cols * 0x27D4EB2F + 0x165667B1)[None, :])
+    uniform = (bits.to(torch.float64) + 0.5) / 4294967296.0
+    return -torch.log(-torch.log(uniform))
+
+
+def same_bits(a, b):
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64}
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(ints[a.dtype]),
+                                                                      b.view(ints[b.dtype]))
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**32 + 7, 2**40 + 3, -5])
+@pytest.mark.parametrize("positions", [[0], [5, 6, 7], [123456, 3, 2**31 + 9, 17]],
+                         ids=["one", "three", "four"])
+@pytest.mark.parametrize("vocab_size", [1, 249, 250, 251, 1000, 4099])
+def test_noise_in_chunks_is_the_reference_noise_bit_for_bit(monkeypatch, seed, positions,
+                                                            vocab_size):
+    # 1000 elements a chunk: 1000 // rows columns, so these vocabularies end in a partial one
+    monkeypatch.setattr(sampling, "CHUNK_ELEMENTS", 1000)
+    positions = torch.tensor(positions)
+    expected = reference_noise(seed, positions, vocab_size)
+    assert same_bits(gumbel_noise(seed, positions, vocab_size), expected)
+    assert same_bits(gumbel_noise(seed, positions, vocab_size, dtype=torch.float32),
+                     expected.to(torch.float32))
+
+
+def test_float32_noise_builds_no_64_bit_temporary_of_its_size(monkeypatch):
+    monkeypatch.setattr(sampling, "CHUNK_ELEMENTS", 4096)
+    positions, vocab_size = torch.arange(5), 10007
+    with LiveTensors() as live:
+        noise = gumbel_noise(3, positions, vocab_size, dtype=torch.float32)
+    assert noise.dtype == torch.float32
+    assert live.largest[torch.float32] == 5 * vocab_size * 4  # the output
+    # 64-bit temporaries span one chunk: 4096 // 5 columns of the 5 rows
+    assert max(live.largest[torch.int64], live.largest[torch.float64]) == 4096 // 5 * 5 * 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64])
+def test_noise_in_another_dtype_is_refused_naming_it(dtype):
+    with pytest.raises(ValueError, match=rf"dtype {dtype} is not one of torch.float32, "
+                                         r"torch.float64"):
+        gumbel_noise(0, torch.arange(2), 8, dtype=dtype)
 
 
 # --- the sampler --------------------------------------------------------------------------

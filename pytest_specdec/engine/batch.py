@@ -33,7 +33,7 @@ from pytest_specdec.engine.guard import Attachment, Guard, attach
 from pytest_specdec.engine.loop import (SIGNAL_TOP_K, Generation, GenerationRequest, _HiddenStates,
                                         _exact_prefill, _tell_drafter, _until_eos)
 from pytest_specdec.engine.metrics import SpecDecodingStats, StepRecord
-from pytest_specdec.engine.target import SLIDING, Target
+from pytest_specdec.engine.target import SLIDING, HiddenStateCapture, Target
 from pytest_specdec.engine.verify import StepResult, _accepted_path, _tree_mask
 from pytest_specdec.protocol.drafter import (SEQUENCE_METHODS, Draft, DraftError, DraftRequest,
                                              Drafter, missing_methods, node_depths,
@@ -208,17 +208,14 @@ def _forward(target: Target, cache: BatchCache, fed: list[_Fed],
         positions[b, pad:] = torch.tensor(f.positions)
         valid[b, pad:] = True
     keep = max(len(f.parents) for f in fed) + 1
-    out = target.model(input_ids=ids.to(target.device), position_ids=positions.to(target.device),
-                       attention_mask=_mask(target, cache, fed, width, positions),
-                       cache=cache.kv, use_cache=True, logits_to_keep=keep,
-                       output_hidden_states=bool(layers))
+    with HiddenStateCapture(target.model, layers, target.num_layers) as capture:
+        out = target.model(input_ids=ids.to(target.device),
+                           position_ids=positions.to(target.device),
+                           attention_mask=_mask(target, cache, fed, width, positions),
+                           cache=cache.kv, use_cache=True, logits_to_keep=keep,
+                           **capture.forward_options)
     cache.append(valid, positions)
-    hidden = None
-    if layers is True:
-        hidden = out.hidden_states[-1]
-    elif layers:
-        hidden = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
-    return out.logits, hidden
+    return out.logits, capture.states(out)
 
 
 @torch.inference_mode()

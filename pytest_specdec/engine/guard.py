@@ -4,7 +4,8 @@ Whatever a drafter raises, returns or does to what it was shown becomes a
 :class:`~pytest_specdec.protocol.drafter.DraftError` naming it and the rule it broke
 (:class:`Guard`); the tensors a drafter is lent are fingerprinted when it is attached
 and checked after its calls (:class:`Attachment`). So a buggy drafter can cost speed,
-never change the output or the target.
+never change the output; a write to the target fails its case, and the session reloads
+the target before the next one.
 """
 
 from __future__ import annotations
@@ -74,26 +75,31 @@ class Attachment:
     "hidden_states" signal carries, and the lent tensors' fingerprints, taken before
     ``attach`` runs (the version counter, checked after every call; an exact digest of
     their bits (:func:`pytest_specdec.engine.integrity.digest`), after ``attach`` and after
-    every sequence: a write through ``.data`` leaves the counter alone)."""
+    every sequence: a write through ``.data`` leaves the counter alone).
+
+    No copy of a lent tensor is kept, to set it back after a write: a copy per drafter
+    instance cost the embeddings (1.2 GB for Qwen3-8B's) once per instance, B times at
+    batch B, and even one shared copy is GPU memory a large target cannot spare. A write
+    fails the drafter's case (the rule ``the target's tensors are read-only``) and leaves
+    the target changed; the session's check after every case
+    (``SpecdecSession.check_target_intact``: the lent tensors are parameters of the
+    target, fingerprinted with the rest) then finds the change, fails the case with
+    ``TargetChanged`` and drops the target, so the next case runs on a fresh load. A
+    caller of ``generate`` outside a session reloads the target itself after this
+    error."""
 
     info: TargetInfo
     needs: frozenset[str]
     hidden_layers: tuple[int, ...]
     versions: tuple[int, ...]
     checksums: tuple[tuple[int, ...], ...]
-    originals: tuple[torch.Tensor, ...]  # copies, to undo a write
 
     def lent_changed(self, *, full: bool = False) -> bool:
-        """Whether a lent tensor was written to; if so, it is set back first, so the
-        target stays intact for the cases after."""
+        """Whether a lent tensor was written to since the attachment was made: its
+        version counter moved, or (`full`) the digest of its bits differs."""
         lent = self.info.lent()
-        changed = tuple(t._version for t in lent) != self.versions or (
+        return tuple(t._version for t in lent) != self.versions or (
             full and _checksums(lent) != self.checksums)
-        if changed:
-            with torch.inference_mode():
-                for tensor, original in zip(lent, self.originals):
-                    tensor.copy_(original)
-        return changed
 
 
 def _checksums(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], ...]:
@@ -108,8 +114,9 @@ def attach(target: Target, drafter: Drafter, name: str = "drafter", *,
     runner attaches before the timed rounds, so loading a model drafter's weights is
     never timed; ``generate`` attaches a drafter it is given unattached.
 
-    The lent tensors are fingerprinted (and copied, to undo a write) before ``attach``
-    runs, so a write inside ``attach`` itself is caught like any later one."""
+    The lent tensors are fingerprinted before ``attach`` runs, so a write inside
+    ``attach`` itself is caught like any later one; nothing is copied (see
+    :class:`Attachment`)."""
     known = target.attached.get(drafter)
     if known is not None:
         return known
@@ -119,7 +126,7 @@ def attach(target: Target, drafter: Drafter, name: str = "drafter", *,
         info = target_info(target, needs)
         lent = info.lent()
         attachment = Attachment(info, needs, (), tuple(t._version for t in lent),
-                                _checksums(lent), tuple(t.clone() for t in lent))
+                                _checksums(lent))
         if callable(getattr(drafter, "attach", None)):
             guard.attachment = attachment
             guard.call("attach", info)

@@ -36,8 +36,7 @@ module (as it could replace the check itself); the fingerprint is there so that 
 drafter's write, deliberate or not, fails that drafter's case and no other.
 
 The version counter is not used: a write through ``.data`` leaves it alone, and a
-tensor set back to its bits (as the engine does after a write to a lent tensor) is
-intact.
+tensor set back to its bits is intact.
 
 Cost: six elementwise int64 passes per word (five for 8-byte words), over a scratch
 buffer of one pass's words (a fraction of a key block on a CPU, several blocks on an

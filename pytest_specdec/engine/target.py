@@ -87,6 +87,87 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
         raise TargetError(f"dtype {spec!r} is not one of auto, {', '.join(DTYPES)}") from None
 
 
+class HiddenStateCapture:
+    """The hidden states of chosen layers, captured by hooks during one forward, so that
+    the forward keeps only those alive (``output_hidden_states=True`` keeps every
+    layer's until it returns: (num_layers + 1) × [batch, n, hidden]).
+
+    Layers are numbered as transformers' ``output_hidden_states``, and the values are
+    the same tensors: 0 = the input of the first decoder layer (the embeddings, scaled
+    as the model scales them), i = the output of decoder layer i, ``num_layers`` = the
+    decoder's output after its final norm (transformers 5.x replaces the last entry of
+    ``hidden_states`` by ``last_hidden_state``). ``True`` means ``(num_layers,)``;
+    False or ``()``, none. A model whose decoder layers are not found
+    (``model.get_decoder().layers``) is run with ``output_hidden_states=True`` instead,
+    and the layers are picked from its output.
+
+    Use::
+
+        with HiddenStateCapture(model, layers, num_layers) as capture:
+            out = model(..., **capture.forward_options)
+        hidden = capture.states(out)  # [batch, n, len(layers) * hidden] or None
+    """
+
+    def __init__(self, model: Any, layers: bool | Sequence[int], num_layers: int):
+        self.layers = (num_layers,) if layers is True else tuple(layers or ())
+        if bad := [i for i in self.layers if type(i) is not int or not 0 <= i <= num_layers]:
+            raise ValueError(f"hidden-state layers {bad} are not in [0, {num_layers}] "
+                             "(output_hidden_states numbering, non-negative)")
+        self.model, self.num_layers = model, num_layers
+        self.captured: dict[int, torch.Tensor] = {}
+        self.handles: list[Any] = []
+        get_decoder = getattr(model, "get_decoder", None)
+        self.decoder = get_decoder() if self.layers and callable(get_decoder) else None
+        blocks = getattr(self.decoder, "layers", None)
+        self.blocks = blocks if blocks is not None and len(blocks) >= num_layers else None
+
+    @property
+    def forward_options(self) -> dict[str, Any]:
+        """What the forward is called with besides its inputs."""
+        return {"output_hidden_states": True} if self.layers and self.blocks is None else {}
+
+    def __enter__(self) -> "HiddenStateCapture":
+        if self.blocks is None:
+            return self
+        for i in dict.fromkeys(self.layers):
+            if i == 0:
+                self.handles.append(self.blocks[0].register_forward_pre_hook(
+                    self._keep_input, with_kwargs=True))
+            elif i < self.num_layers:
+                self.handles.append(self.blocks[i - 1].register_forward_hook(
+                    functools.partial(self._keep_output, i)))
+            else:
+                self.handles.append(self.decoder.register_forward_hook(
+                    functools.partial(self._keep_output, i)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _keep_input(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self.captured[0] = args[0] if args else kwargs["hidden_states"]
+
+    def _keep_output(self, index: int, module: Any, args: tuple, output: Any) -> None:
+        state = getattr(output, "last_hidden_state", None) if index == self.num_layers else None
+        if state is None:
+            state = output[0] if isinstance(output, (tuple, list)) else output
+        self.captured[index] = state
+
+    def states(self, out: Any) -> torch.Tensor | None:
+        """The chosen layers' states, concatenated in the order asked:
+        [batch, n, len(layers) × hidden]; None when none were asked for."""
+        if not self.layers:
+            return None
+        found = self.captured if self.blocks is not None else dict(enumerate(out.hidden_states))
+        if missing := sorted(set(self.layers) - set(found)):
+            raise RuntimeError(f"the forward of {type(self.model).__name__} produced no hidden "
+                               f"states for layers {missing}")
+        parts = [found[i] for i in self.layers]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
 class AttachedDrafters:
     """The drafters attached to one target, each with its attachment: a drafter is
     attached once per target, however many sequences it decodes. Held by identity and
@@ -241,15 +322,11 @@ class Target:
         _trim_sliding(cache)
         if attend is not None:
             extra["attention_mask"] = self._masks(attend, cache, extra.get("position_ids"))
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=keep_logits,
-                         output_hidden_states=bool(hidden_states), **extra)
-        hidden = None
-        if hidden_states is True:
-            hidden = out.hidden_states[-1][0]
-        elif hidden_states:
-            states = out.hidden_states
-            hidden = torch.cat([states[i][0] for i in hidden_states], dim=-1)
-        return out.logits[0], hidden
+        with HiddenStateCapture(self.model, hidden_states, self.num_layers) as capture:
+            out = self.model(input_ids=ids, cache=cache, use_cache=True,
+                             logits_to_keep=keep_logits, **capture.forward_options, **extra)
+        hidden = capture.states(out)
+        return out.logits[0], hidden[0] if hidden is not None else None
 
     def _forward_static(self, token_ids: Sequence[int], cache: StaticKV, keep_logits: int,
                         hidden_states: bool | Sequence[int], positions: Sequence[int] | None,

@@ -26,26 +26,54 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit avalanche hash (lowbias32) on int64 tensors holding values < 2**32.
 
     Products may wrap past 2**63; only the low 32 bits are kept, and those are the
-    same under wrapping, so the result is exact on every device.
+    same under wrapping, so the result is exact on every device. `x` is left as it
+    is; after its first step the hash works in place (one temporary, the shifted value).
     """
     x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+    x ^= x >> 16
+    x.mul_(0x7FEB352D).bitwise_and_(_MASK32)
+    x ^= x >> 15
+    x.mul_(0x846CA68B).bitwise_and_(_MASK32)
+    x ^= x >> 16
+    return x
 
 
-def gumbel_noise(seed: int, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Standard Gumbel noise of shape [len(positions), vocab_size], a function of (seed, t)."""
+#: Elements of the [rows, vocab] noise computed at once. The hash runs on int64 and the
+#: logs on float64 (their rounding to float32 is the noise's definition), so each
+#: temporary of a chunk takes 8 bytes an element: at most 32 MB, whatever the vocabulary
+#: and the row count. A chunk is whole columns of every row: a one-token step over a
+#: 152k vocabulary is one chunk (as many kernels as without chunks), a 60-node tree three.
+CHUNK_ELEMENTS = 1 << 22
+
+#: What ``gumbel_noise`` can return.
+NOISE_DTYPES = (torch.float32, torch.float64)
+
+
+def gumbel_noise(seed: int, positions: torch.Tensor, vocab_size: int, *,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Standard Gumbel noise of shape [len(positions), vocab_size], a function of (seed, t).
+
+    positions: [rows] absolute positions (int). The noise is computed in float64 and
+    rounded once to `dtype` (float64, or float32: the values ``Sampler.scores`` adds, bit
+    for bit those of rounding the float64 noise), a chunk of columns at a time
+    (:data:`CHUNK_ELEMENTS`), so no 64-bit temporary spans the whole [rows, vocab]."""
+    if dtype not in NOISE_DTYPES:
+        raise ValueError(f"gumbel_noise: dtype {dtype} is not one of "
+                         f"{', '.join(map(str, NOISE_DTYPES))}")
     device = positions.device
     seed_key = _hash32(torch.tensor([seed & _MASK32], dtype=torch.int64, device=device))
-    row_key = _hash32(seed_key ^ _hash32(positions.to(torch.int64) + 0x9E3779B9))
-    cols = torch.arange(vocab_size, dtype=torch.int64, device=device)
-    bits = _hash32(row_key[:, None] ^ _hash32(cols * 0x27D4EB2F + 0x165667B1)[None, :])
-    # (bits + 0.5) / 2**32 lies strictly inside (0, 1), so both logs are finite
-    uniform = (bits.to(torch.float64) + 0.5) / 4294967296.0
-    return -torch.log(-torch.log(uniform))
+    row_key = _hash32(seed_key ^ _hash32(positions.to(torch.int64) + 0x9E3779B9))[:, None]
+    out = torch.empty(row_key.shape[0], vocab_size, dtype=dtype, device=device)
+    width = max(1, CHUNK_ELEMENTS // max(1, row_key.shape[0]))
+    for start in range(0, vocab_size, width):
+        cols = torch.arange(start, min(start + width, vocab_size), dtype=torch.int64,
+                            device=device)
+        bits = _hash32(row_key ^ _hash32(cols * 0x27D4EB2F + 0x165667B1)[None, :])
+        # (bits + 0.5) / 2**32 lies strictly inside (0, 1), so both logs are finite;
+        # in place: one float64 temporary, the same operations as -log(-log(u))
+        uniform = bits.to(torch.float64).add_(0.5).div_(4294967296.0)
+        out[:, start:start + cols.numel()] = uniform.log_().neg_().log_().neg_()
+    return out
 
 
 @dataclass(frozen=True)
@@ -64,8 +92,8 @@ class Sampler:
         logits = logits.float()
         if self.temperature == 0.0:
             return logits
-        noise = gumbel_noise(self.seed, positions, logits.shape[-1]).to(torch.float32)
-        return logits / self.temperature + noise
+        return logits / self.temperature + gumbel_noise(self.seed, positions, logits.shape[-1],
+                                                         dtype=torch.float32)
 
     def choose(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Token ids, shape [n], for logits [n, vocab] at absolute positions [n]."""

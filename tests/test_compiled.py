@@ -147,6 +147,28 @@ def test_hidden_states_are_those_of_the_eager_path(pair):
     torch.testing.assert_close(last[-1], last_eager[-1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.6])
+def test_eagle3_reads_its_layers_from_the_compiled_graphs(pair, tmp_path, temperature):
+    from test_eagle3 import random_head
+    from pytest_specdec.drafters.eagle3 import Eagle3
+    from pytest_specdec.models.eagle3 import save_checkpoint
+
+    eager, target = pair
+    folder = save_checkpoint(random_head(), tmp_path / "head", layout="specforge")
+    request = GenerationRequest(tuple(range(5, 25)), 24, Sampler(temperature, 3))
+    plain = generate(eager, request).tokens
+    drafter = Eagle3(model=str(folder), depth=3, top_k=4, total_tokens=16)
+    assert generate(target, request).tokens == plain  # sizes the sequence cache
+    late = target.compiled_forward().late_compiles
+    spec = generate(target, request, drafter, k=4, drafter_name="eagle3")
+    assert spec.tokens == plain
+    assert max(s.drafted for s in spec.steps) == 15  # trees were verified
+    layers = tuple(drafter.hidden_layers)
+    # attaching compiled the graphs of its layers (only those leave the graph)
+    assert any(key[3] == layers for key in target.compiled.graphs)
+    assert target.compiled.late_compiles == late
+
+
 # --- what the path cannot serve ---------------------------------------------------------
 
 def test_a_sliding_window_target_runs_eagerly_and_says_why():

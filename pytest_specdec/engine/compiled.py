@@ -275,16 +275,17 @@ class CompiledForward:
         for key in [k for k in self.graphs if k[0] == cache.owner]:
             del self.graphs[key]
 
-    def _graph(self, cache: StaticKV, width: int, hidden: bool) -> Callable:
+    def _graph(self, cache: StaticKV, width: int, hidden: tuple[int, ...]) -> Callable:
         key = (cache.owner, width, cache.capacity, hidden)
         graph = self.graphs.get(key)
         if graph is None:
             if not self.warming:
                 self.late_compiles += 1
-            graph = self.graphs[key] = self._compile(cache, hidden, "_".join(map(str, key)))
+            name = "_".join(map(str, key[:3])) + "".join(f"_h{i}" for i in hidden)
+            graph = self.graphs[key] = self._compile(cache, hidden, name)
         return graph
 
-    def _compile(self, cache: StaticKV, hidden: bool, name: str) -> Callable:
+    def _compile(self, cache: StaticKV, hidden: tuple[int, ...], name: str) -> Callable:
         model, capacity, dtype = self.model, cache.capacity, self.dtype
 
         def forward(ids: torch.Tensor, positions: torch.Tensor, length: torch.Tensor,
@@ -292,8 +293,10 @@ class CompiledForward:
             # ids, positions [1, w]; length 0-d; anc [w, w] bool; write_at [w]
             out = model(input_ids=ids, position_ids=positions,
                         attention_mask=_mask(length, anc, capacity, dtype), cache=cache,
-                        use_cache=True, output_hidden_states=hidden, **{WRITE_AT: write_at})
-            return (out.logits[0], *(h[0] for h in (out.hidden_states or ())))
+                        use_cache=True, output_hidden_states=bool(hidden),
+                        **{WRITE_AT: write_at})
+            # only the layers asked for leave the graph: the others' buffers are reused
+            return (out.logits[0], *(out.hidden_states[i][0] for i in hidden))
 
         # dynamo keeps compiled graphs per code object (8 at most, each call checking the
         # guards of all): each graph gets a code object of its own, so a call checks one
@@ -306,10 +309,13 @@ class CompiledForward:
         return torch.compile(own, dynamic=False, mode=mode)
 
     def run(self, cache: StaticKV, token_ids: Sequence[int], positions: Sequence[int] | None,
-            anc: torch.Tensor | None, hidden: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            anc: torch.Tensor | None,
+            hidden: tuple[int, ...] = ()) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Feed `token_ids` after the cache's ``length`` slots; anc [n, n] bool (None: a
-        chain, causal). Returns logits [n, vocab] and, if asked, every layer's hidden
-        states [n, hidden] (transformers' numbering), copied out of the graph's buffers."""
+        chain, causal). Returns logits [n, vocab] and the hidden states [n, hidden] of
+        the layers `hidden` names (output_hidden_states numbering: 0 the embeddings, i
+        decoder layer i, num_layers after the final norm), copied out of the graph's
+        buffers."""
         n, base = len(token_ids), cache.length
         width = bucket(n)
         self._fit(cache, base + (width or n))
@@ -353,16 +359,17 @@ class CompiledForward:
         staged.copy_(packed)
         return staged
 
-    def _eager(self, cache: StaticKV, hidden: bool, ids: torch.Tensor, positions: torch.Tensor,
+    def _eager(self, cache: StaticKV, hidden: tuple[int, ...], ids: torch.Tensor,
+               positions: torch.Tensor,
                length: torch.Tensor, anc: torch.Tensor, write_at: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(input_ids=ids, position_ids=positions,
                          attention_mask=_mask(length, anc, cache.capacity, self.dtype),
-                         cache=cache, use_cache=True, output_hidden_states=hidden,
+                         cache=cache, use_cache=True, output_hidden_states=bool(hidden),
                          **{WRITE_AT: write_at})
-        return (out.logits[0], *(h[0] for h in (out.hidden_states or ())))
+        return (out.logits[0], *(out.hidden_states[i][0] for i in hidden))
 
     def warm_up(self, capacity: int | None = None, widths: Sequence[int] = WIDTH_BUCKETS,
-                hidden: Sequence[bool] = (False,), owner: str = "sequence") -> float:
+                hidden: Sequence[tuple[int, ...]] = ((),), owner: str = "sequence") -> float:
         """Compile (or load from inductor's cache) `owner`'s graphs of `widths`' buckets
         at `capacity` (None: its cache's present one), those not compiled yet, before any
         timed span; returns the seconds it took."""

@@ -134,7 +134,7 @@ def attach(target: Target, drafter: Drafter, name: str = "drafter", *,
         attachment = dataclasses.replace(attachment,
                                          hidden_layers=guard.hidden_layers(info.num_layers))
         if target.path == "compiled":  # attaching is untimed: compile the graphs it needs now
-            target.compiled_forward().warm_up(hidden=(True,))
+            target.compiled_forward().warm_up(hidden=(tuple(attachment.hidden_layers),))
     target.attached.add(drafter, attachment)
     return attachment
 

@@ -341,13 +341,9 @@ class Target:
                                    f"({n}, {cache.length + n}) for {n} tokens after "
                                    f"{cache.length} cached")
             anc = attend[:, cache.length:]
-        logits, states = self.compiled_forward().run(cache, token_ids, positions, anc,
-                                                     bool(hidden_states))
-        hidden = None
-        if hidden_states is True:
-            hidden = states[-1]
-        elif hidden_states:
-            hidden = torch.cat([states[i] for i in hidden_states], dim=-1)
+        layers = (self.num_layers,) if hidden_states is True else tuple(hidden_states or ())
+        logits, states = self.compiled_forward().run(cache, token_ids, positions, anc, layers)
+        hidden = torch.cat(states, dim=-1) if states else None
         return (logits[-keep_logits:] if keep_logits else logits), hidden
 
     def _masks(self, attend: torch.Tensor, cache: Any, position_ids: torch.Tensor | None) -> Any:

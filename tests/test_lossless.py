@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from pytest_specdec.bench import lossless
-from pytest_specdec.bench.lossless import (CALIBRATION_FEEDS, CALIBRATION_TOKENS, CONTEXT_TOKENS,
-                                           TIE_MARGIN_FACTOR, LosslessError, TieMargin,
-                                           check_lossless, first_divergence, incremental_logits,
-                                           judge_sequence, measure_tie_margin, resolve_tie_margin,
+from pytest_specdec.bench.lossless import (CALIBRATION_FEEDS, CALIBRATION_TOKENS,
+                                           CANDIDATE_WINDOW, CONTEXT_TOKENS, TIE_MARGIN_FACTOR,
+                                           LosslessError, TieMargin, check_lossless,
+                                           first_divergence, incremental_logits, judge_sequence,
+                                           logit_gap, measure_tie_margin, resolve_tie_margin,
                                            teacher_forced_logits)
 from pytest_specdec.bench.paradigms import MultiRound
 from pytest_specdec.bench.problems import Problem
@@ -247,7 +248,8 @@ def test_the_measured_bf16_margin_is_a_stated_multiple_of_the_largest_gap(bf16_m
     assert m.feeds == tuple(f"{kind} {width}" for width, kind in CALIBRATION_FEEDS)
     assert m.summary() == {"logits": round(m.logits, 4), "source": "measured",
                            "max_gap": round(m.max_gap, 6), "factor": TIE_MARGIN_FACTOR,
-                           "positions": CALIBRATION_TOKENS, "feeds": list(m.feeds)}
+                           "window": CANDIDATE_WINDOW, "positions": CALIBRATION_TOKENS,
+                           "feeds": list(m.feeds)}
 
 
 def test_the_margin_follows_the_heads_logit_scale(bf16_margin):
@@ -256,23 +258,43 @@ def test_the_margin_follows_the_heads_logit_scale(bf16_margin):
     assert 0 < measure_tie_margin(flat, PROMPT).logits < bf16_margin.logits / 10
 
 
+def test_gaps_are_taken_near_each_positions_top():
+    forced = torch.tensor([[30.0, 29.0, 0.0, -20.0], [5.0, 4.5, 4.0, -9.5]])
+    decoded = forced + torch.tensor([[0.25, -0.5, 2.0, 3.0], [0.0, 0.0, 0.75, 9.0]])
+    # row 0: tokens within 14 of 30 (30, 29); row 1: within 14 of 5 (all but -9.5)
+    assert logit_gap(decoded, forced) == 0.75
+    assert logit_gap(decoded, forced, window=float("inf")) == 9.0
+    assert CANDIDATE_WINDOW == 14.0
+
+
 def test_a_known_teacher_forced_shift_gives_the_expected_margin():
     target = peaked_target(torch.float32)
     real = target.forward
     widest = max(width for width, _ in CALIBRATION_FEEDS)
 
-    def shifted(token_ids, cache, **kwargs):  # the teacher-forced forward moves 2 logits
+    def shifted(token_ids, cache, **kwargs):  # the teacher-forced forward moves 2 top logits
         logits, hidden = real(token_ids, cache, **kwargs)
         if kwargs.get("keep_logits", 0) > widest:
             logits = logits.clone()
-            logits[5, 3] += 0.5
-            logits[9, 4] -= 0.25
+            logits[5, logits[5].argmax()] += 0.5
+            logits[9, logits[9].topk(2).indices[1]] -= 0.25
         return logits, hidden
 
     target.forward = shifted
     m = measure_tie_margin(target, PROMPT)
     assert m.max_gap == pytest.approx(0.5, abs=1e-4)  # float32 rounding: ~1e-5
     assert m.logits == pytest.approx(TIE_MARGIN_FACTOR * 0.5, abs=1e-3)
+
+
+def test_a_calibration_cut_short_by_an_eos_asks_for_a_given_margin():
+    import dataclasses
+
+    target = peaked_target(torch.bfloat16)
+    first = generate(target, GenerationRequest(PROMPT, 1)).tokens[0]
+    stops = dataclasses.replace(target, eos_ids=frozenset({first}))
+    with pytest.raises(ValueError, match="'tiny-peaked-torch.bfloat16' stopped at an EOS after "
+                                         "1 token.*--specdec-tie-margin"):
+        measure_tie_margin(stops, PROMPT)
 
 
 def test_float32_and_exact_mode_check_equality_without_measuring(fp32, bf16, monkeypatch):
@@ -343,7 +365,8 @@ def test_the_record_and_report_carry_the_measured_margin(suite, tiny_model_dir, 
     result = suite.runpytest_subprocess(
         "-p", "no:cacheprovider", "--specdec-target", str(tiny_model_dir),
         "--specdec-dtype", "bfloat16", "--specdec-problems", "1",
-        "--specdec-max-new-tokens", "8", "--specdec-n", "2", "--specdec-drafter", "pld,sam",
+        "--specdec-max-new-tokens", "8", "--specdec-n", "2", "--specdec-drafter", "pld",
+        "--specdec-drafter", "sam",
         "--specdec-paradigm", "best_of_n", "--specdec-no-peer",
         "--specdec-report-dir", str(reports), timeout=300)
     result.assert_outcomes(passed=3)

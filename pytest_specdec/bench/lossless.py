@@ -22,8 +22,8 @@ the amount by which rounding would have to move the two logits apart to flip the
 The margin is measured, not assumed (:func:`measure_tie_margin`): on a short plain decode
 of the target, in its own dtype and on its own device, the logits of each position as the
 engine computes them (one token a forward, chain and tree verify forwards of several
-widths) are compared with the teacher-forced forward's; the margin is
-:data:`TIE_MARGIN_FACTOR` times the largest difference seen.
+widths) are compared with the teacher-forced forward's, at the tokens near each
+position's top; the margin is :data:`TIE_MARGIN_FACTOR` times the largest difference seen.
 """
 
 from __future__ import annotations
@@ -54,11 +54,15 @@ CALIBRATION_TOKENS = 48
 CALIBRATION_FEEDS = ((1, "chain"), (2, "chain"), (4, "chain"), (8, "chain"), (16, "chain"),
                      (4, "tree"), (16, "tree"))
 #: The measured margin over the largest logit gap seen. A flip needs the emitted token e
-#: to beat the chosen c in the decode's logits while c beats e teacher-forced, so the
-#: teacher-forced margin l_c - l_e is at most |gap_c| + |gap_e|: twice the largest gap
-#: when the two logits move in opposite directions. The further 1.5x is headroom for the
-#: positions a run judges and the calibration did not see (thousands, not dozens).
-TIE_MARGIN_FACTOR = 3.0
+#: to beat the chosen c in the decode's scores while c beats e teacher-forced (the noise
+#: is the same in both), so the teacher-forced margin l_c - l_e is at most
+#: |gap_c| + |gap_e|: twice the largest gap, reached when the two logits move by it in
+#: opposite directions.
+TIE_MARGIN_FACTOR = 2.0
+#: Logits below a position's top whose gaps the calibration takes: a token further below
+#: is chosen with a probability under e^-14 (about 1e-6) at T <= 1, so it takes part in
+#: no flip, while its larger magnitude rounds more coarsely in half precision.
+CANDIDATE_WINDOW = 14.0
 
 
 class LosslessError(AssertionError):
@@ -138,7 +142,8 @@ class TieMargin:
         out: dict = {"logits": round(self.logits, 4), "source": self.source}
         if self.source == "measured":
             out.update(max_gap=round(self.max_gap or 0.0, 6), factor=TIE_MARGIN_FACTOR,
-                       positions=self.positions, feeds=list(self.feeds))
+                       window=CANDIDATE_WINDOW, positions=self.positions,
+                       feeds=list(self.feeds))
         return out
 
 
@@ -216,6 +221,7 @@ def teacher_forced_logits(target: Target, prompt: Sequence[int], tokens: Sequenc
             yield stop - keep + 1 - len(prompt), logits[-keep:]
 
 
+@torch.inference_mode()
 def incremental_logits(target: Target, prompt: Sequence[int], tokens: Sequence[int],
                        width: int, kind: str = "chain") -> torch.Tensor:
     """Logits [len(tokens), vocab], row i choosing tokens[i], computed as the engine's
@@ -243,9 +249,14 @@ def incremental_logits(target: Target, prompt: Sequence[int], tokens: Sequence[i
     return torch.cat(rows)
 
 
-def logit_gap(a: torch.Tensor, b: torch.Tensor) -> float:
-    """The largest |a - b| over two logit tensors of one shape (equal infinities: 0)."""
-    return float(torch.where(a == b, 0.0, (a.float() - b.float()).abs()).max())
+def logit_gap(decoded: torch.Tensor, forced: torch.Tensor,
+              window: float = CANDIDATE_WINDOW) -> float:
+    """The largest |decoded - forced| (logits [positions, vocab] each) over the tokens
+    whose teacher-forced logit is within `window` of its position's top (equal
+    infinities: 0)."""
+    decoded, forced = decoded.float(), forced.float()
+    near = forced >= forced.max(dim=-1, keepdim=True).values - window
+    return float(torch.where(decoded == forced, 0.0, (decoded - forced).abs())[near].max())
 
 
 @torch.inference_mode()
@@ -255,11 +266,15 @@ def measure_tie_margin(target: Target, prompt_ids: Sequence[int], *,
     """The near-tie margin of `target` in its dtype on its device: plain decoding's
     first `tokens` tokens after `prompt_ids` (fewer at an EOS), their logits from each
     of `feeds` (:func:`incremental_logits`; tree feeds only where the target verifies
-    trees) against the teacher-forced forward's; :data:`TIE_MARGIN_FACTOR` times the
-    largest gap."""
+    trees) against the teacher-forced forward's (:func:`logit_gap`);
+    :data:`TIE_MARGIN_FACTOR` times the largest gap."""
     if not prompt_ids:
         raise ValueError("the calibration prompt is empty: at least one token is needed")
     decoded = generate(target, GenerationRequest(tuple(prompt_ids), tokens)).tokens
+    if len(decoded) < 2:
+        raise ValueError(f"the calibration decode of {target.name!r} stopped at an EOS after "
+                         f"{len(decoded)} token(s): too few to measure the near-tie margin; "
+                         "give one with --specdec-tie-margin")
     forced = torch.cat([rows for _, rows in teacher_forced_logits(target, prompt_ids, decoded)])
     if target.tree_support():
         feeds = [feed for feed in feeds if feed[1] == "chain"]

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.engine.exact import (ROW_INVARIANT_ATTENTION, row_invariant,
-                                         row_invariant_attention)
+from pytest_specdec.engine.exact import (LINEAR_BLOCK, ROW_INVARIANT_ATTENTION, model_norms,
+                                         pinned_norm, row_invariant, row_invariant_attention)
 from pytest_specdec.engine.target import wrap_model
 from pytest_specdec.protocol.drafter import Draft, DrafterBase
 from pytest_specdec.protocol.sampling import Sampler
@@ -167,3 +167,93 @@ def test_default_model_bf16_verify_rows_equal_decode_rows_only_in_exact_mode(def
         assert torch.equal(decoded, verified)
     else:
         assert (decoded - verified).abs().max() > 0.05
+
+
+# --- norms: every reduction of the forward row-invariant ----------------------------------
+
+def norm_of(kind: str) -> torch.nn.Module:
+    """A norm as the models hold it, with random weights (a norm's own are ones/zeros)."""
+    torch.manual_seed(2)
+    norm = {"llama": lambda: tiny_model("llama").model.norm,
+            "gemma": lambda: tiny_model("gemma").model.norm,
+            "qwen3-q_norm": lambda: tiny_model("qwen3").model.layers[0].self_attn.q_norm,
+            "layer_norm": lambda: torch.nn.LayerNorm(64),
+            "torch_rms_norm": lambda: torch.nn.RMSNorm(64)}[kind]()
+    with torch.no_grad():
+        for parameter in norm.parameters():
+            parameter.normal_()
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["llama", "gemma", "qwen3-q_norm", "layer_norm",
+                                  "torch_rms_norm"])
+def test_a_pinned_norm_row_is_the_same_for_every_row_count(kind, dtype):
+    norm = norm_of(kind).to(dtype)
+    width = norm.weight.shape[0]
+    # q_norm normalizes each head of each token: rows are (token, head) pairs
+    x = torch.randn(1, 33, 4, width) if kind == "qwen3-q_norm" else torch.randn(1, 33, width)
+    x = (x * 3).to(dtype)
+    with torch.no_grad():
+        every = pinned_norm(norm, x)
+        for rows in (1, 2, 7, 33):
+            some = pinned_norm(norm, x[:, :rows])
+            assert torch.equal(some, every[:, :rows]), rows
+            # on this CPU, the bits of the norm's own forward (exact mode's outputs kept)
+            assert torch.equal(some, norm(x[:, :rows])), rows
+
+
+class RowCountNorm(torch.nn.Module):
+    """A norm whose result depends on how many rows it is given, as a GPU reduction's
+    blocking does: what pinning must hide."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x.reshape(-1, x.shape[-1]).shape[0]
+
+
+def test_a_pinned_norm_sees_blocks_of_a_fixed_row_count():
+    norm = RowCountNorm()
+    x = torch.randn(1, 11, 8)
+    assert not torch.equal(norm(x[:, :3]), norm(x)[:, :3])
+    for rows in (1, 3, 11):
+        assert torch.equal(pinned_norm(norm, x[:, :rows]), x[:, :rows] * LINEAR_BLOCK)
+
+
+class GatedRMSNorm(torch.nn.Module):
+    """A norm exact mode does not know how to pin (two inputs)."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
+def test_row_invariant_pins_every_norm_and_restores_them():
+    model = tiny_model("qwen3")
+    pinned, other = model_norms(model)
+    # per layer: input, post-attention, q and k norms; then the final norm
+    assert len(pinned) == 4 * 2 + 1 and other == []
+    with row_invariant(model):
+        assert all("forward" in vars(m) for m in pinned)
+    assert not any("forward" in vars(m) for m in pinned)
+
+
+def test_a_norm_that_cannot_be_pinned_is_named_and_refused_off_the_cpu():
+    model = tiny_model("llama")
+    model.model.norm = GatedRMSNorm()
+    hooked = model.model.layers[1].input_layernorm
+    hooked.forward = lambda x: x  # replaced on the instance (an offloading hook)
+    pinned, other = model_norms(model)
+    assert other == ["model.layers.1.input_layernorm (LlamaRMSNorm)", "model.norm (GatedRMSNorm)"]
+    with row_invariant(model):  # on the CPU: its own kernels, row-invariant here
+        pass
+    with pytest.raises(ValueError, match=r"cannot pin the norm layers model\.layers\.1\."
+                                         r"input_layernorm \(LlamaRMSNorm\), model\.norm "
+                                         r"\(GatedRMSNorm\).* on meta .*--specdec-lossless auto"):
+        with row_invariant(model.to("meta")):
+            pass
+    assert model.config._attn_implementation != ROW_INVARIANT_ATTENTION
+
+
+def test_pinnable_norms_are_not_refused_off_the_cpu():
+    model = tiny_model("gemma").to("meta")
+    with row_invariant(model):
+        assert all("forward" in vars(m) for m in model_norms(model)[0])

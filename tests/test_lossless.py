@@ -7,8 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_specdec.bench.lossless import (AUTO_TIE_MARGIN, CONTEXT_TOKENS, LosslessError,
-                                           check_lossless, first_divergence, judge_sequence)
+from pytest_specdec.bench import lossless
+from pytest_specdec.bench.lossless import (CALIBRATION_FEEDS, CALIBRATION_TOKENS,
+                                           CANDIDATE_WINDOW, CONTEXT_TOKENS, TIE_MARGIN_FACTOR,
+                                           LosslessError, TieMargin, check_lossless,
+                                           first_divergence, incremental_logits, judge_sequence,
+                                           logit_gap, measure_tie_margin, resolve_tie_margin,
+                                           teacher_forced_logits)
 from pytest_specdec.bench.paradigms import MultiRound
 from pytest_specdec.bench.problems import Problem
 from pytest_specdec.bench.runner import DecodeSettings, run_paradigm
@@ -47,6 +52,12 @@ def bf16():
 @pytest.fixture(scope="module")
 def fp32():
     return peaked_target(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def bf16_margin(bf16):
+    """The near-tie margin measured on the bf16 target (what an auto check allows)."""
+    return measure_tie_margin(bf16, PROMPT)
 
 
 def plain(target, sampler=Sampler(), prompt=PROMPT, budget=24) -> tuple[GenerationRequest, Generation]:
@@ -141,12 +152,13 @@ def test_half_precision_plain_decoding_passes_token_by_token(bf16, temperature):
     assert verdict.check_s > 0
 
 
-def test_a_wrong_token_fails_at_its_position_with_both_tokens_and_the_margin(bf16):
+def test_a_wrong_token_fails_at_its_position_with_both_tokens_and_the_margin(bf16, bf16_margin):
     request, base = plain(bf16)
     scores, _ = scores_at(bf16, request, base.tokens, 5)
     worst = int(scores.argmin())
     tokens = changed_at(base.tokens, 5, worst)
-    with pytest.raises(LosslessError, match="outside the near-tie margin 1.5") as info:
+    allowed = f"outside the near-tie margin {bf16_margin.logits:g}"
+    with pytest.raises(LosslessError, match=allowed) as info:
         check_lossless(bf16, {KEY: base}, [({KEY: request}, {KEY: with_tokens(base, tokens)})])
     message = str(info.value)
     assert f"new token 5: emitted {worst}" in message
@@ -212,8 +224,162 @@ def test_long_sequences_are_judged_in_chunks_alike(bf16):
     assert whole[0] + len(whole[1]) == chunked[0] + len(chunked[1]) == 40
 
 
-def test_auto_margin_per_dtype():
-    assert AUTO_TIE_MARGIN == {torch.bfloat16: 1.5, torch.float16: 0.25}
+
+
+# --- the near-tie margin: measured on the target, not assumed -----------------------------
+
+@pytest.mark.parametrize("width, kind", CALIBRATION_FEEDS)
+def test_each_calibration_feed_rows_choose_the_decoded_tokens(fp32, width, kind):
+    # row i of every feed is the logits that choose token i (float32: no flips)
+    tokens = generate(fp32, GenerationRequest(PROMPT, 20)).tokens
+    rows = incremental_logits(fp32, PROMPT, tokens, width, kind)
+    assert rows.argmax(dim=-1).tolist() == tokens
+    [(first, forced)] = list(teacher_forced_logits(fp32, PROMPT, tokens))
+    assert first == 0
+    assert forced.argmax(dim=-1).tolist() == tokens
+    torch.testing.assert_close(rows, forced, rtol=0, atol=1e-3)
+
+
+def test_the_measured_bf16_margin_is_a_stated_multiple_of_the_largest_gap(bf16_margin):
+    m = bf16_margin
+    assert m.source == "measured" and m.positions == CALIBRATION_TOKENS
+    assert 0 < m.max_gap < float("inf")
+    assert m.logits == TIE_MARGIN_FACTOR * m.max_gap
+    assert m.feeds == tuple(f"{kind} {width}" for width, kind in CALIBRATION_FEEDS)
+    assert m.summary() == {"logits": round(m.logits, 4), "source": "measured",
+                           "max_gap": round(m.max_gap, 6), "factor": TIE_MARGIN_FACTOR,
+                           "window": CANDIDATE_WINDOW, "positions": CALIBRATION_TOKENS,
+                           "feeds": list(m.feeds)}
+
+
+def test_the_margin_follows_the_heads_logit_scale(bf16_margin):
+    # a constant cannot fit both: a head with logits 60x smaller rounds 60x finer
+    flat = peaked_target(torch.bfloat16, scale=1.0)
+    assert 0 < measure_tie_margin(flat, PROMPT).logits < bf16_margin.logits / 10
+
+
+def test_gaps_are_taken_near_each_positions_top():
+    forced = torch.tensor([[30.0, 29.0, 0.0, -20.0], [5.0, 4.5, 4.0, -9.5]])
+    decoded = forced + torch.tensor([[0.25, -0.5, 2.0, 3.0], [0.0, 0.0, 0.75, 9.0]])
+    # row 0: tokens within 14 of 30 (30, 29); row 1: within 14 of 5 (all but -9.5)
+    assert logit_gap(decoded, forced) == 0.75
+    assert logit_gap(decoded, forced, window=float("inf")) == 9.0
+    assert CANDIDATE_WINDOW == 14.0
+
+
+def test_a_known_teacher_forced_shift_gives_the_expected_margin():
+    target = peaked_target(torch.float32)
+    real = target.forward
+    widest = max(width for width, _ in CALIBRATION_FEEDS)
+
+    def shifted(token_ids, cache, **kwargs):  # the teacher-forced forward moves 2 top logits
+        logits, hidden = real(token_ids, cache, **kwargs)
+        if kwargs.get("keep_logits", 0) > widest:
+            logits = logits.clone()
+            logits[5, logits[5].argmax()] += 0.5
+            logits[9, logits[9].topk(2).indices[1]] -= 0.25
+        return logits, hidden
+
+    target.forward = shifted
+    m = measure_tie_margin(target, PROMPT)
+    assert m.max_gap == pytest.approx(0.5, abs=1e-4)  # float32 rounding: ~1e-5
+    assert m.logits == pytest.approx(TIE_MARGIN_FACTOR * 0.5, abs=1e-3)
+
+
+def test_a_calibration_cut_short_by_an_eos_asks_for_a_given_margin():
+    import dataclasses
+
+    target = peaked_target(torch.bfloat16)
+    first = generate(target, GenerationRequest(PROMPT, 1)).tokens[0]
+    stops = dataclasses.replace(target, eos_ids=frozenset({first}))
+    with pytest.raises(ValueError, match="'tiny-peaked-torch.bfloat16' stopped at an EOS after "
+                                         "1 token.*--specdec-tie-margin"):
+        measure_tie_margin(stops, PROMPT)
+
+
+def test_float32_and_exact_mode_check_equality_without_measuring(fp32, bf16, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured where equality is checked")
+
+    monkeypatch.setattr(lossless, "measure_tie_margin", refuse)
+    equality = TieMargin(0.0, "equality")
+    assert resolve_tie_margin(None, fp32, PROMPT) == equality
+    assert resolve_tie_margin(None, bf16, PROMPT, exact_mode=True) == equality
+    request, base = plain(fp32)
+    verdict = check_lossless(fp32, {KEY: base}, [({KEY: request}, {KEY: base})])
+    assert verdict.tie_margin is None and "tie_margin" not in verdict.summary()
+
+
+def test_a_departure_beyond_the_measured_margin_fails_naming_the_token(bf16, bf16_margin):
+    request, base = plain(bf16)
+    scores, _ = scores_at(bf16, request, base.tokens, 6)
+    # the closest runner-up whose margin is beyond the measured margin
+    margins = (scores.max() - scores).masked_fill(scores.max() - scores <= bf16_margin.logits,
+                                                  float("inf"))
+    token = int(margins.argmin())
+    departed = with_tokens(base, changed_at(base.tokens, 6, token)[:7])
+    with pytest.raises(LosslessError, match=f"new token 6: emitted {token}, the target chose "
+                                            f"{base.tokens[6]}") as info:
+        check_lossless(bf16, {KEY: base}, [({KEY: request}, {KEY: departed})])
+    assert f"outside the near-tie margin {bf16_margin.logits:g}" in str(info.value)
+    assert f"margin {float(margins[token]):.3g} logits" in str(info.value)
+
+
+def test_the_given_margin_overrides_the_measurement(bf16, monkeypatch):
+    monkeypatch.setattr(lossless, "measure_tie_margin", lambda *a, **k: pytest.fail("measured"))
+    request, base = plain(bf16)
+    verdict = check_lossless(bf16, {KEY: base}, [({KEY: request}, {KEY: base})], tie_margin=0.3)
+    assert verdict.tie_margin == TieMargin(0.3, "given")
+    assert verdict.summary()["tie_margin"] == {"logits": 0.3, "source": "given"}
+
+
+@pytest.mark.parametrize("given", [None, 0.4])
+def test_a_session_measures_the_margin_once_per_target(tmp_path, monkeypatch, given):
+    from conftest import small_config
+    from pytest_specdec.bench.session import SpecdecSession
+
+    target = peaked_target(torch.bfloat16)
+    target.encode_prompt = lambda text: list(PROMPT)
+    calls = []
+    real = lossless.measure_tie_margin
+    monkeypatch.setattr(lossless, "measure_tie_margin",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    config = small_config(tmp_path, dtype="bfloat16", tie_margin=given)
+    session = SpecdecSession(config, None, [Problem(key="p1", question="q", answer="1")],
+                             lambda: target)
+    first = session.tie_margin()
+    assert session.tie_margin() is first
+    if given is None:
+        assert first.source == "measured" and len(calls) == 1
+        assert calls[0][0] is target and list(calls[0][1]) == list(PROMPT)
+    else:
+        assert first == TieMargin(0.4, "given") and calls == []
+
+
+def test_the_record_and_report_carry_the_measured_margin(suite, tiny_model_dir, tmp_path):
+    """bfloat16, default margin: every teacher-forced case records the session's one
+    measured margin; the report's losslessness table shows it."""
+    import json
+
+    reports = tmp_path / "reports"
+    result = suite.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--specdec-target", str(tiny_model_dir),
+        "--specdec-dtype", "bfloat16", "--specdec-problems", "1",
+        "--specdec-max-new-tokens", "8", "--specdec-n", "2", "--specdec-drafter", "pld",
+        "--specdec-drafter", "sam",
+        "--specdec-paradigm", "best_of_n", "--specdec-no-peer",
+        "--specdec-report-dir", str(reports), timeout=300)
+    result.assert_outcomes(passed=3)
+    (name,) = [p for p in reports.iterdir() if p.suffix == ".json"]
+    records = json.loads(name.read_text(encoding="utf-8"))["records"]
+    margins = [r["tie_margin"] for r in records if r["role"] == "speculative"]
+    assert len(margins) == 2 and margins[0] == margins[1]
+    assert margins[0]["source"] == "measured" and margins[0]["positions"] > 0
+    assert margins[0]["logits"] == pytest.approx(TIE_MARGIN_FACTOR * margins[0]["max_gap"],
+                                                 abs=1e-3)
+    assert margins[0]["logits"] > 0
+    markdown = [p.read_text(encoding="utf-8") for p in reports.iterdir() if p.suffix == ".md"]
+    assert markdown and all("margin allowed" in text for text in markdown)
 
 
 # --- a corrupted verification is caught at its first bad token ---------------------------
@@ -261,10 +427,18 @@ def corrupt_forward(monkeypatch, kind: str):
     monkeypatch.setattr(Target, "forward", forward)
 
 
+@pytest.fixture(scope="module")
+def default_bf16_margin(default_bf16):
+    """The margin measured on the default model in bfloat16 (once: it costs seconds)."""
+    prompt = default_bf16.encode_prompt("What is 12 times 7? Answer briefly.")
+    return prompt, measure_tie_margin(default_bf16, prompt)
+
+
 @pytest.mark.parametrize("kind", ["position-offset", "dropped-mask-entry"])
-def test_a_corrupted_verification_fails_at_the_first_bad_token(default_bf16, monkeypatch, kind):
+def test_a_corrupted_verification_fails_at_the_first_bad_token(default_bf16, default_bf16_margin,
+                                                              monkeypatch, kind):
     target = default_bf16
-    prompt = target.encode_prompt("What is 12 times 7? Answer briefly.")
+    prompt, margin = default_bf16_margin
     request, base = plain(target, prompt=prompt, budget=16)
     corrupt_forward(monkeypatch, kind)
     bad = generate(target, request, RepeatLast(), k=4)
@@ -272,7 +446,7 @@ def test_a_corrupted_verification_fails_at_the_first_bad_token(default_bf16, mon
     first = first_divergence(KEY, base.tokens, bad.tokens)
     assert first is not None, "the corruption must change the output"
     with pytest.raises(LosslessError, match="outside the near-tie margin") as info:
-        check_lossless(target, {KEY: base}, [({KEY: request}, {KEY: bad})])
+        check_lossless(target, {KEY: base}, [({KEY: request}, {KEY: bad})], tie_margin=margin)
     # everything before the first departure is the target's own: that is where it fails
     assert f"new token {first.position}:" in str(info.value)
 
@@ -315,8 +489,8 @@ def test_multi_round_with_a_round_one_near_tie_passes_in_round_two(bf16):
     finally:
         del bf16.encode_prompt, bf16.decode
     assert spec.requests[("p1", 0, 1)].prompt_ids != base.requests[("p1", 0, 1)].prompt_ids
-    # the default bfloat16 margin, or the flip's own if it is wider
-    margin = max(AUTO_TIE_MARGIN[torch.bfloat16], flip_margin[0] + 0.01)
+    # the measured bfloat16 margin, or the flip's own if it is wider
+    margin = max(measure_tie_margin(bf16, PROMPT).logits, flip_margin[0] + 0.01)
     verdict = check_lossless(bf16, base.outputs, [(spec.requests, spec.outputs)],
                              tie_margin=margin)
     assert (verdict.near_ties[0].key, verdict.near_ties[0].position) == (("p1", 0, 0), 2)

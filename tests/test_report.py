@@ -479,14 +479,17 @@ def test_lossless_section_shows_what_the_check_found(records):
     spec = next(r for r in records if r["role"] == "speculative")
     checked = dict(spec, lossless="near_tie", lossless_method="teacher_forced",
                    tokens_exact=410, tokens_near_tie=2, max_tie_margin=0.625,
+                   tie_margin={"logits": 1.125, "source": "measured", "max_gap": 0.375},
                    sequences_departed=3, check_s=1.5, wall_s_rounds=[4.0, 4.5],
                    first_departure={"problem": "embedded-001", "sample": 0, "round": 1,
                                     "token": 17})
     headers, rows = _lossless_table([checked, *[r for r in records if r is not spec]])
     assert headers[3:] == ["method", "exact tokens", "near-ties", "largest margin",
-                           "departed", "first departure", "check s (share)"]
+                           "margin allowed", "departed", "first departure", "check s (share)"]
     assert rows == [[spec["drafter"], spec["paradigm"], "0", "teacher_forced", "410", "2",
-                     "0.62", "3", "embedded-001 / 0 / 1 / 17", "1.5 (15.0%)"]]
+                     "0.62", "1.12", "3", "embedded-001 / 0 / 1 / 17", "1.5 (15.0%)"]]
+    given = dict(checked, tie_margin={"logits": 0.5, "source": "given"})
+    assert _lossless_table([given])[1][0][7] == "0.5 (given)"
     assert "## Losslessness" in render_markdown([checked], title="t", meta={})
     # records written before the check reported its counts get no row, and no section
     assert _lossless_table(records)[1] == []

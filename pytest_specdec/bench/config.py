@@ -33,7 +33,7 @@ class SpecdecConfig:
     report_dir: Path
     peers: tuple[str, ...]  # the peer cases to run (PEER_NAMES)
     strict: bool
-    tie_margin: float | None  # None: the dtype's own (lossless.AUTO_TIE_MARGIN)
+    tie_margin: float | None  # None: measured on the target (lossless.measure_tie_margin)
     step_timeout: float  # seconds; 0: no limit
     compare: Path | None
     compare_fail: tuple[tuple[str, float], ...]

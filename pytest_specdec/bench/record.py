@@ -171,6 +171,9 @@ class CaseRecord:
     tokens_exact: int = _optional()
     tokens_near_tie: int = _optional()
     max_tie_margin: float = _optional()
+    # the near-tie margin allowed, in logits, and how it was set: measured (with the
+    # largest gap, factor, positions and forwards) or given (LosslessVerdict.tie_margin)
+    tie_margin: dict = _optional()
     sequences_departed: int = _optional()
     first_departure: dict | None = _optional()
     check_s: float = _optional()

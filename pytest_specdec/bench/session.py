@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from pytest_specdec.bench.config import SpecdecConfig
-from pytest_specdec.bench.lossless import check_lossless
+from pytest_specdec.bench.lossless import TieMargin, check_lossless, resolve_tie_margin
 from pytest_specdec.bench.paradigms import make_paradigm
 from pytest_specdec.bench.peer import check_peer, hf_method, plain_peer_settings, pld_peer_settings
 from pytest_specdec.bench.problems import Problem
@@ -145,6 +145,8 @@ class SpecdecSession:
     _references: dict[ParadigmCase, RunResult] = field(default_factory=dict)
     #: every timed (probed) run of the session so far: the wide probes' reference
     _probed: list[Timeline] = field(default_factory=list)
+    #: the near-tie margin per (target, dtype), measured once (lossless.resolve_tie_margin)
+    _tie_margins: dict[tuple[str, str], TieMargin] = field(default_factory=dict)
 
     @property
     def target(self) -> Target:
@@ -340,11 +342,26 @@ class SpecdecSession:
         target = self.target
         verdict = check_lossless(target, self.reference(case).outputs,
                                  [(run.requests, run.outputs) for run in measured.runs],
-                                 exact_mode=self.config.exact, tie_margin=self.config.tie_margin,
+                                 exact_mode=self.config.exact, tie_margin=self.tie_margin(),
                                  strict=self.config.strict, decode=target.decode)
         for tie in verdict.near_ties:
             log.info("near-tie accepted (%s): %s", label, tie.describe(target.decode))
         return verdict
+
+    def tie_margin(self) -> TieMargin:
+        """The half-precision check's near-tie margin: ``--specdec-tie-margin``, or
+        measured once per target and dtype after the first problem's prompt."""
+        target = self.target
+        key = (target.name, str(target.dtype))
+        if key not in self._tie_margins:
+            margin = resolve_tie_margin(self.config.tie_margin, target,
+                                        target.encode_prompt(self.problems[0].question),
+                                        exact_mode=self.config.exact)
+            if margin.source == "measured":
+                log.info("near-tie margin of %s in %s: %s", target.name, target.dtype,
+                         margin.summary())
+            self._tie_margins[key] = margin
+        return self._tie_margins[key]
 
     def baseline(self, case: ParadigmCase, benchmark: Any = None) -> Measured:
         """Plain decoding on our engine; measured once per session and paradigm case.

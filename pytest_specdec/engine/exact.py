@@ -6,7 +6,7 @@ their GQA packing and their reduction order from the query length and the key le
 and matmul kernels from the row count, so the logits at one position differ by a few
 tenths between the two paths and greedy can flip at a near-tie. Under
 ``--specdec-lossless exact`` every target forward of the decode loop (baseline and
-speculative alike, at batch 1 and batched) pins both:
+speculative alike, at batch 1 and batched) pins all three:
 
 - attention is computed one query row at a time, per sequence of the batch: row i of
   sequence b gathers exactly the keys its own mask row allows (its context and its tree
@@ -17,24 +17,35 @@ speculative alike, at batch 1 and batched) pins both:
   bf16/fp16) a row of ``F.linear`` changes its bits with the row count (float32 from 3
   or 16 rows on; bfloat16 for a 49152 x 576 output head from 28 or 33 rows on, by the
   weights), while within a call of a fixed row count a row's result depends neither on
-  its place in the block nor on the other rows (tests/test_batch_exact.py).
+  its place in the block nor on the other rows (tests/test_batch_exact.py);
+- the model's norms, the forward's other reductions, run their own ``forward`` on blocks
+  of exactly :data:`LINEAR_BLOCK` rows as well (:func:`pinned_norm`): a GPU's reduction
+  kernel picks its blocking from the number of rows, so a norm over 7 rows may round a
+  row differently than over 1. Pinned: per-row norms by class name (``*RMSNorm``,
+  ``*LayerNorm``: Llama, Qwen, Gemma, torch's own ...) taking one input. On this CPU a
+  row of these reductions was already row-invariant, and pinning leaves their bits as
+  they were. A norm it cannot pin (another class, a second input such as a gate, a
+  ``forward`` replaced on the instance) keeps its own kernels on the CPU and is refused
+  on any other device.
 
 A row at position p therefore sees bit-identical inputs and identical kernels whether it
 was decoded alone, verified among k others, or batched with other sequences, and by
 induction over the layers and positions its keys, values and logits are identical too.
-What else runs per row (embeddings, RoPE, norms, activations, the sampler) was checked
-end to end (tiny models in float32, bfloat16 and float16, the default model in
-bfloat16: every emitted logit bit-identical), not kernel by kernel. Not
-pinned: a layer that is not a plain ``nn.Linear`` (a quantized or fused one, GPT-2's
-Conv1D) or whose ``forward`` was already replaced on the instance (accelerate's
-offloading hooks); a GPU's kernels (not measured). Attention sinks (gpt-oss) are refused.
+What else runs per row (embeddings, RoPE and activations, element-wise; the sampler's
+argmax, which does not round) was checked end to end (tiny models in float32, bfloat16 and
+float16, the default model in bfloat16: every emitted logit bit-identical), not kernel
+by kernel. Not pinned: a layer that is not a plain ``nn.Linear`` (a quantized or fused
+one, GPT-2's Conv1D) or whose ``forward`` was already replaced on the instance
+(accelerate's offloading hooks); a GPU's kernels were not measured. Attention sinks
+(gpt-oss) are refused.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -87,20 +98,27 @@ def row_invariant_attention(module: Any, query: torch.Tensor, key: torch.Tensor,
     return out, None
 
 
-def pinned_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` computed in matmuls of exactly :data:`LINEAR_BLOCK` rows (the rows of
-    x flattened, the last block padded with zeros), so that a row's result does not
-    depend on how many rows the forward has."""
-    weight, bias = module.weight, module.bias
-    flat = x.reshape(-1, x.shape[-1])
+def _in_blocks(flat: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]
+               ) -> torch.Tensor:
+    """``compute`` on the rows of `flat` [n, ...] in blocks of exactly
+    :data:`LINEAR_BLOCK` rows (the last block padded with zeros); the n rows of the
+    results, concatenated."""
     n = flat.shape[0]
     if n % LINEAR_BLOCK:
-        padded = flat.new_zeros(n + LINEAR_BLOCK - n % LINEAR_BLOCK, flat.shape[1])
+        padded = flat.new_zeros(n + LINEAR_BLOCK - n % LINEAR_BLOCK, *flat.shape[1:])
         padded[:n] = flat
         flat = padded
-    out = torch.cat([F.linear(flat[j:j + LINEAR_BLOCK], weight, bias)
-                     for j in range(0, flat.shape[0], LINEAR_BLOCK)])
-    return out[:n].reshape(*x.shape[:-1], weight.shape[0])
+    return torch.cat([compute(flat[j:j + LINEAR_BLOCK])
+                      for j in range(0, flat.shape[0], LINEAR_BLOCK)])[:n]
+
+
+def pinned_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` computed in matmuls of exactly :data:`LINEAR_BLOCK` rows (the rows of
+    x [..., in] flattened, the last block padded with zeros), so that a row's result
+    does not depend on how many rows the forward has."""
+    weight, bias = module.weight, module.bias
+    out = _in_blocks(x.reshape(-1, x.shape[-1]), lambda block: F.linear(block, weight, bias))
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 @contextmanager
@@ -117,6 +135,78 @@ def pinned_linears(model: Any) -> Iterator[None]:
         yield
     finally:
         for m in patched:
+            vars(m).pop("forward", None)
+
+
+#: The class-name endings of the norms exact mode pins: per-row norms over a row's
+#: trailing dimensions (torch's ``LayerNorm`` and ``RMSNorm``, transformers' ``*RMSNorm``
+#: and ``*LayerNorm`` of Llama, Qwen, Gemma, Mistral, OLMo, Cohere ...), taking one input.
+PINNED_NORM_SUFFIXES = ("RMSNorm", "LayerNorm")
+
+
+def _normalized_dims(module: torch.nn.Module) -> int:
+    """How many trailing dimensions of its input a norm normalizes over (a row)."""
+    shape = getattr(module, "normalized_shape", None)
+    return len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
+
+
+def pinned_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a per-row norm, its own forward run on blocks of exactly
+    :data:`LINEAR_BLOCK` rows (x [..., *row] flattened to rows, the last block padded
+    with zeros, which normalize to zeros), so that the shapes its reductions see, and
+    so a row's result, do not depend on how many rows the forward has."""
+    dims = _normalized_dims(module)
+    lead, row = x.shape[:-dims], x.shape[-dims:]
+    forward = type(module).forward
+    out = _in_blocks(x.reshape(-1, *row), lambda block: forward(module, block))
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def _takes_one_input(module: torch.nn.Module) -> bool:
+    parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    return len(parameters) == 1 and parameters[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def model_norms(model: Any) -> tuple[list[torch.nn.Module], list[str]]:
+    """The model's norm modules (a class name containing "Norm"): those exact mode pins
+    (a per-row norm by :data:`PINNED_NORM_SUFFIXES`, taking one input, whose
+    ``forward`` is not already replaced on the instance), and the others, each named
+    "path (class)"."""
+    pinned, other = [], []
+    for path, m in model.named_modules():
+        kind = type(m).__name__
+        if "Norm" not in kind:
+            continue
+        if kind.endswith(PINNED_NORM_SUFFIXES) and _takes_one_input(m) and "forward" not in vars(m):
+            pinned.append(m)
+        else:
+            other.append(f"{path or '<model>'} ({kind})")
+    return pinned, other
+
+
+@contextmanager
+def pinned_norms(model: Any) -> Iterator[None]:
+    """Inside the block, the model's per-row norms run :func:`pinned_norm` (an instance
+    attribute, deleted after). A norm exact mode cannot pin (:func:`model_norms`) is
+    refused unless every parameter is on the CPU: a CUDA reduction's blocking depends on
+    the row count, while this CPU's reductions of a row were checked row-invariant end to
+    end, so there such a norm keeps its own kernels."""
+    pinned, other = model_norms(model)
+    devices = sorted({p.device.type for p in model.parameters()} - {"cpu"})
+    if other and devices:
+        raise ValueError(f"exact mode (--specdec-lossless exact) cannot pin the norm layers "
+                         f"{', '.join(other[:4])}{' ...' if len(other) > 4 else ''} to a "
+                         f"row-invariant computation (it pins per-row *RMSNorm and *LayerNorm "
+                         f"modules taking one input), and on {', '.join(devices)} a "
+                         f"reduction's result for a row depends on the forward's row count; "
+                         f"run this target with --specdec-lossless auto")
+    try:
+        for m in pinned:
+            m.forward = functools.partial(pinned_norm, m)
+        yield
+    finally:
+        for m in pinned:
             vars(m).pop("forward", None)
 
 
@@ -143,16 +233,16 @@ def _configs(model: Any) -> list[Any]:
 
 @contextmanager
 def row_invariant(model: Any) -> Iterator[None]:
-    """Run the model's attention through :func:`row_invariant_attention` and its linear
-    layers through :func:`pinned_linear` inside the block, and restore its own after
-    (the target is shared by cases)."""
+    """Run the model's attention through :func:`row_invariant_attention`, its linear
+    layers through :func:`pinned_linear` and its norms through :func:`pinned_norm` inside
+    the block, and restore its own after (the target is shared by cases)."""
     name = register()
     configs = _configs(model)
     before = [c._attn_implementation for c in configs]
     try:
         for c in configs:
             c._attn_implementation = name
-        with pinned_linears(model):
+        with pinned_linears(model), pinned_norms(model):
             yield
     finally:
         for c, impl in zip(configs, before):

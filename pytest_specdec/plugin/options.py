@@ -42,7 +42,7 @@ def _draft_depth(text: str) -> int:
 
 
 def _tie_margin(text: str) -> float | None:
-    """--specdec-tie-margin: 'auto' (None: the dtype's own) or a number of logits >= 0."""
+    """--specdec-tie-margin: 'auto' (None: measured on the target) or a number of logits >= 0."""
     if text == "auto":
         return None
     try:
@@ -264,8 +264,10 @@ OPTIONS = (
            help="fail a case on a half-precision near-tie divergence too"),
     Option("--specdec-tie-margin", "specdec_tie_margin", default=None, type=_tie_margin,
            metavar="M", help="in float16/bfloat16, a token within M logits of the target's "
-                             "teacher-forced choice is a near-tie; auto: bfloat16 "
-                             "1.5, float16 0.25 (default: auto)"),
+                             "teacher-forced choice is a near-tie; auto: measured once per "
+                             "session on the target (twice the largest logit gap between "
+                             "its decode and verify forwards and a teacher-forced one) "
+                             "(default: auto)"),
     Option("--specdec-step-timeout", "specdec_step_timeout", default=10.0,
            type=non_negative_float, metavar="S",
            help="fail a drafter's case when one of its calls (propose, accept, ...) takes "

@@ -156,12 +156,15 @@ LOSSLESS_NOTE = (
     "Every token of each speculative case, judged by `method`: `equality` with plain "
     "decoding (float32, or `--specdec-lossless exact`), or `teacher_forced` (half "
     "precision: each token against the target's choice given the sequence's own prefix, "
-    "near-ties within the margin accepted). *departed*: sequences that differ from plain "
+    "near-ties within the margin accepted). *margin allowed*: the near-tie margin in "
+    "logits, measured once per session on the target (or given, by "
+    "`--specdec-tie-margin`). *departed*: sequences that differ from plain "
     "decoding's, and the first token where one does (problem / sample / round / token). "
     "*check s*: seconds spent in the teacher-forced forwards, and their share of the "
     "case's time (timed rounds + check).")
 LOSSLESS_HEADERS = ["drafter", "paradigm", "T", "method", "exact tokens", "near-ties",
-                    "largest margin", "departed", "first departure", "check s (share)"]
+                    "largest margin", "margin allowed", "departed", "first departure",
+                    "check s (share)"]
 
 
 def lossless_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
@@ -181,9 +184,18 @@ def lossless_table(records: Sequence[dict]) -> tuple[list[str], list[list[str]]]
             r.get("lossless_method", NO_VALUE), str(r["tokens_exact"]),
             str(r.get("tokens_near_tie", 0)),
             number_text(r.get("max_tie_margin")) if r.get("tokens_near_tie") else NO_VALUE,
+            _allowed_margin(r.get("tie_margin")),
             str(r.get("sequences_departed", 0)), where,
             f"{check_s:.1f} ({percent_text(check_s / case_s if case_s else 0.0)})"])
     return LOSSLESS_HEADERS, rows
+
+
+def _allowed_margin(margin: dict | None) -> str:
+    """A record's ``tie_margin``: its logits, and how it was set unless measured."""
+    if not margin:
+        return NO_VALUE
+    text = f"{margin['logits']:.3g}"
+    return text if margin.get("source") == "measured" else f"{text} ({margin.get('source')})"
 
 
 def _series_table(records: Sequence[dict], series: Callable[[dict], Sequence[float]],

@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 
 from pytest_specdec.bench.runner import SequenceKey
-from pytest_specdec.engine.loop import Generation, GenerationRequest, generate
+from pytest_specdec.engine.loop import DRAFT_ROOM, Generation, GenerationRequest, generate
 from pytest_specdec.engine.target import Target
 
 #: Tokens shown on each side of a reported position.
@@ -232,7 +232,9 @@ def incremental_logits(target: Target, prompt: Sequence[int], tokens: Sequence[i
     if width < 1 or kind not in ("chain", "tree"):
         raise ValueError(f"expected a width >= 1 and a kind 'chain' or 'tree', "
                          f"got width {width!r}, kind {kind!r}")
-    cache, rows, done, cached = target.new_cache(), [], 0, 0
+    # the decode path's own cache (the compiled path's static one), as the loop makes it
+    cache = target.new_cache(len(prompt) + len(tokens) + DRAFT_ROOM)
+    rows, done, cached = [], 0, 0
     while done < len(tokens):
         context = [*prompt, *tokens[:done]]
         draft = tokens[done:min(done + width - 1, len(tokens) - 1)]

@@ -145,8 +145,9 @@ class SpecdecSession:
     _references: dict[ParadigmCase, RunResult] = field(default_factory=dict)
     #: every timed (probed) run of the session so far: the wide probes' reference
     _probed: list[Timeline] = field(default_factory=list)
-    #: the near-tie margin per (target, dtype), measured once (lossless.resolve_tie_margin)
-    _tie_margins: dict[tuple[str, str], TieMargin] = field(default_factory=dict)
+    #: the near-tie margin per (target, dtype, decode path), measured once
+    #: (lossless.resolve_tie_margin)
+    _tie_margins: dict[tuple[str, str, str], TieMargin] = field(default_factory=dict)
 
     @property
     def target(self) -> Target:
@@ -350,9 +351,9 @@ class SpecdecSession:
 
     def tie_margin(self) -> TieMargin:
         """The half-precision check's near-tie margin: ``--specdec-tie-margin``, or
-        measured once per target and dtype after the first problem's prompt."""
+        measured once per target, dtype and decode path after the first problem's prompt."""
         target = self.target
-        key = (target.name, str(target.dtype))
+        key = (target.name, str(target.dtype), target.path)
         if key not in self._tie_margins:
             margin = resolve_tie_margin(self.config.tie_margin, target,
                                         target.encode_prompt(self.problems[0].question),

@@ -16,14 +16,16 @@ checked by equality at every temperature.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 _MASK32 = 0xFFFFFFFF
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche hash (lowbias32) on int64 tensors holding values < 2**32.
+def _hash32(x: Any) -> Any:
+    """A 32-bit avalanche hash (lowbias32) on int64 tensors holding values < 2**32, or
+    on a Python int.
 
     Products may wrap past 2**63; only the low 32 bits are kept, and those are the
     same under wrapping, so the result is exact on every device.
@@ -39,7 +41,9 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(seed: int, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Standard Gumbel noise of shape [len(positions), vocab_size], a function of (seed, t)."""
     device = positions.device
-    seed_key = _hash32(torch.tensor([seed & _MASK32], dtype=torch.int64, device=device))
+    # hashed on the host (the same bits as on an int64 tensor): no host-built tensor is
+    # copied to the device
+    seed_key = _hash32(seed & _MASK32)
     row_key = _hash32(seed_key ^ _hash32(positions.to(torch.int64) + 0x9E3779B9))
     cols = torch.arange(vocab_size, dtype=torch.int64, device=device)
     bits = _hash32(row_key[:, None] ^ _hash32(cols * 0x27D4EB2F + 0x165667B1)[None, :])

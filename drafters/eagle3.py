@@ -199,8 +199,9 @@ class Eagle3(DrafterBase):
         self.fed += n
 
     def _children(self, out: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each output row's top_k children for the token at absolute `position`, on the
-        device: (target ids, log-probabilities), both [rows, top_k], most likely first."""
+        """Each output row's (`out` [rows, hidden]) top_k children for the token at
+        absolute `position`, on the device: (target ids, log-probabilities), both
+        [rows, top_k], most likely first."""
         logits = self.head.logits(out).float()
         if self.sampler.temperature > 0:
             at = torch.full((1,), position, dtype=torch.long, device=logits.device)

@@ -41,7 +41,7 @@ from pytest_specdec.engine.loop import (SIGNAL_TOP_K, Generation, GenerationRequ
                                         _exact_prefill, _tell_drafter, _until_eos)
 from pytest_specdec.engine.metrics import SpecDecodingStats, StepRecord
 from pytest_specdec.engine.target import SLIDING, Target
-from pytest_specdec.engine.verify import (StepResult, _accepted_path, accepted_nodes, path_index,
+from pytest_specdec.engine.verify import (StepResult, accepted_nodes, accepted_path, path_index,
                                           slot_attention)
 from pytest_specdec.protocol.drafter import (SEQUENCE_METHODS, Draft, DraftError, DraftRequest,
                                              Drafter, missing_methods, node_depths,
@@ -77,6 +77,7 @@ class _Fed:
     parents: list[int]  # per node: -1 (after the last context token) or a node index
     depth: list[int]  # per node: 1 + its parent's depth
     n_draft: int  # nodes that may be accepted (probes follow them)
+    scored: "_Scored | None" = None  # after the forward: the row's choices (_score_rows)
 
     @property
     def uncached(self) -> int:
@@ -217,62 +218,70 @@ def _mask(target: Target, cache: BatchCache, fed: list[_Fed], width: int,
     return next(iter(masks.values())) if len(masks) == 1 else masks
 
 
-def _choose(row: _Row, f: _Fed, logits: torch.Tensor, positions: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One row's choices on the device, from its slots' logits (the last context
-    token's, then each node's: [1 + nodes, vocab]) and positions [1 + nodes]: its
-    sampler's scores [1 + n_draft, vocab], their argmax [1 + n_draft], and each probe's
-    greedy choice [probes]. The acceptance rule is batch 1's (see
-    :mod:`pytest_specdec.engine.verify`), on the row's own logits with its own sampler:
-    nothing of another row enters it."""
-    scores = row.request.sampler.scores(logits[: f.n_draft + 1], positions[: f.n_draft + 1] + 1)
-    return scores, scores.argmax(dim=-1), logits[f.n_draft + 1:].argmax(dim=-1)
+@dataclass
+class _Scored:
+    """One row after the batch's forward: its sampler's scores [1 + n_draft, vocab] and
+    their argmax [1 + n_draft] on the device, the choices and the probes' greedy
+    choices as read (one read for every row: :func:`_score_rows`), and what its
+    acceptance reads on the device: its draft's tokens and parents (-1: a child of the
+    last context token) [n_draft] and their lineage [n_draft, n_draft]."""
+
+    scores: torch.Tensor
+    chosen: torch.Tensor
+    choices: list[int]
+    probe_choices: list[int]
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    lineage: torch.Tensor
 
 
-def _verify_rows(rows: list[_Row], fed: list[_Fed], drafts: list[Draft], logits: torch.Tensor,
-                 hidden: torch.Tensor | None, slots: _Slots, cache: BatchCache,
-                 top_k: int) -> list[StepResult]:
-    """Every row's step from one forward's logits [rows, keep, vocab] (right-aligned)
-    and hidden states [rows, width, hidden]: the choices of all rows read in ONE
-    transfer, each row's path walked on the host for its tokens and found on the device
-    (:func:`accepted_nodes`) for its cache columns, logits and hidden states; the row's
-    rejected columns (chain tail, tree branches, probes) are marked invalid."""
+def _score_rows(rows: list[_Row], fed: list[_Fed], logits: torch.Tensor, slots: _Slots) -> None:
+    """Every row's choices from one forward's logits [rows, keep, vocab] (right-aligned),
+    each by its own sampler (the acceptance rule is batch 1's, see
+    :mod:`pytest_specdec.engine.verify`: nothing of another row enters it), all rows'
+    read in ONE transfer; sets each row's ``scored``."""
     width = slots.ids.shape[1]
-    chosen = []
+    device_side = []
     for b, (row, f) in enumerate(zip(rows, fed)):
         n = len(f.parents)
-        chosen.append(_choose(row, f, logits[b, logits.shape[1] - n - 1:],
-                              slots.positions[b, width - n - 1:]))
-    read = transfer.to_host(torch.cat([c for _, choices, probes in chosen
-                                       for c in (choices, probes)]))
-    steps, at = [], 0
-    for b, (row, f, draft, (scores, choices_t, _)) in enumerate(zip(rows, fed, drafts, chosen)):
-        n = len(f.parents)
-        choices = read[at: at + f.n_draft + 1]
-        probe_choices = read[at + f.n_draft + 1: at + n + 1]
-        at += n + 1
-        path = _accepted_path(draft.tokens, f.parents, choices)
-        node0, columns = width - n, cache.columns - n  # the first node's slot and column
+        row_logits = logits[b, logits.shape[1] - n - 1:]  # the last context token, then nodes
+        at = slots.positions[b, width - n - 1: width - n + f.n_draft] + 1
+        scores = row.request.sampler.scores(row_logits[: f.n_draft + 1], at)
+        device_side.append((scores, scores.argmax(dim=-1), row_logits[f.n_draft + 1:].argmax(dim=-1)))
+    read = transfer.to_host(torch.cat([c for _, chosen, probes in device_side
+                                       for c in (chosen, probes)]))
+    for b, (f, (scores, chosen, _)) in enumerate(zip(fed, device_side)):
+        n, node0 = len(f.parents), width - len(f.parents)
         nodes = slice(node0, node0 + f.n_draft)
         parents = slots.parent_slot[b, nodes]
-        on_path = accepted_nodes(slots.ids[b, nodes], torch.where(parents >= 0, parents - node0, -1),
-                                 choices_t, slots.attention[b, nodes, nodes])
-        cache.valid[b, columns: columns + f.n_draft] = on_path
-        cache.valid[b, columns + f.n_draft:] = False
-        index = path_index(on_path, len(path))
-        kept = torch.cat([torch.zeros(1, dtype=torch.long, device=index.device), 1 + index])
-        row_logits = logits[b, logits.shape[1] - n - 1:]
-        row_hidden = None
-        if hidden is not None:  # the uncached context, then the accepted path's nodes
-            row_hidden = hidden[b, width - len(f.tokens):]
-            row_hidden = row_hidden[torch.cat([torch.arange(f.uncached, device=index.device),
-                                               f.uncached + index]).to(row_hidden.device)]
-        steps.append(StepResult(
-            emitted=[*(draft.tokens[i] for i in path), choices[1 + path[-1] if path else 0]],
-            logits=row_logits[kept], scores=scores[kept], hidden=row_hidden,
-            top_k=row_logits[: f.n_draft + 1].topk(top_k, dim=-1).indices if top_k else None,
-            probe_choices=tuple(probe_choices)))
-    return steps
+        f.scored = _Scored(scores, chosen, read[: f.n_draft + 1], read[f.n_draft + 1: n + 1],
+                           slots.ids[b, nodes], torch.where(parents >= 0, parents - node0, -1),
+                           slots.attention[b, nodes, nodes])
+        read = read[n + 1:]
+
+
+def _verify(row: _Row, f: _Fed, draft: Draft, logits: torch.Tensor,
+            hidden: torch.Tensor | None, top_k: int) -> tuple[StepResult, torch.Tensor]:
+    """One row's acceptance, from its slots' logits (the last context token's, then
+    each node's: [1 + nodes, vocab]), its slots' hidden states [fed, hidden] and its
+    choices (``f.scored``); returns the step and its draft nodes on the accepted path,
+    [n_draft] bool on the device: the path is walked on the host for the tokens and
+    found on the device (:func:`accepted_nodes`) for the logits, hidden states and
+    cache columns kept, so nothing is copied."""
+    scored = f.scored
+    path = accepted_path(draft.tokens, f.parents, scored.choices)
+    on_path = accepted_nodes(scored.tokens, scored.parents, scored.chosen, scored.lineage)
+    index = path_index(on_path, len(path))
+    kept = torch.cat([torch.zeros(1, dtype=torch.long, device=index.device), 1 + index])
+    if hidden is not None:  # the uncached context, then the accepted path's nodes
+        hidden = hidden[torch.cat([torch.arange(f.uncached, device=index.device),
+                                   f.uncached + index]).to(hidden.device)]
+    step = StepResult(
+        emitted=[*(draft.tokens[i] for i in path), scored.choices[1 + path[-1] if path else 0]],
+        logits=logits[kept.to(logits.device)], scores=scored.scores[kept], hidden=hidden,
+        top_k=logits[: f.n_draft + 1].topk(top_k, dim=-1).indices if top_k else None,
+        probe_choices=tuple(scored.probe_choices))
+    return step, on_path
 
 
 def _forward(target: Target, cache: BatchCache, fed: list[_Fed],
@@ -410,9 +419,18 @@ def _decode(target: Target, rows: list[_Row], cache: BatchCache, *, k: int,
         t1 = timing.boundary(device)
         slots = _slots(fed, cache.pending_keep, cache.device)
         logits, hidden = _forward(target, cache, fed, layers, slots)
-        steps = _verify_rows(open_rows, fed, drafts, logits, hidden, slots, cache, top_k)
+        _score_rows(open_rows, fed, logits, slots)
+        width, steps = slots.ids.shape[1], []
+        for b, (row, f, draft) in enumerate(zip(open_rows, fed, drafts)):
+            row_logits = logits[b, logits.shape[1] - len(f.parents) - 1:]
+            row_hidden = hidden[b, width - len(f.tokens):] if hidden is not None else None
+            step, on_path = _verify(row, f, draft, row_logits, row_hidden, top_k)
+            # the row's rejected nodes (chain tail, tree branches, probes) drop out
+            nodes = cache.columns - len(f.parents)
+            cache.valid[b, nodes: nodes + f.n_draft] = on_path
+            cache.valid[b, nodes + f.n_draft:] = False
+            steps.append(step)
         forward_s = timing.boundary(device) - t1
-        width = slots.ids.shape[1]
         for b, (row, step, draft) in enumerate(zip(open_rows, steps, drafts)):
             _finish_step(target, row, step, draft, forward_s, len(open_rows), width,
                          drafting[b])

@@ -129,7 +129,7 @@ def verify_tree(target: Target, sampler: Sampler, cache: Any, context: list[int]
     chosen = scores.argmax(dim=-1)  # [1 + n_draft]
     read = transfer.to_host(torch.cat([chosen, logits[n_draft + 1:].argmax(dim=-1)]))
     choices, probe_choices = read[: n_draft + 1], read[n_draft + 1:]
-    path = _accepted_path(draft.tokens, parents, choices)
+    path = accepted_path(draft.tokens, parents, choices)
     on_path = accepted_nodes(ids[uncached: uncached + n_draft], node_parents[:n_draft], chosen,
                              block[uncached: uncached + n_draft, uncached: uncached + n_draft])
     index = path_index(on_path, len(path))
@@ -173,7 +173,7 @@ def slot_attention(start: torch.Tensor, first_node: torch.Tensor, parent_slot: t
 
 def accepted_nodes(tokens: torch.Tensor, parents: torch.Tensor, choices: torch.Tensor,
                    lineage: torch.Tensor) -> torch.Tensor:
-    """The accepted path as a mask, on the device (the rule of :func:`_accepted_path`):
+    """The accepted path as a mask, on the device (the rule of :func:`accepted_path`):
     tokens [n] and parents [n] (-1: a child of the last context token) of the nodes that
     may be accepted, choices [1 + n] (the target's choice after the last context token,
     then after each node), lineage [n, n] (j is an ancestor of i, or i itself). A node is
@@ -193,7 +193,7 @@ def path_index(on_path: torch.Tensor, length: int) -> torch.Tensor:
     return torch.sort((~on_path).to(torch.int8), stable=True).indices[:length]
 
 
-def _accepted_path(tokens: Sequence[int], parents: Sequence[int],
+def accepted_path(tokens: Sequence[int], parents: Sequence[int],
                    choices: Sequence[int]) -> list[int]:
     """The nodes accepted, root down: at each node (-1: the root) the first child, in
     draft order, whose token is the target's choice after it; none ends the path.
@@ -213,8 +213,8 @@ def keep_path(cache: Any, base: int, path: list[int], fed: int, *,
               index: torch.Tensor | None = None) -> None:
     """The cache holds `base` context positions then `fed` tree nodes: keep the nodes of
     `path` (increasing indices), moved to base, base + 1, ..., and drop the rest.
-    `index`: the same nodes as an int64 tensor on the cache's device (None: `path` is
-    copied there once, counted); one index serves every layer.
+    `index` [len(path)]: the same nodes as an int64 tensor on the cache's device (None:
+    `path` is copied there once, counted); one index serves every layer.
 
     A cache with a ``keep_path(base, path, fed)`` of its own does it itself.
 

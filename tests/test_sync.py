@@ -444,8 +444,10 @@ def test_the_tree_grown_on_the_device_is_the_host_grown_one():
     rng = random.Random(5)
     children = 6
     # log-probabilities on a coarse grid, so that ties occur and must go the same way
-    logp = -torch.randint(0, 6, (VOCAB, children)).double().div(4).sort(dim=1).values.flip(1).float()
-    kids = torch.randint(0, VOCAB, (VOCAB, children))
+    draw = torch.Generator().manual_seed(5)  # torch's global generator left as it was
+    logp = -torch.randint(0, 6, (VOCAB, children), generator=draw).double().div(4) \
+        .sort(dim=1).values.flip(1).float()
+    kids = torch.randint(0, VOCAB, (VOCAB, children), generator=draw)
 
     def host_expand(frontier, tree):
         return [list(zip(kids[tree.tokens[n]].tolist(), logp[tree.tokens[n]].tolist()))

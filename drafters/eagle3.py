@@ -16,6 +16,10 @@ further level feeds the ``top_k`` best frontier nodes (each paired with its pare
 output) through the head at once, attending to the context and the node's ancestors;
 then the ``total_tokens - 1`` best candidates by cumulative log-probability are drafted.
 The tree's keys and values are dropped afterwards (a length change of the head's cache).
+The tree grows on the head's device (:func:`pytest_specdec.models.tree.grow_on_device`:
+scores, tokens, parents, outputs and each node's visible keys stay tensors there) and
+is read once per propose: with the copy of the newly accepted tokens, at most two
+host<->device transfers, whatever the depth and width.
 
 Deliberate differences from the reference:
 
@@ -48,7 +52,8 @@ import torch
 
 from pytest_specdec.models.eagle3 import (CheckpointError, HeadCache, check_fits, eagle_layers,
                                           load_checkpoint)
-from pytest_specdec.models.tree import DynamicTree, dynamic_tree
+from pytest_specdec.engine import transfer
+from pytest_specdec.models.tree import Frontier, grow_on_device, rerank
 from pytest_specdec.models.weights import state_digest
 from pytest_specdec.models.weights import training_summary
 from pytest_specdec.protocol.drafter import (MAX_DRAFT_NODES, Draft, DrafterBase, DraftRequest,
@@ -183,27 +188,27 @@ class Eagle3(DrafterBase):
         states = torch.cat(self.pending)
         self.pending = []
         n, start = states.shape[0], self.fed
-        tokens = torch.tensor(context[start + 1:start + 1 + n], dtype=torch.long,
-                              device=self.device)
-        if tokens.shape[0] != n:
+        following = list(context[start + 1:start + 1 + n])
+        if len(following) != n:
             raise ValueError(f"eagle3 has states for positions {start}..{start + n - 1} but "
                              f"the context has {len(context)} tokens")
+        tokens = transfer.to_device(following, self.device)
         positions = torch.arange(start, start + n, device=self.device)
         out = self.head.step(self.head.fuse(states.to(self.device)), tokens, positions, self.cache)
         self.last_out = out[-1]
         self.fed += n
 
-    def _children(self, out: torch.Tensor, position: int) -> list[list[tuple[int, float]]]:
-        """Each output row's top_k children (target ids, log-probabilities), for the
-        token at absolute `position`."""
+    def _children(self, out: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each output row's (`out` [rows, hidden]) top_k children for the token at
+        absolute `position`, on the device: (target ids, log-probabilities), both
+        [rows, top_k], most likely first."""
         logits = self.head.logits(out).float()
         if self.sampler.temperature > 0:
-            noise = gumbel_noise(self.sampler.seed, torch.tensor([position], device=logits.device),
-                                 self.vocab_size)[0, self.draft_to_target].float()
+            at = torch.full((1,), position, dtype=torch.long, device=logits.device)
+            noise = gumbel_noise(self.sampler.seed, at, self.vocab_size)[0, self.draft_to_target].float()
             logits = logits / self.sampler.temperature + noise
         top = torch.log_softmax(logits, dim=-1).topk(min(self.top_k, logits.shape[-1]), dim=-1)
-        ids = self.draft_to_target[top.indices].tolist()
-        return [list(zip(row_ids, row_p)) for row_ids, row_p in zip(ids, top.values.tolist())]
+        return self.draft_to_target[top.indices], top.values
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
         self._catch_up(context)
@@ -211,34 +216,47 @@ class Eagle3(DrafterBase):
             return Draft()
         levels = min(k, self.depth + 1)
         budget = min(self.total_tokens - 1, MAX_DRAFT_NODES)
-        stable = self.fed
-        outputs: dict[int, torch.Tensor] = {}  # candidate -> the head's output row
-        slots: dict[int, int] = {}  # candidate -> its row in the tree part of the cache
-
-        def expand(frontier: Sequence[int], tree: DynamicTree) -> list[list[tuple[int, float]]]:
-            fed_before = self.cache.length
-            n = len(frontier)
-            visible = torch.zeros(n, fed_before + n, dtype=torch.bool, device=self.device)
-            visible[:, :stable] = True
-            for row, node in enumerate(frontier):
-                visible[row, fed_before + row] = True
-                for ancestor in tree.ancestors(node):
-                    visible[row, stable + slots[ancestor]] = True
-            state = torch.stack([outputs[p] if p >= 0 else self.last_out
-                                 for p in (tree.parents[node] for node in frontier)])
-            tokens = torch.tensor([tree.tokens[node] for node in frontier], device=self.device)
-            depth = tree.depths[frontier[0]]  # a frontier is one level
-            positions = torch.full((n,), stable + depth - 1, device=self.device)
-            out = self.head.step(state, tokens, positions, self.cache, visible)
-            for row, node in enumerate(frontier):
-                outputs[node] = out[row]
-                slots[node] = fed_before - stable + row
-            return self._children(out, len(context) + depth)
-
-        first = self._children(self.last_out[None], len(context))[0]
+        first_tokens, first_logp = self._children(self.last_out[None], len(context))
+        expand = _TreeExpansion(self, len(context), levels)
         try:
-            tokens, parents = dynamic_tree(first, expand, top_k=self.top_k,
-                                           levels=levels, budget=budget)
+            tree = grow_on_device(first_tokens[0], first_logp[0], expand, top_k=self.top_k,
+                                  levels=levels)
         finally:
-            self.cache.crop(stable)  # drop the tree's keys and values
-        return Draft(tokens, parents)
+            self.cache.crop(expand.stable)  # drop the tree's keys and values
+        return Draft(*rerank(tree, budget))
+
+
+class _TreeExpansion:
+    """The head's side of one tree's growth, on its device: per candidate (row 1 + c;
+    row 0 is the root, the last accepted token) the head's output and the tree keys
+    its children see (its ancestors' and its own: [rows, tree keys])."""
+
+    def __init__(self, drafter: Eagle3, context: int, levels: int):
+        self.drafter, self.context = drafter, context
+        self.stable = drafter.fed  # the head's cache covers the context up to here
+        width = drafter.top_k
+        candidates = 1 + width + max(levels - 1, 0) * width * width
+        tree_keys = max(levels - 1, 0) * width  # each level feeds at most top_k nodes
+        self.outputs = drafter.last_out.new_empty(candidates, drafter.last_out.shape[-1])
+        self.outputs[0] = drafter.last_out
+        self.sees = torch.zeros(candidates, tree_keys, dtype=torch.bool, device=drafter.device)
+
+    def __call__(self, frontier: Frontier) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the frontier [n] through the head at once, each node attending to the
+        context, its ancestors and itself; returns its children (target ids,
+        log-probabilities [n, top_k])."""
+        head, cache = self.drafter.head, self.drafter.cache
+        fed_before, n = cache.length, frontier.nodes.shape[0]
+        own = fed_before - self.stable  # the first tree key this level writes
+        device = frontier.nodes.device
+        seen = self.sees[1 + frontier.parents]  # [n, tree keys]: the ancestors' keys
+        visible = torch.cat([torch.ones(n, self.stable, dtype=torch.bool, device=device),
+                             seen[:, :own], torch.eye(n, dtype=torch.bool, device=device)], dim=1)
+        state = self.outputs[1 + frontier.parents]  # the parents' outputs (the root's: row 0)
+        positions = torch.full((n,), self.stable + frontier.depth - 1, dtype=torch.long,
+                               device=device)
+        out = head.step(state, frontier.tokens, positions, cache, visible)
+        self.outputs[1 + frontier.nodes] = out
+        seen[:, own:own + n] |= torch.eye(n, dtype=torch.bool, device=device)
+        self.sees[1 + frontier.nodes] = seen
+        return self.drafter._children(out, self.context + frontier.depth)

@@ -19,7 +19,7 @@ from conftest import tiny_model
 from test_tree import PROMPT, NoisyTree
 from pytest_specdec.drafters.pld import PromptLookup
 from pytest_specdec.engine import GenerationRequest, generate
-from pytest_specdec.engine import compiled
+from pytest_specdec.engine import compiled, transfer
 from pytest_specdec.engine.compiled import StaticKV, bucket, packed_gqa_attention, resolve_engine
 from pytest_specdec.engine.target import TargetError, wrap_model
 from pytest_specdec.protocol.sampling import Sampler
@@ -167,6 +167,22 @@ def test_eagle3_reads_its_layers_from_the_compiled_graphs(pair, tmp_path, temper
     # attaching compiled the graphs of its layers (only those leave the graph)
     assert any(key[3] == layers for key in target.compiled.graphs)
     assert target.compiled.late_compiles == late
+
+
+@pytest.mark.parametrize("kind, budget", [("baseline", 2), ("chain", 2), ("tree", 4)])
+def test_the_compiled_path_keeps_the_transfer_budget(pair, kind, budget):
+    eager, target = pair
+    request = GenerationRequest(PROMPT, 30, Sampler(0.6, 2))
+    truth = generate(eager, request).tokens
+
+    def drafter():
+        return {"baseline": None, "chain": PromptLookup(), "tree": NoisyTree(truth, 1)}[kind]
+
+    generate(target, request, drafter(), k=4)  # its graphs compiled
+    before = transfer.count.snapshot()
+    out = generate(target, request, drafter(), k=4)
+    assert out.tokens == truth
+    assert transfer.count.since(before).total <= budget * len(out.steps)
 
 
 # --- what the path cannot serve ---------------------------------------------------------

@@ -15,8 +15,15 @@ which column a row may attend to is explicit, never implied by its index:
   was applied at it when the key was written), which the sliding-window rule reads.
 
 Sequences accept different lengths and finish at different times; a finished row is
-dropped from the cache (``batch_select_indices``), and when the holes left by rejected
-drafts outgrow the kept columns the cache is compacted row by row.
+dropped from the cache (``batch_select_indices``, at the next forward), and when the
+holes left by rejected drafts outgrow the kept columns the cache is compacted row by row.
+
+Host<->device transfers: ``valid``, ``position`` and the masks live on the device. A step
+copies its inputs in once (every row's tokens, positions, node parents, padding and
+the rows kept from the last step: :class:`_Slots`), builds the masks there, finds each
+row's accepted path there (:func:`pytest_specdec.engine.verify.accepted_nodes`) and
+reads every row's choices back once: two transfers a step, whatever the batch's rows,
+drafts and trees.
 """
 
 from __future__ import annotations
@@ -27,14 +34,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from pytest_specdec.engine import timing
+from pytest_specdec.engine import timing, transfer
 from pytest_specdec.engine.exact import row_invariant
 from pytest_specdec.engine.guard import Attachment, Guard, attach
 from pytest_specdec.engine.loop import (SIGNAL_TOP_K, Generation, GenerationRequest, _HiddenStates,
                                         _exact_prefill, _tell_drafter, _until_eos)
 from pytest_specdec.engine.metrics import SpecDecodingStats, StepRecord
 from pytest_specdec.engine.target import SLIDING, HiddenStateCapture, Target
-from pytest_specdec.engine.verify import StepResult, _accepted_path, _tree_mask
+from pytest_specdec.engine.verify import (StepResult, accepted_nodes, accepted_path, path_index,
+                                          slot_attention)
 from pytest_specdec.protocol.drafter import (SEQUENCE_METHODS, Draft, DraftError, DraftRequest,
                                              Drafter, missing_methods, node_depths,
                                              serves_concurrent_sequences)
@@ -69,6 +77,7 @@ class _Fed:
     parents: list[int]  # per node: -1 (after the last context token) or a node index
     depth: list[int]  # per node: 1 + its parent's depth
     n_draft: int  # nodes that may be accepted (probes follow them)
+    scored: "_Scored | None" = None  # after the forward: the row's choices (_score_rows)
 
     @property
     def uncached(self) -> int:
@@ -87,6 +96,45 @@ def _fed(row: _Row, draft: Draft) -> _Fed:
                 parents, depth, n_draft)
 
 
+@dataclass
+class _Slots:
+    """One batched forward's inputs on the device, from one copy: per row, its fed
+    tokens left-padded to the widest (``ids``, ``positions``: [rows, width]), each
+    node's parent's slot (``parent_slot`` [rows, width], -1 elsewhere), its first
+    non-pad slot (``start`` [rows]) and first node's slot (``first_node`` [rows]); the
+    new slots' attention built from them (``attention`` [rows, width, width], see
+    :func:`pytest_specdec.engine.verify.slot_attention`); the rows of the cache to keep
+    (``keep`` [kept], None: all)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    parent_slot: torch.Tensor
+    start: torch.Tensor
+    first_node: torch.Tensor
+    attention: torch.Tensor
+    keep: torch.Tensor | None
+
+
+def _slots(fed: list[_Fed], keep: list[int] | None, device: torch.device) -> _Slots:
+    """Every row's fed slots and the rows to keep, copied to `device` in one transfer."""
+    width = max(len(f.tokens) for f in fed)
+    ids, positions, parents, start, first = [], [], [], [], []
+    for f in fed:
+        pad = width - len(f.tokens)
+        node0 = pad + f.uncached
+        ids += [PAD_TOKEN] * pad + f.tokens
+        positions += [0] * pad + f.positions
+        parents += [-1] * node0 + [p if p < 0 else node0 + p for p in f.parents]
+        start.append(pad)
+        first.append(node0)
+    parts = transfer.pack_to_device([ids, positions, parents, start, first, keep or []], device)
+    ids_t, positions_t, parents_t = (t.view(len(fed), width) for t in parts[:3])
+    levels = max((max(f.depth, default=0) for f in fed), default=0)
+    return _Slots(ids_t, positions_t, parents_t, parts[3], parts[4],
+                  slot_attention(parts[3], parts[4], parents_t, levels),
+                  parts[5] if keep is not None else None)
+
+
 class BatchCache:
     """The batch's shared KV cache (every layer keeps every column: the sliding
     window is applied by the mask, from the columns' positions) and which columns
@@ -96,9 +144,10 @@ class BatchCache:
         from transformers import DynamicCache
 
         self.kv = DynamicCache()
-        self.valid = torch.zeros(rows, 0, dtype=torch.bool)  # [rows, columns]
-        self.position = torch.zeros(rows, 0, dtype=torch.long)  # [rows, columns]
+        self.valid = torch.zeros(rows, 0, dtype=torch.bool, device=device)  # [rows, columns]
+        self.position = torch.zeros(rows, 0, dtype=torch.long, device=device)  # [rows, columns]
         self.device = device
+        self.pending_keep: list[int] | None = None  # rows to keep, dropped at the next forward
 
     @property
     def columns(self) -> int:
@@ -110,16 +159,25 @@ class BatchCache:
         self.position = torch.cat([self.position, position], dim=1)
 
     def keep_rows(self, keep: list[int]) -> None:
-        """Drop the rows not in `keep` (finished sequences)."""
-        index = torch.tensor(keep, dtype=torch.long)
-        self.kv.batch_select_indices(index.to(self.device))
-        self.valid, self.position = self.valid[index], self.position[index]
+        """Drop the rows not in `keep` (finished sequences): done by :meth:`select_rows`
+        at the next forward, whose input copy carries the index (no copy of its own)."""
+        if self.pending_keep is not None:
+            keep = [self.pending_keep[i] for i in keep]
+        self.pending_keep = keep
 
-    def compact(self) -> None:
+    def select_rows(self, index: torch.Tensor | None) -> None:
+        """Keep the rows `index` [kept] (int64, on the device) names; None keeps all."""
+        if index is not None:
+            self.kv.batch_select_indices(index)
+            self.valid, self.position = self.valid[index], self.position[index]
+        self.pending_keep = None
+
+    def compact(self, width: int) -> None:
         """Move each row's valid columns to the front (in order) and drop the columns no
         row needs any more; attention never reads a column's index, so nothing else
-        changes. Done when holes outnumber the kept columns, so its cost is amortised."""
-        width = int(self.valid.sum(dim=1).max()) if self.valid.numel() else 0
+        changes. `width`: the most valid columns of any row (the host knows it: a row's
+        cached tokens). Done when holes outnumber the kept columns, so its cost is
+        amortised."""
         if self.columns <= 2 * max(width, 1):
             return
         # per row: its valid columns first (a stable sort keeps their order), then holes
@@ -137,84 +195,114 @@ class BatchCache:
 
 
 def _mask(target: Target, cache: BatchCache, fed: list[_Fed], width: int,
-          positions: torch.Tensor) -> Any:
-    """The additive attention masks of one batched forward: [rows, 1, width, columns +
-    width] per layer type (one tensor when all layers share a type). Row b's slot i
-    attends to b's valid past columns and, among the new slots, to its own uncached
-    context causally and to its draft node's ancestors; a pad slot to itself only.
-    On sliding-window layers, also only to keys less than a window behind it."""
-    rows, past = len(fed), cache.columns
-    allowed = torch.zeros(rows, width, past + width, dtype=torch.bool)
-    allowed[:, :, :past] = cache.valid[:, None, :]
-    for b, f in enumerate(fed):
-        pad = width - len(f.tokens)
-        allowed[b, :pad, :past] = False
-        allowed[b, range(pad), range(past, past + pad)] = True
-        # the batch-1 tree mask over the row's own new slots: [fed, fed]
-        context = f.positions[0] + f.uncached
-        block = _tree_mask(context, f.positions[0], f.parents)[:, f.positions[0]:]
-        allowed[b, pad:, past + pad:] = block
+          slots: _Slots) -> Any:
+    """The additive attention masks of one batched forward, built on the device: [rows,
+    1, width, columns + width] per layer type (one tensor when all layers share a
+    type). Row b's slot i attends to b's valid past columns and, among the new slots,
+    to its own uncached context causally and to its draft node's ancestors
+    (``slots.attention``); a pad slot to itself only. On sliding-window layers, also
+    only to keys less than a window behind it."""
+    real_query = torch.arange(width, device=cache.device)[None, :] >= slots.start[:, None]
+    past = cache.valid[:, None, :] & real_query[:, :, None]  # [rows, width, columns]
+    allowed = torch.cat([past, slots.attention], dim=2)
     types, window = target.layer_types()
     masks = {}
     for kind in dict.fromkeys(types):
         kept = allowed
         if kind == SLIDING:
-            key_at = torch.cat([cache.position, positions], dim=1)  # [rows, past + width]
-            kept = allowed & (positions[:, :, None] - key_at[:, None, :] < window)
-        mask = torch.zeros(kept.shape, dtype=target.dtype)
+            key_at = torch.cat([cache.position, slots.positions], dim=1)  # [rows, past + width]
+            kept = allowed & (slots.positions[:, :, None] - key_at[:, None, :] < window)
+        mask = torch.zeros(kept.shape, dtype=target.dtype, device=kept.device)
         masks[kind] = mask.masked_fill_(~kept, torch.finfo(target.dtype).min)[:, None] \
             .to(target.device)
     return next(iter(masks.values())) if len(masks) == 1 else masks
 
 
-def _verify(row: _Row, f: _Fed, draft: Draft, logits: torch.Tensor,
-            hidden: torch.Tensor | None, top_k: int) -> tuple[StepResult, list[int]]:
-    """One row's acceptance, from its slots' logits (the last context token's, then
-    each node's: [1 + nodes, vocab]); returns the step and the accepted nodes.
+@dataclass
+class _Scored:
+    """One row after the batch's forward: its sampler's scores [1 + n_draft, vocab] and
+    their argmax [1 + n_draft] on the device, the choices and the probes' greedy
+    choices as read (one read for every row: :func:`_score_rows`), and what its
+    acceptance reads on the device: its draft's tokens and parents (-1: a child of the
+    last context token) [n_draft] and their lineage [n_draft, n_draft]."""
 
-    The acceptance rule is batch 1's (see :mod:`pytest_specdec.engine.verify`), on the
-    row's own logits with its own sampler: nothing of another row enters it."""
-    last = len(row.context) - 1
-    at = torch.tensor([last + 1, *(last + 1 + d for d in f.depth[:f.n_draft])],
-                      device=logits.device)
-    scores = row.request.sampler.scores(logits[: f.n_draft + 1], at)
-    choices = scores.argmax(dim=-1).tolist()
-    path = _accepted_path(draft.tokens, f.parents, choices)
-    rows = [0, *(1 + i for i in path)]
+    scores: torch.Tensor
+    chosen: torch.Tensor
+    choices: list[int]
+    probe_choices: list[int]
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    lineage: torch.Tensor
+
+
+def _score_rows(rows: list[_Row], fed: list[_Fed], logits: torch.Tensor, slots: _Slots) -> None:
+    """Every row's choices from one forward's logits [rows, keep, vocab] (right-aligned),
+    each by its own sampler (the acceptance rule is batch 1's, see
+    :mod:`pytest_specdec.engine.verify`: nothing of another row enters it), all rows'
+    read in ONE transfer; sets each row's ``scored``."""
+    width = slots.ids.shape[1]
+    device_side = []
+    for b, (row, f) in enumerate(zip(rows, fed)):
+        n = len(f.parents)
+        row_logits = logits[b, logits.shape[1] - n - 1:]  # the last context token, then nodes
+        at = slots.positions[b, width - n - 1: width - n + f.n_draft] + 1
+        scores = row.request.sampler.scores(row_logits[: f.n_draft + 1], at)
+        device_side.append((scores, scores.argmax(dim=-1), row_logits[f.n_draft + 1:].argmax(dim=-1)))
+    read = transfer.to_host(torch.cat([c for _, chosen, probes in device_side
+                                       for c in (chosen, probes)]))
+    for b, (f, (scores, chosen, _)) in enumerate(zip(fed, device_side)):
+        n, node0 = len(f.parents), width - len(f.parents)
+        nodes = slice(node0, node0 + f.n_draft)
+        parents = slots.parent_slot[b, nodes]
+        f.scored = _Scored(scores, chosen, read[: f.n_draft + 1], read[f.n_draft + 1: n + 1],
+                           slots.ids[b, nodes], torch.where(parents >= 0, parents - node0, -1),
+                           slots.attention[b, nodes, nodes])
+        read = read[n + 1:]
+
+
+def _verify(row: _Row, f: _Fed, draft: Draft, logits: torch.Tensor,
+            hidden: torch.Tensor | None, top_k: int) -> tuple[StepResult, torch.Tensor]:
+    """One row's acceptance, from its slots' logits (the last context token's, then
+    each node's: [1 + nodes, vocab]), its slots' hidden states [fed, hidden] and its
+    choices (``f.scored``); returns the step and its draft nodes on the accepted path,
+    [n_draft] bool on the device: the path is walked on the host for the tokens and
+    found on the device (:func:`accepted_nodes`) for the logits, hidden states and
+    cache columns kept, so nothing is copied."""
+    scored = f.scored
+    path = accepted_path(draft.tokens, f.parents, scored.choices)
+    on_path = accepted_nodes(scored.tokens, scored.parents, scored.chosen, scored.lineage)
+    index = path_index(on_path, len(path))
+    kept = torch.cat([torch.zeros(1, dtype=torch.long, device=index.device), 1 + index])
     if hidden is not None:  # the uncached context, then the accepted path's nodes
-        hidden = hidden[[*range(f.uncached), *(f.uncached + i for i in path)]]
+        hidden = hidden[torch.cat([torch.arange(f.uncached, device=index.device),
+                                   f.uncached + index]).to(hidden.device)]
     step = StepResult(
-        emitted=[*(draft.tokens[i] for i in path), choices[rows[-1]]], logits=logits[rows],
-        scores=scores[rows], hidden=hidden,
+        emitted=[*(draft.tokens[i] for i in path), scored.choices[1 + path[-1] if path else 0]],
+        logits=logits[kept.to(logits.device)], scores=scored.scores[kept], hidden=hidden,
         top_k=logits[: f.n_draft + 1].topk(top_k, dim=-1).indices if top_k else None,
-        probe_choices=tuple(logits[f.n_draft + 1:].argmax(dim=-1).tolist()))
-    return step, path
+        probe_choices=tuple(scored.probe_choices))
+    return step, on_path
 
 
 def _forward(target: Target, cache: BatchCache, fed: list[_Fed],
-             layers: bool | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One forward of every open row (left-padded to the widest); returns, per row,
-    the logits of its last context token and its nodes, right-aligned:
-    [rows, keep, vocab], and, if asked, the hidden states of every slot
-    [rows, width, hidden]. Appends the new columns, valid where a slot is not a pad
-    (the caller invalidates rejected nodes)."""
-    width = max(len(f.tokens) for f in fed)
-    ids = torch.full((len(fed), width), PAD_TOKEN, dtype=torch.long)
-    positions = torch.zeros(len(fed), width, dtype=torch.long)
-    valid = torch.zeros(len(fed), width, dtype=torch.bool)
-    for b, f in enumerate(fed):
-        pad = width - len(f.tokens)
-        ids[b, pad:] = torch.tensor(f.tokens)
-        positions[b, pad:] = torch.tensor(f.positions)
-        valid[b, pad:] = True
+             layers: bool | Sequence[int], slots: _Slots) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward of every open row (left-padded to the widest; `slots`: its inputs on
+    the device); returns, per row, the logits of its last context token and its nodes,
+    right-aligned: [rows, keep, vocab], and, if asked, the hidden states of every slot
+    [rows, width, hidden]. Drops the rows finished at the last step, then appends the
+    new columns, valid where a slot is not a pad (the caller invalidates rejected
+    nodes)."""
+    width = slots.ids.shape[1]
+    cache.select_rows(slots.keep)
     keep = max(len(f.parents) for f in fed) + 1
     with HiddenStateCapture(target.model, layers, target.num_layers) as capture:
-        out = target.model(input_ids=ids.to(target.device),
-                           position_ids=positions.to(target.device),
-                           attention_mask=_mask(target, cache, fed, width, positions),
+        out = target.model(input_ids=slots.ids.to(target.device),
+                           position_ids=slots.positions.to(target.device),
+                           attention_mask=_mask(target, cache, fed, width, slots),
                            cache=cache.kv, use_cache=True, logits_to_keep=keep,
                            **capture.forward_options)
-    cache.append(valid, positions)
+    valid = torch.arange(width, device=cache.device)[None, :] >= slots.start[:, None]
+    cache.append(valid, slots.positions)
     return out.logits, capture.states(out)
 
 
@@ -301,38 +389,48 @@ def generate_batch(target: Target, requests: Sequence[GenerationRequest],
 def _decode(target: Target, rows: list[_Row], cache: BatchCache, *, k: int,
             layers: bool | Sequence[int], top_k: int, exact: bool,
             on_tokens: Callable[[int], None] | None = None) -> list[Generation]:
-    """The batch's steps, until every row has stopped; one Generation per row."""
+    """The batch's steps, until every row has stopped; one Generation per row.
+
+    Spans, each bounded by :func:`pytest_specdec.engine.timing.boundary` (the device
+    synchronized before the clock is read): each row's propose; the verify span, from
+    the forward's launch through every row's acceptance (as at batch 1); each row's
+    observe and accept (:func:`_finish_step`)."""
     done: dict[int, Generation] = {}
     open_rows = rows
+    device = target.device
     while open_rows:
         drafts, fed, drafting = [], [], []
         for row in open_rows:
             room = min(k, row.request.max_new_tokens - len(row.new) - 1)
-            t0 = timing.now()
+            t0 = timing.boundary(device)
             draft = row.guard.propose(room, target.vocab_size) \
                 if row.guard is not None and room > 0 else Draft()
-            drafting.append(timing.now() - t0)
+            drafting.append(timing.boundary(device) - t0)
             drafts.append(draft)
             fed.append(_fed(row, draft))
         if exact and len(fed[0].tokens) < 2 and len(fed) == 1:
             # a forward of one row takes other matmul kernels: batch 1's probe after the
             # last token (scored, never accepted, its column dropped)
             fed[0] = _fed(open_rows[0], Draft((), None, (open_rows[0].context[-1],), (-1,)))
-        t1 = timing.now()
-        logits, hidden = _forward(target, cache, fed, layers)
-        forward_s = timing.now() - t1
-        width = max(len(f.tokens) for f in fed)
+        t1 = timing.boundary(device)
+        slots = _slots(fed, cache.pending_keep, cache.device)
+        logits, hidden = _forward(target, cache, fed, layers, slots)
+        _score_rows(open_rows, fed, logits, slots)
+        width, steps = slots.ids.shape[1], []
         for b, (row, f, draft) in enumerate(zip(open_rows, fed, drafts)):
             row_logits = logits[b, logits.shape[1] - len(f.parents) - 1:]
             row_hidden = hidden[b, width - len(f.tokens):] if hidden is not None else None
-            step, path = _verify(row, f, draft, row_logits, row_hidden, top_k)
+            step, on_path = _verify(row, f, draft, row_logits, row_hidden, top_k)
             # the row's rejected nodes (chain tail, tree branches, probes) drop out
             nodes = cache.columns - len(f.parents)
-            cache.valid[b, nodes:] = False
-            cache.valid[b, [nodes + i for i in path]] = True
+            cache.valid[b, nodes: nodes + f.n_draft] = on_path
+            cache.valid[b, nodes + f.n_draft:] = False
+            steps.append(step)
+        forward_s = timing.boundary(device) - t1
+        for b, (row, step, draft) in enumerate(zip(open_rows, steps, drafts)):
             _finish_step(target, row, step, draft, forward_s, len(open_rows), width,
                          drafting[b])
-        cache.compact()
+        cache.compact(max(row.cached for row in open_rows))
         if on_tokens is not None:  # after every row's step record: in no step's spans
             on_tokens(sum(row.steps[-1].emitted for row in open_rows))
         still = [b for b, row in enumerate(open_rows) if row.stop != "eos"
@@ -376,11 +474,12 @@ def _exact_prefill_rows(target: Target, rows: list[_Row], cache: BatchCache,
             keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
             values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
         cache.kv.update(torch.cat(keys), torch.cat(values), i)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
-    position = torch.zeros(len(rows), width, dtype=torch.long)
+    # built on the device (no host-built tensor is copied)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=cache.device)
+    position = torch.zeros(len(rows), width, dtype=torch.long, device=cache.device)
     for b, row in enumerate(rows):
         valid[b, width - row.cached:] = True
-        position[b, width - row.cached:] = torch.arange(row.cached)
+        position[b, width - row.cached:] = torch.arange(row.cached, device=cache.device)
     cache.append(valid, position)
 
 
@@ -405,7 +504,7 @@ def _finish_step(target: Target, row: _Row, step: StepResult, draft: Draft,
     """Append one row's emitted tokens (cut at EOS), tell its drafter, and record the
     step: the shared forward's seconds, the row's own drafting (propose, then observe
     and accept), the rows the forward verified and its slots per row (`width`)."""
-    t0 = timing.now()
+    t0 = timing.boundary(target.device)
     emitted, row.stop = _until_eos(step.emitted, target.eos_ids)
     # all but the bonus token are cached: the next forward feeds it first
     row.cached = len(row.context) + len(step.emitted) - 1
@@ -413,7 +512,7 @@ def _finish_step(target: Target, row: _Row, step: StepResult, draft: Draft,
     row.new.extend(emitted)
     if row.guard is not None:
         _tell_drafter(row.guard, step, draft, emitted, row.context, row.needs, row.feed)
-    drafter_s = propose_s + timing.now() - t0
+    drafter_s = propose_s + timing.boundary(target.device) - t0
     accepted = min(len(step.emitted) - 1, len(emitted))
     record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted,
                         emitted=len(emitted), drafter_s=drafter_s,

@@ -43,6 +43,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from pytest_specdec.engine import transfer
+
 log = logging.getLogger("pytest_specdec")
 
 #: The decode paths (``--specdec-engine``, with "auto" and BOTH).
@@ -180,16 +182,18 @@ class StaticKV:
             raise ValueError(f"cannot crop to {length}: the cache holds {self.length} positions")
         self.length = kept
 
-    def keep_path(self, base: int, path: list[int], fed: int) -> None:
+    def keep_path(self, base: int, path: list[int], fed: int, *,
+                  index: torch.Tensor | None = None) -> None:
         """The cache holds `base` context slots then `fed` tree nodes: move the nodes of
         `path` (increasing) to base, base + 1, ... and drop the rest (one index copy per
-        layer from one index tensor: no host work per layer or node)."""
+        layer from one index tensor: no host work per layer or node). `index`
+        [len(path)]: the path as an int64 tensor on the device (None: copied from it)."""
         if self.length != base + fed:
             raise RuntimeError(f"the static cache holds {self.length} positions; expected "
                                f"{base} context positions then {fed} tree nodes")
         if path != list(range(len(path))):
             device = self.keys[0].device
-            source = torch.tensor([base + i for i in path], dtype=torch.long, device=device)
+            source = base + transfer.to_device(path if index is None else index, device)
             target = torch.arange(base, base + len(path), device=device)
             for states in (*self.keys, *self.values):
                 states.index_copy_(2, target, states.index_select(2, source))
@@ -308,21 +312,25 @@ class CompiledForward:
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         return torch.compile(own, dynamic=False, mode=mode)
 
-    def run(self, cache: StaticKV, token_ids: Sequence[int], positions: Sequence[int] | None,
-            anc: torch.Tensor | None,
+    def run(self, cache: StaticKV, token_ids: Sequence[int] | torch.Tensor,
+            positions: Sequence[int] | torch.Tensor | None, anc: torch.Tensor | None,
             hidden: tuple[int, ...] = ()) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Feed `token_ids` after the cache's ``length`` slots; anc [n, n] bool (None: a
-        chain, causal). Returns logits [n, vocab] and the hidden states [n, hidden] of
-        the layers `hidden` names (output_hidden_states numbering: 0 the embeddings, i
-        decoder layer i, num_layers after the final norm), copied out of the graph's
-        buffers."""
+        chain, causal). Ids and positions are lists, or [n] int64 tensors already on the
+        device (a tree's, packed by the caller), with anc then on the device too. Returns
+        logits [n, vocab] and the hidden states [n, hidden] of the layers `hidden` names
+        (output_hidden_states numbering: 0 the embeddings, i decoder layer i, num_layers
+        after the final norm), copied out of the graph's buffers."""
         n, base = len(token_ids), cache.length
         width = bucket(n)
         self._fit(cache, base + (width or n))
-        at = list(positions) if positions is not None else list(range(base, base + n))
-        grid = anc.cpu() if anc is not None else torch.ones(n, n, dtype=torch.bool).tril()
         width = width or n  # wider than every graph (a long prompt): the model, eagerly
-        args = self._inputs(token_ids, at, base, padded_ancestors(grid, width))
+        if isinstance(token_ids, torch.Tensor):
+            args = self._device_inputs(token_ids, positions, base, anc, width)
+        else:
+            at = list(positions) if positions is not None else list(range(base, base + n))
+            grid = anc.cpu() if anc is not None else torch.ones(n, n, dtype=torch.bool).tril()
+            args = self._inputs(token_ids, at, base, padded_ancestors(grid, width))
         with packed_attention(self.model):
             if bucket(n) is None:
                 outs = self._eager(cache, hidden, *args)
@@ -331,6 +339,24 @@ class CompiledForward:
         cache.length = base + n
         logits = outs[0][:n].clone()
         return logits, tuple(h[:n].clone() for h in outs[1:])
+
+    def _device_inputs(self, token_ids: torch.Tensor, positions: torch.Tensor | None,
+                       base: int, anc: torch.Tensor | None,
+                       width: int) -> tuple[torch.Tensor, ...]:
+        """:meth:`_inputs` from inputs already on the device (token_ids, positions [n];
+        anc [n, n] bool): padded there, nothing copied from the host."""
+        n, device = len(token_ids), self.device
+        length = torch.full((), base, dtype=torch.long, device=device)
+        slots = torch.arange(width, device=device)
+        ids = torch.zeros(width, dtype=torch.long, device=device)
+        ids[:n] = token_ids
+        at = torch.empty(width, dtype=torch.long, device=device)
+        at[:n] = positions if positions is not None else length + slots[:n]
+        at[n:] = at[n - 1]
+        grid = torch.eye(width, dtype=torch.bool, device=device)
+        grid[:n, :n] = anc if anc is not None else \
+            torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        return ids[None], at[None], length, grid, length + slots
 
     def _inputs(self, token_ids: Sequence[int], at: list[int], base: int,
                 anc: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -342,6 +368,7 @@ class CompiledForward:
         packed = torch.tensor([*token_ids, *([0] * pad), *at, *([at[-1]] * pad), base],
                               dtype=torch.long)
         packed = torch.cat([packed, anc.reshape(-1).long()])
+        transfer.count.to_device += 1  # the one copy (none on a CPU, counted all the same)
         if self.device.type == "cuda":
             packed = self._staged(packed).to(self.device, non_blocking=True)
         ids, positions = packed[:width][None], packed[width:2 * width][None]

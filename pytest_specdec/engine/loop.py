@@ -76,6 +76,12 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     :mod:`pytest_specdec.engine.exact`, so that the baseline and every drafter compute each
     position's logits bit for bit alike in any dtype.
 
+    Every span boundary (t0..t3, the start and the end) is a
+    :func:`pytest_specdec.engine.timing.boundary`: the device is synchronized before the
+    clock is read, so each span holds the device work launched in it. A step makes a
+    bounded number of host<->device transfers (:mod:`pytest_specdec.engine.transfer`):
+    two for an empty draft or a chain, the same for a tree.
+
     ``on_tokens`` (the live progress line): told each step's emitted token count after
     the step's timed span ends (t3) and before the next one starts, so its time is in
     no step's ``target_s`` or ``drafter_s``; one call per step, the baseline's and a
@@ -87,7 +93,8 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     if request.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
     stats = SpecDecodingStats()
-    started = timing.now()
+    device = target.device
+    started = timing.boundary(device)
     # exact mode's row-invariant forwards run eagerly (a DynamicCache)
     cache = target.new_cache() if exact else \
         target.new_cache(len(prompt) + request.max_new_tokens + DRAFT_ROOM)
@@ -114,11 +121,11 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
         while len(new) < request.max_new_tokens:
             # each step emits at most len(draft) + 1 tokens: cap the draft by the budget
             room = min(k, request.max_new_tokens - len(new) - 1)
-            t0 = timing.now()
+            t0 = timing.boundary(device)
             draft = Draft()
             if guarded is not None and room > 0:
                 draft = guarded.propose(room, target.vocab_size)
-            t1 = timing.now()
+            t1 = timing.boundary(device)  # the drafter's device work is its own
             fed = len(context) - cached + len(draft.tokens) + len(draft.probe_tokens)
             if not draft.is_chain or draft.probe_tokens:
                 if tree_refusal is None:  # asked once per sequence, at its first tree
@@ -130,13 +137,13 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
                                     hidden_states=layers,
                                     top_k=SIGNAL_TOP_K if "top_k" in needs else 0, exact=exact)
             cached = len(context) + len(step.emitted) - 1  # all but the bonus token
-            t2 = timing.now()
+            t2 = timing.boundary(device)  # the forward has run, not only been launched
             emitted, stop = _until_eos(step.emitted, target.eos_ids)
             context.extend(emitted)
             new.extend(emitted)
             if guarded is not None:
                 _tell_drafter(guarded, step, draft, emitted, context, needs, feed)
-            t3 = timing.now()
+            t3 = timing.boundary(device)  # observe/accept's device work is the drafter's
             # draft tokens past an EOS are agreed with but never output: not counted
             accepted = min(len(step.emitted) - 1, len(emitted))
             record = StepRecord(drafted=len(draft), depth=draft.depth, accepted=accepted,
@@ -151,7 +158,7 @@ def generate(target: Target, request: GenerationRequest, drafter: Drafter | None
     if guarded is not None:
         guarded.call("end")
         guarded.check_whole_context()
-    stats.wall_s = timing.now() - started
+    stats.wall_s = timing.boundary(device) - started
     return Generation(tokens=new, stop=stop, stats=stats, steps=steps)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pytest_specdec.atomic import staging_folder
+from pytest_specdec.engine import transfer
 from pytest_specdec.engine.compiled import (ENGINES, SERVED_LAYER_TYPES, CompiledForward, StaticKV,
                                             resolve_engine)
 
@@ -293,15 +294,19 @@ class Target:
         text = text_config(config)
         return int(text.num_hidden_layers)
 
-    def forward(self, token_ids: Sequence[int], cache: Any, *, keep_logits: int = 0,
+    def forward(self, token_ids: Sequence[int] | torch.Tensor, cache: Any, *, keep_logits: int = 0,
                 hidden_states: bool | Sequence[int] = False,
-                positions: Sequence[int] | None = None,
+                positions: Sequence[int] | torch.Tensor | None = None,
                 attend: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run token_ids after what `cache` holds; returns logits [n, vocab] (the last
         `keep_logits` positions if > 0) and, if asked, hidden states [n, ...] at every
         fed token: ``True`` the last layer's, a sequence of layer indices (transformers'
         ``output_hidden_states`` numbering: 0 = embeddings, i = decoder layer i) those
         layers' concatenated in that order.
+
+        `token_ids` and `positions` are lists, or 1-d int64 tensors already on the
+        target's device (what :func:`pytest_specdec.engine.transfer.pack_to_device`
+        returns: a caller's inputs in one copy).
 
         Positions are implicit by default: the cache length is where the new tokens
         start, so rolling back n tokens is `cache.crop(-n)`. A tree forward passes
@@ -314,11 +319,12 @@ class Target:
         if isinstance(cache, StaticKV):
             return self._forward_static(token_ids, cache, keep_logits, hidden_states,
                                         positions, attend)
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        # lists are copied to the device (counted); a caller that packed its inputs
+        # into one copy passes tensors already there
+        ids = transfer.to_device(_as_ids(token_ids), self.device)[None]
         extra: dict[str, Any] = {}
         if positions is not None:
-            extra["position_ids"] = torch.tensor([list(positions)], dtype=torch.long,
-                                                 device=self.device)
+            extra["position_ids"] = transfer.to_device(_as_ids(positions), self.device)[None]
         _trim_sliding(cache)
         if attend is not None:
             extra["attention_mask"] = self._masks(attend, cache, extra.get("position_ids"))
@@ -334,7 +340,7 @@ class Target:
         """:meth:`forward` on the compiled path: the fed rows' view of each other is the
         last len(token_ids) columns of `attend` (every row sees the whole cache)."""
         n = len(token_ids)
-        anc = None
+        anc = None  # [n, n] bool: the fed rows' view of each other
         if attend is not None:
             if attend.shape != (n, cache.length + n):
                 raise RuntimeError(f"attend has shape {tuple(attend.shape)}; expected "
@@ -358,7 +364,7 @@ class Target:
         a chain. Columns before ``kv_offset`` are more than a window behind every query
         (all new tokens sit at or after the cache length), so dropping them loses nothing.
         """
-        attend = attend.to(self.device)
+        attend = transfer.to_device(attend, self.device, torch.bool)
         queries, width = attend.shape
         past = width - queries
         types, window = self.layer_types()
@@ -431,6 +437,11 @@ class Target:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def _as_ids(values: Sequence[int] | torch.Tensor) -> Sequence[int] | torch.Tensor:
+    """A tensor as it is, any other sequence of token ids or positions as a list."""
+    return values if isinstance(values, torch.Tensor) else list(values)
 
 
 def _trim_sliding(cache: Any) -> None:

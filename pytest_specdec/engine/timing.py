@@ -66,6 +66,15 @@ they are. :class:`Reference` carries both conversions.
 
 Probe time is never part of a run's wall time. Every timed figure of the package reads
 :func:`now`, so a test can run the whole stack on a fake clock.
+
+Span boundaries. On an accelerator kernels run asynchronously: a host clock read after
+a forward is launched measures its enqueueing, and work left queued is charged to
+whichever span next waits for the device. So every boundary of a timed span (the
+decode loops' t0..t3, a batched forward's start and end, each probe forward) is read
+with :func:`boundary`, which first waits for the device (:data:`synchronize`; nothing
+to wait for on the CPU) and then reads the clock: each span holds exactly the device
+work launched inside it. A test replaces :data:`synchronize` as it replaces
+:data:`clock`.
 """
 
 from __future__ import annotations
@@ -80,6 +89,20 @@ import torch
 
 #: The clock of every timed figure (runs, probes, engine steps); tests replace it.
 clock: Callable[[], float] = time.perf_counter
+
+
+def synchronize_device(device: torch.device | str | None) -> None:
+    """Wait until every kernel queued on `device` has run (CUDA, MPS); a no-op on the
+    CPU, whose work is done when the call that did it returns."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
+#: How a span boundary waits for the device (:func:`boundary`); tests replace it.
+synchronize: Callable[[torch.device | str | None], None] = synchronize_device
 
 #: One-token forwards per probe; the probe reads the mean of all but the fastest and the
 #: slowest (one hiccup cannot move it, while a contended machine's slower forwards count)
@@ -121,6 +144,14 @@ TIMING_MODES = ("calibrated", "paired")
 def now() -> float:
     """Seconds on :data:`clock` (monotonic, arbitrary origin)."""
     return clock()
+
+
+def boundary(device: torch.device | str | None) -> float:
+    """A span boundary: wait for `device` (:data:`synchronize`), then read :func:`now`,
+    so the span that ends here holds the device work launched in it (see the module
+    docstring)."""
+    synchronize(device)
+    return now()
 
 
 def host_workload(iterations: int = HOST_PROBE_ITERATIONS) -> int:
@@ -188,12 +219,12 @@ class Probe:
         :meth:`Timeline.noise_at`), then the host's (the mean chunk time of
         :func:`host_workload`, and half its range over that mean), then the wide
         forwards' median."""
+        device = getattr(self.target, "device", None)
         times = []
         for _ in range(PROBE_FORWARDS):
-            started = now()
-            logits, _ = self.target.forward([self.next_token], self.cache, keep_logits=1)
-            float(logits[0, 0])  # waits for an asynchronous device
-            times.append(now() - started)
+            started = boundary(device)
+            self.target.forward([self.next_token], self.cache, keep_logits=1)
+            times.append(boundary(device) - started)
             self.cache.crop(-1)
         kept = sorted(times)[1:-1] if len(times) > 2 else times
         mean = statistics.fmean(kept)
@@ -205,10 +236,9 @@ class Probe:
         host_mean = statistics.fmean(host)
         wide = []
         for _ in range(WIDE_PROBE_FORWARDS):
-            started = now()
-            logits, _ = self.target.forward(self.wide_tokens, self.cache, keep_logits=1)
-            float(logits[0, 0])
-            wide.append(now() - started)
+            started = boundary(device)
+            self.target.forward(self.wide_tokens, self.cache, keep_logits=1)
+            wide.append(boundary(device) - started)
             self.cache.crop(-len(self.wide_tokens))
         return ProbeReading(mean, _half_range(kept, mean), host_mean, _half_range(host, host_mean),
                             statistics.median(wide) if wide else None)

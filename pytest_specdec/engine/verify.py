@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from pytest_specdec.engine import transfer
 from pytest_specdec.engine.target import Target
 from pytest_specdec.protocol.drafter import Draft, node_depths
 from pytest_specdec.protocol.sampling import Sampler
@@ -64,14 +65,14 @@ def verify_chain(target: Target, sampler: Sampler, cache: Any, context: list[int
                  top_k: int = 0) -> StepResult:
     """Verify a chain draft: the longest prefix the target agrees with, then its bonus
     token (the acceptance rule above: d_j is accepted iff d_0..d_{j-1} were and
-    d_j == c_j)."""
+    d_j == c_j). Two host<->device transfers: the fed tokens in, the choices out."""
     tokens = draft.tokens
     fed = [*context[cached:], *tokens]
     logits, hidden = target.forward(fed, cache, keep_logits=len(tokens) + 1,
                                     hidden_states=hidden_states)
     positions = torch.arange(len(context), len(context) + len(tokens) + 1, device=logits.device)
     scores = sampler.scores(logits, positions)
-    choices = scores.argmax(dim=-1).tolist()
+    choices = transfer.to_host(scores.argmax(dim=-1))
     n = 0
     while n < len(tokens) and tokens[n] == choices[n]:
         n += 1
@@ -98,6 +99,11 @@ def verify_tree(target: Target, sampler: Sampler, cache: Any, context: list[int]
     in draft order, whose token equals the target's choice for the next position, and
     stops where none does; the choice there is the bonus token. The cache keeps the
     context and that path only.
+
+    Two host<->device transfers whatever the tree's size: the fed tokens, positions
+    and parents in one copy (the mask is built from them on the device), and the
+    choices (probes' included) read once; the accepted path is found on the device too
+    (:func:`accepted_nodes`), so moving it into place copies nothing.
     """
     n_draft = len(draft.tokens)
     nodes = (*draft.tokens, *draft.probe_tokens)
@@ -105,43 +111,89 @@ def verify_tree(target: Target, sampler: Sampler, cache: Any, context: list[int]
                *(p if p < 0 else p + n_draft for p in draft.probe_parents)]
     depth = node_depths(parents)
     last, uncached = len(context) - 1, len(context) - cached
-    logits, hidden = target.forward(
-        [*context[cached:], *nodes], cache, keep_logits=len(nodes) + 1,
-        hidden_states=hidden_states, positions=[*range(cached, len(context)), *(last + d for d in depth)],
-        attend=_tree_mask(len(context), cached, parents))
-    # row 0: after the last context token; row 1 + i: after node i
-    positions = torch.tensor([last + 1, *(last + 1 + d for d in depth[:n_draft])], device=logits.device)
-    scores = sampler.scores(logits[: n_draft + 1], positions)
-    choices = scores.argmax(dim=-1).tolist()
-    path = _accepted_path(draft.tokens, parents, choices)
-    keep_path(cache, len(context), path, len(nodes))
-    rows = [0, *(1 + i for i in path)]
+    ids, positions, node_parents = transfer.pack_to_device(
+        [[*context[cached:], *nodes], [*range(cached, len(context)), *(last + d for d in depth)],
+         parents], target.device)
+    first_node = torch.full((1,), uncached, dtype=torch.long, device=ids.device)
+    slot_parents = torch.cat([torch.full((uncached,), -1, dtype=torch.long, device=ids.device),
+                              torch.where(node_parents >= 0, node_parents + uncached, -1)])
+    block = slot_attention(first_node - uncached, first_node, slot_parents[None],
+                           max(depth, default=0))[0]  # [fed, fed]
+    attend = torch.cat([torch.ones(len(slot_parents), cached, dtype=torch.bool,
+                                   device=ids.device), block], dim=1)
+    logits, hidden = target.forward(ids, cache, keep_logits=len(nodes) + 1,
+                                    hidden_states=hidden_states, positions=positions, attend=attend)
+    # row 0: after the last context token (at positions[uncached - 1]); row 1 + i: after node i
+    at = positions[uncached - 1: uncached + n_draft] + 1
+    scores = sampler.scores(logits[: n_draft + 1], at)
+    chosen = scores.argmax(dim=-1)  # [1 + n_draft]
+    read = transfer.to_host(torch.cat([chosen, logits[n_draft + 1:].argmax(dim=-1)]))
+    choices, probe_choices = read[: n_draft + 1], read[n_draft + 1:]
+    path = accepted_path(draft.tokens, parents, choices)
+    on_path = accepted_nodes(ids[uncached: uncached + n_draft], node_parents[:n_draft], chosen,
+                             block[uncached: uncached + n_draft, uncached: uncached + n_draft])
+    index = path_index(on_path, len(path))
+    keep_path(cache, len(context), path, len(nodes), index=index)
+    rows = torch.cat([torch.zeros(1, dtype=torch.long, device=index.device), 1 + index])
     if hidden is not None:  # the uncached context, then the accepted path's nodes
-        hidden = hidden[[*range(uncached), *(uncached + i for i in path)]]
+        hidden = hidden[torch.cat([torch.arange(uncached, device=hidden.device),
+                                   uncached + index.to(hidden.device)])]
     return StepResult(
-        emitted=[*(draft.tokens[i] for i in path), choices[rows[-1]]],
-        logits=logits[rows], scores=scores[rows], hidden=hidden,
+        emitted=[*(draft.tokens[i] for i in path), choices[1 + path[-1] if path else 0]],
+        logits=logits[rows.to(logits.device)], scores=scores[rows.to(scores.device)],
+        hidden=hidden,
         top_k=logits[: n_draft + 1].topk(top_k, dim=-1).indices if top_k else None,
-        probe_choices=tuple(logits[n_draft + 1:].argmax(dim=-1).tolist()))
+        probe_choices=tuple(probe_choices))
 
 
-def _tree_mask(context: int, cached: int, parents: Sequence[int]) -> torch.Tensor:
-    """Who may attend to whom in a tree forward: the uncached context causally, each
-    node the whole context and its own ancestors (rows: fed tokens; columns: context
-    then nodes)."""
-    uncached = context - cached
-    attend = torch.ones(uncached + len(parents), context + len(parents), dtype=torch.bool)
-    attend[:uncached] = attend[:uncached].tril(diagonal=cached)
-    tree = attend[uncached:, context:]
-    tree.zero_()
-    for i, p in enumerate(parents):
-        if p >= 0:
-            tree[i] = tree[p]
-        tree[i, i] = True
-    return attend
+def slot_attention(start: torch.Tensor, first_node: torch.Tensor, parent_slot: torch.Tensor,
+                   levels: int) -> torch.Tensor:
+    """Who may attend to whom among the slots one forward feeds, per row, built on the
+    device from compact per-row data: start [rows], the first slot that is not padding;
+    first_node [rows], the first draft node's slot (the uncached context lies between);
+    parent_slot [rows, slots], each node's parent's slot, -1 for a child of the last
+    context token and for every other slot; `levels`, the deepest node's depth.
+
+    Returns [rows, slots, slots] bool: a pad slot attends to itself only; a context
+    slot to the context slots up to itself; a node to the whole uncached context, its
+    ancestors and itself (the ancestor matrix, one gather per level)."""
+    slots = parent_slot.shape[-1]
+    at = torch.arange(slots, device=parent_slot.device)
+    itself = (at[:, None] == at[None, :]).expand(parent_slot.shape[0], -1, -1)
+    lineage = itself  # [rows, slots, slots]: j is an ancestor of i, or i itself
+    has_parent = (parent_slot >= 0)[:, :, None]
+    gather_at = parent_slot.clamp(min=0)[:, :, None].expand(-1, -1, slots)
+    for _ in range(max(levels - 1, 0)):
+        lineage = itself | (lineage.gather(1, gather_at) & has_parent)
+    context_key = (at[None, :] >= start[:, None]) & (at[None, :] < first_node[:, None])
+    real_query = at[None, :] >= start[:, None]  # [rows, slots]
+    causal = at[:, None] >= at[None, :]
+    return lineage | (context_key[:, None, :] & causal[None] & real_query[:, :, None])
 
 
-def _accepted_path(tokens: Sequence[int], parents: Sequence[int],
+def accepted_nodes(tokens: torch.Tensor, parents: torch.Tensor, choices: torch.Tensor,
+                   lineage: torch.Tensor) -> torch.Tensor:
+    """The accepted path as a mask, on the device (the rule of :func:`accepted_path`):
+    tokens [n] and parents [n] (-1: a child of the last context token) of the nodes that
+    may be accepted, choices [1 + n] (the target's choice after the last context token,
+    then after each node), lineage [n, n] (j is an ancestor of i, or i itself). A node is
+    on the path when it and each of its ancestors is the first child, in draft order,
+    whose token is the choice after its parent. Returns [n] bool."""
+    n = tokens.shape[0]
+    matches = tokens == choices[parents + 1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril(-1)
+    siblings = parents[:, None] == parents[None, :]
+    first = matches & ~(siblings & earlier & matches[None, :]).any(dim=-1)
+    return ~(lineage & ~first[None, :]).any(dim=-1)
+
+
+def path_index(on_path: torch.Tensor, length: int) -> torch.Tensor:
+    """The nodes of `on_path` [n] bool, increasing, as an int64 index on its device;
+    `length` (how many there are) comes from the host's own walk, so nothing is read."""
+    return torch.sort((~on_path).to(torch.int8), stable=True).indices[:length]
+
+
+def accepted_path(tokens: Sequence[int], parents: Sequence[int],
                    choices: Sequence[int]) -> list[int]:
     """The nodes accepted, root down: at each node (-1: the root) the first child, in
     draft order, whose token is the target's choice after it; none ends the path.
@@ -157,9 +209,14 @@ def _accepted_path(tokens: Sequence[int], parents: Sequence[int],
         path.append(here)
 
 
-def keep_path(cache: Any, base: int, path: list[int], fed: int) -> None:
+def keep_path(cache: Any, base: int, path: list[int], fed: int, *,
+              index: torch.Tensor | None = None) -> None:
     """The cache holds `base` context positions then `fed` tree nodes: keep the nodes of
     `path` (increasing indices), moved to base, base + 1, ..., and drop the rest.
+    `index` [len(path)]: the same nodes as an int64 tensor on the cache's device (None:
+    `path` is copied there once, counted); one index serves every layer.
+
+    A cache with a ``keep_path(base, path, fed)`` of its own does it itself.
 
     A sliding-window layer holds fewer context positions than a full one (only those
     its window still needs), but every layer holds the `fed` nodes last, so they are
@@ -170,7 +227,7 @@ def keep_path(cache: Any, base: int, path: list[int], fed: int) -> None:
     A cache with a ``keep_path`` of its own (the compiled path's static cache) does it."""
     own = getattr(cache, "keep_path", None)
     if callable(own):
-        return own(base, path, fed)
+        return own(base, path, fed, index=index)
     if path != list(range(len(path))):
         for layer in cache.layers:
             if getattr(layer, "is_sliding", False) and not getattr(layer, "record_past", False):
@@ -183,9 +240,12 @@ def keep_path(cache: Any, base: int, path: list[int], fed: int) -> None:
             if start < 0 or (not getattr(layer, "is_sliding", False) and start != base):
                 raise RuntimeError(f"a cache layer holds {layer.keys.shape[-2]} positions; "
                                    f"expected {base} context positions then {fed} tree nodes")
-            source = torch.tensor([start + i for i in path], device=layer.keys.device)
+            if index is None:
+                index = transfer.to_device(path, layer.keys.device)
+            source = start + index.to(layer.keys.device)
             for name in ("keys", "values"):
                 states = getattr(layer, name)
                 states[..., start:start + len(path), :] = states[..., source, :]
     if fed > len(path):
         cache.crop(-(fed - len(path)))
+    return None

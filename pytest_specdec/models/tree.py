@@ -21,6 +21,11 @@ within a level by frontier node, then child rank), so parents come before childr
 :class:`pytest_specdec.protocol.drafter.Draft` requires; ``parents[i]`` is -1 for a level-1 node
 (a child of the last accepted token).
 
+:func:`grow_on_device` grows the same tree with the candidates kept as tensors on the
+draft model's device (a model drafter's expansion never leaves it) and reads them once,
+at the end: a fixed two host<->device transfers per draft with the drafter's own input
+copy, however many levels and candidates (see :mod:`pytest_specdec.engine.transfer`).
+
 Deliberate differences from the reference: ties between equal scores are broken by
 candidate order (the reference's ``torch.topk`` leaves them unspecified); ``budget``
 counts draft nodes, without the root (the reference's ``total_token`` counts the root).
@@ -30,6 +35,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import torch
+
+from pytest_specdec.engine import transfer
 
 #: (token, log-probability) pairs, most likely first
 Children = Sequence[tuple[int, float]]
@@ -122,3 +131,60 @@ def dynamic_tree(first: Children, expand: Expand, *, top_k: int, levels: int,
     if budget < 1:
         return (), ()
     return rerank(grow(first, expand, top_k=top_k, levels=levels), budget)
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """One level's frontier, on the device: its candidates' indices, their parents'
+    (-1 for level 1) and tokens (each [n]), and their level (``depth``)."""
+
+    nodes: torch.Tensor
+    parents: torch.Tensor
+    tokens: torch.Tensor
+    depth: int
+
+
+#: the draft model, for a frontier: each node's children as (tokens, log-probabilities),
+#: both [n, children] on the device, most likely first
+ExpandOnDevice = Callable[[Frontier], tuple[torch.Tensor, torch.Tensor]]
+
+
+def grow_on_device(first_tokens: torch.Tensor, first_logp: torch.Tensor, expand: ExpandOnDevice,
+                   *, top_k: int, levels: int) -> DynamicTree:
+    """:func:`grow`'s tree from tensors: `first_tokens`, `first_logp` [children] the
+    root's children, most likely first; `expand` is called once per level past the
+    first. Scores add up in float64 on the device, as :func:`grow` adds Python floats,
+    and the next frontier is chosen there by a stable sort (ties to the earlier
+    candidate), so the tree is :func:`grow`'s; the candidates are read back in one
+    transfer at the end."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if levels < 1:
+        return DynamicTree([], [], [], [])
+    tokens = first_tokens[:top_k].long()
+    scores = first_logp[:top_k].double()
+    parents = torch.full_like(tokens, -1)
+    sizes = [tokens.shape[0]]  # candidates per level
+    frontier = torch.arange(sizes[0], device=tokens.device)
+    for depth in range(2, levels + 1):
+        if frontier.shape[0] == 0:
+            break
+        kid_tokens, kid_logp = expand(Frontier(frontier, parents[frontier], tokens[frontier],
+                                               depth - 1))
+        if kid_tokens.shape[0] != frontier.shape[0]:
+            raise ValueError(f"expand returned children for {kid_tokens.shape[0]} nodes, "
+                             f"the frontier has {frontier.shape[0]}")
+        kid_tokens, kid_logp = kid_tokens[:, :top_k], kid_logp[:, :top_k]
+        made = (scores[frontier][:, None] + kid_logp.double()).reshape(-1)
+        first_made = tokens.shape[0]
+        tokens = torch.cat([tokens, kid_tokens.reshape(-1).long()])
+        parents = torch.cat([parents, frontier.repeat_interleave(kid_tokens.shape[1])])
+        scores = torch.cat([scores, made])
+        sizes.append(made.shape[0])
+        best = torch.sort(made, descending=True, stable=True).indices[:top_k]
+        frontier = first_made + torch.sort(best).values
+    read = transfer.to_host(torch.cat([tokens.double(), parents.double(), scores]))
+    n = tokens.shape[0]
+    depths = [level + 1 for level, size in enumerate(sizes) for _ in range(size)]
+    return DynamicTree([int(t) for t in read[:n]], [int(p) for p in read[n:2 * n]],
+                       read[2 * n:], depths)

@@ -16,19 +16,28 @@ checked by equality at every temperature.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 _MASK32 = 0xFFFFFFFF
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche hash (lowbias32) on int64 tensors holding values < 2**32.
+def _hash32(x: Any) -> Any:
+    """A 32-bit avalanche hash (lowbias32) on int64 tensors holding values < 2**32, or
+    on a Python int.
 
     Products may wrap past 2**63; only the low 32 bits are kept, and those are the
     same under wrapping, so the result is exact on every device. `x` is left as it
     is; after its first step the hash works in place (one temporary, the shifted value).
     """
+    if isinstance(x, int):
+        x &= _MASK32
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & _MASK32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & _MASK32
+        return x ^ (x >> 16)
     x = x & _MASK32
     x ^= x >> 16
     x.mul_(0x7FEB352D).bitwise_and_(_MASK32)
@@ -61,7 +70,9 @@ def gumbel_noise(seed: int, positions: torch.Tensor, vocab_size: int, *,
         raise ValueError(f"gumbel_noise: dtype {dtype} is not one of "
                          f"{', '.join(map(str, NOISE_DTYPES))}")
     device = positions.device
-    seed_key = _hash32(torch.tensor([seed & _MASK32], dtype=torch.int64, device=device))
+    # hashed on the host (the same bits as on an int64 tensor): no host-built tensor is
+    # copied to the device
+    seed_key = _hash32(seed & _MASK32)
     row_key = _hash32(seed_key ^ _hash32(positions.to(torch.int64) + 0x9E3779B9))[:, None]
     out = torch.empty(row_key.shape[0], vocab_size, dtype=dtype, device=device)
     width = max(1, CHUNK_ELEMENTS // max(1, row_key.shape[0]))

@@ -15,11 +15,12 @@ The entry, as saved by ``--benchmark-save`` / ``--benchmark-json``::
         "torch": "2.13.0", "transformers": "5.24.0",
         # only where CUDA is available:
         "gpus": ["NVIDIA H200"], "cuda": "12.8", "driver": "570.133.20",
-        # only once a case has loaded the target (see memory_entry):
-        "memory": {"weight_bytes": 16381470720, "probe_bytes": 1073741824,
-                   "bandwidth_bytes_per_s": 3.1e12, "limit_ms": 5.284,
-                   "step_ms": 24.1, "limit_over_step": 0.219}
     }
+
+The memory limit of the decode step (:func:`memory_entry`) is not part of it: a saved
+run carries it beside, as its top-level ``"specdec": {"memory": {...}}`` (the plugin's
+``pytest_benchmark_update_json``), since pytest-benchmark compares machine_info, taken
+before any target is loaded, with the next run's.
 
 A conftest can add its own fields after ours (hooks of conftests run first, so wrap):
 

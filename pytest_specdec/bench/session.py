@@ -163,7 +163,7 @@ class SpecdecSession:
         sequence the session can decode: the longest first prompt, every round's budget
         and answer, and the draft room."""
         cfg = self.config
-        if target.compiled_refusal() or not any(
+        if cfg is None or target.compiled_refusal() or not any(
                 resolve_engine(c.engine, target.device) == "compiled"
                 for c in paradigm_cases(cfg)):
             return

@@ -148,14 +148,27 @@ def _check_cheap(cfg: SpecdecConfig, registry: Registry) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Add ``machine_info["specdec"]``: GPUs, driver, CUDA, torch and transformers
-    versions, target name, dtype and device, and, once a case has loaded the target (as
-    when a run is saved, at the session's end), the memory limit of its decode step
-    (see bench/machine.py; no model is loaded for it)."""
+    versions, target name, dtype and device (see bench/machine.py). Not the memory limit
+    of a decode step: pytest-benchmark compares machine_info, taken at the session's start
+    (before any target is loaded), with a saved run's, and a measured figure would always
+    differ; a saved run carries it beside (:func:`pytest_benchmark_update_json`)."""
     cfg = config.stash.get(CONFIG_KEY, None)
     if cfg is not None:
         from pytest_specdec.bench.machine import SPECDEC_KEY, specdec_machine_info
 
-        machine_info[SPECDEC_KEY] = specdec_machine_info(cfg, session_memory(config))
+        machine_info[SPECDEC_KEY] = specdec_machine_info(cfg)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any,
+                                 output_json: dict) -> None:
+    """A saved run's ``specdec`` entry: the memory limit of the decode step (once a case
+    has loaded the target; bench.machine.memory_entry), which its reports show."""
+    from pytest_specdec.bench.machine import SPECDEC_KEY
+
+    memory = session_memory(config)
+    if memory:
+        output_json[SPECDEC_KEY] = {"memory": memory}
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -32,7 +32,7 @@ def records_from_benchmark_json(data: Any, *, source: str = "<memory>") -> list[
     provenance = {
         "source": source,
         "run_date": str(data.get("datetime") or ""),
-        "machine": describe_machine(data.get("machine_info")),
+        "machine": describe_machine(data.get("machine_info"), _saved_memory(data)),
     }
     records = []
     for index, benchmark in enumerate(benchmarks):
@@ -101,3 +101,10 @@ def select_records(records: Iterable[dict], *, drafters: Sequence[str] | None = 
             and (not paradigms or r["paradigm"] in paradigms)
             and (not wanted_temperatures or float(r["temperature"]) in wanted_temperatures)
             and (not targets or r["target"] in targets)]
+
+
+def _saved_memory(data: dict) -> Any:
+    """The memory limit of a saved run's decode step (its top-level ``specdec`` entry,
+    kept out of machine_info; an older run kept it in machine_info's), or None."""
+    entry = data.get("specdec")
+    return entry.get("memory") if isinstance(entry, dict) else None

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 
-def describe_machine(machine_info: Any) -> str:
+def describe_machine(machine_info: Any, memory: Any = None) -> str:
     """One line from pytest-benchmark's machine_info: host, CPU, OS, Python, then what
     pytest-specdec adds under ``machine_info["specdec"]`` (GPUs, driver, CUDA, torch and
     transformers versions, the memory limit of a decode step; see
-    :func:`describe_specdec_machine`)."""
+    :func:`describe_specdec_machine`); `memory`: the memory limit kept beside
+    machine_info (a saved run's ``specdec`` entry), which takes precedence."""
     if not isinstance(machine_info, dict):
         return ""
     cpu = machine_info.get("cpu")
@@ -21,7 +22,10 @@ def describe_machine(machine_info: Any) -> str:
         f"Python {machine_info['python_version']}" if machine_info.get("python_version") else None,
     ]
     line = ", ".join(str(part) for part in parts if part)
-    specdec = describe_specdec_machine(machine_info.get("specdec"))
+    info = machine_info.get("specdec")
+    if memory is not None and isinstance(info, dict):
+        info = {**info, "memory": memory}
+    specdec = describe_specdec_machine(info)
     return "; ".join(filter(None, (line, specdec)))
 
 
@@ -51,7 +55,7 @@ def describe_specdec_machine(info: Any) -> str:
 
 def describe_memory_limit(memory: Any) -> str:
     """``decode step 53.0 ms, memory limit 27.1 ms (538 MB of weights at 19.9 GB/s):
-    limit ÷ step 0.51`` from machine_info's ``specdec.memory`` (``bench.machine.memory_entry``;
+    limit ÷ step 0.51`` from a saved run's ``specdec.memory`` (``bench.machine.memory_entry``;
     the step and the figure only where the run had a baseline); empty without one."""
     if not isinstance(memory, dict) or not _is_number(memory.get("limit_ms")):
         return ""

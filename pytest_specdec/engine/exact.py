@@ -129,12 +129,20 @@ def pinned_linears(model: Any) -> Iterator[None]:
     alone."""
     patched = [m for m in model.modules()
                if type(m) is torch.nn.Linear and "forward" not in vars(m)]
+    with _forwards_replaced(patched, pinned_linear):
+        yield
+
+
+@contextmanager
+def _forwards_replaced(modules: list[Any], function: Any) -> Iterator[None]:
+    """Each module's ``forward`` replaced by ``function(module, ...)`` inside the block
+    (an instance attribute, deleted after: the target is shared by cases)."""
     try:
-        for m in patched:
-            m.forward = functools.partial(pinned_linear, m)
+        for m in modules:
+            m.forward = functools.partial(function, m)
         yield
     finally:
-        for m in patched:
+        for m in modules:
             vars(m).pop("forward", None)
 
 
@@ -201,13 +209,8 @@ def pinned_norms(model: Any) -> Iterator[None]:
                          f"modules taking one input), and on {', '.join(devices)} a "
                          f"reduction's result for a row depends on the forward's row count; "
                          f"run this target with --specdec-lossless auto")
-    try:
-        for m in pinned:
-            m.forward = functools.partial(pinned_norm, m)
+    with _forwards_replaced(pinned, pinned_norm):
         yield
-    finally:
-        for m in pinned:
-            vars(m).pop("forward", None)
 
 
 def register() -> str:

@@ -200,15 +200,6 @@ class StaticKV:
         self.length = base + len(path)
 
 
-def ancestors(rows: int, width: int) -> torch.Tensor:
-    """A chain's ancestor matrix [width, width]: row i attends to rows 0..i (the first
-    `rows` real, the rest pad rows attending to themselves)."""
-    anc = torch.ones(width, width, dtype=torch.bool).tril()
-    anc[rows:, :] = False
-    anc[rows:, rows:] |= torch.eye(width - rows, dtype=torch.bool)
-    return anc
-
-
 def padded_ancestors(anc: torch.Tensor, width: int) -> torch.Tensor:
     """anc [n, n] bool (fed rows' view of each other) padded to [width, width] with pad
     rows that attend to themselves only."""
@@ -243,7 +234,8 @@ class CompiledForward:
     device: torch.device
     dtype: torch.dtype
     caches: dict[str, StaticKV] = field(default_factory=dict)
-    graphs: dict[tuple[str, int, int, bool], Callable] = field(default_factory=dict)
+    #: (owner, width bucket, capacity, hidden-state layers) -> its compiled forward
+    graphs: dict[tuple[str, int, int, tuple[int, ...]], Callable] = field(default_factory=dict)
     #: graphs compiled inside a decode, not by warm_up (a width or capacity not warmed)
     late_compiles: int = 0
     #: seconds warm_up spent compiling (or loading from inductor's cache)
@@ -289,7 +281,10 @@ class CompiledForward:
             graph = self.graphs[key] = self._compile(cache, hidden, name)
         return graph
 
-    def _compile(self, cache: StaticKV, hidden: tuple[int, ...], name: str) -> Callable:
+    def _forward(self, cache: StaticKV, hidden: tuple[int, ...]) -> Callable:
+        """The forward a graph compiles (and a forward wider than every graph runs as it
+        is): the model over `cache`, returning logits [w, vocab] and the `hidden` layers'
+        states [w, hidden] each."""
         model, capacity, dtype = self.model, cache.capacity, self.dtype
 
         def forward(ids: torch.Tensor, positions: torch.Tensor, length: torch.Tensor,
@@ -302,6 +297,10 @@ class CompiledForward:
             # only the layers asked for leave the graph: the others' buffers are reused
             return (out.logits[0], *(out.hidden_states[i][0] for i in hidden))
 
+        return forward
+
+    def _compile(self, cache: StaticKV, hidden: tuple[int, ...], name: str) -> Callable:
+        forward = self._forward(cache, hidden)
         # dynamo keeps compiled graphs per code object (8 at most, each call checking the
         # guards of all): each graph gets a code object of its own, so a call checks one
         code = forward.__code__.replace(co_name=f"specdec_forward_{name}")
@@ -333,7 +332,7 @@ class CompiledForward:
             args = self._inputs(token_ids, at, base, padded_ancestors(grid, width))
         with packed_attention(self.model):
             if bucket(n) is None:
-                outs = self._eager(cache, hidden, *args)
+                outs = self._forward(cache, hidden)(*args)
             else:
                 outs = self._graph(cache, width, hidden)(*args)
         cache.length = base + n
@@ -385,15 +384,6 @@ class CompiledForward:
         staged = self._staging[:packed.numel()]
         staged.copy_(packed)
         return staged
-
-    def _eager(self, cache: StaticKV, hidden: tuple[int, ...], ids: torch.Tensor,
-               positions: torch.Tensor,
-               length: torch.Tensor, anc: torch.Tensor, write_at: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(input_ids=ids, position_ids=positions,
-                         attention_mask=_mask(length, anc, cache.capacity, self.dtype),
-                         cache=cache, use_cache=True, output_hidden_states=bool(hidden),
-                         **{WRITE_AT: write_at})
-        return (out.logits[0], *(out.hidden_states[i][0] for i in hidden))
 
     def warm_up(self, capacity: int | None = None, widths: Sequence[int] = WIDTH_BUCKETS,
                 hidden: Sequence[tuple[int, ...]] = ((),), owner: str = "sequence") -> float:

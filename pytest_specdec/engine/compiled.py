@@ -233,6 +233,8 @@ class CompiledForward:
     model: Any
     device: torch.device
     dtype: torch.dtype
+    #: the decoder's config (the target's ``text_config``): its layers' and heads' sizes
+    config: Any
     caches: dict[str, StaticKV] = field(default_factory=dict)
     #: (owner, width bucket, capacity, hidden-state layers) -> its compiled forward
     graphs: dict[tuple[str, int, int, tuple[int, ...]], Callable] = field(default_factory=dict)
@@ -261,8 +263,7 @@ class CompiledForward:
             log.warning("pytest-specdec: the compiled path's %s cache grows from %d to %d "
                         "positions; its graphs are compiled again", cache.owner,
                         cache.capacity, need)
-        text = self.model.config
-        text = text.get_text_config(decoder=True) if hasattr(text, "get_text_config") else text
+        text = self.config
         heads = int(text.num_attention_heads)
         cache.grow(need, int(text.num_hidden_layers),
                    int(getattr(text, "num_key_value_heads", None) or heads),

@@ -234,7 +234,8 @@ class Target:
 
     def compiled_forward(self) -> CompiledForward:
         if self.compiled is None:
-            self.compiled = CompiledForward(self.model, self.device, self.dtype)
+            self.compiled = CompiledForward(self.model, self.device, self.dtype,
+                                            text_config(self.model.config))
         return self.compiled
 
     @property
